@@ -1,0 +1,1 @@
+"""Training runs, sweeps and benchmarks built on nmattn."""

@@ -1,0 +1,51 @@
+"""The backends behind `nm_attention(..., implementation=...)`.
+
+Each backend answers `unsupported_reason(spec)` (None when it can run the call
+on the current default device, else a sentence saying why not) and `run(call)`.
+Kernel packages are imported lazily, so `import nmattn` needs no GPU toolchain.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from nmattn._validation import AttentionCall, AttentionSpec
+from nmattn.xla_backend import nm_attention_xla
+
+
+class UnsupportedCallError(NotImplementedError, ValueError):
+  """An explicitly requested backend cannot run this call."""
+
+
+class Backend(NamedTuple):
+  name: str
+  unsupported_reason: Callable[[AttentionSpec], str | None]
+  run: Callable[[AttentionCall], object]
+
+
+def _always_supported(spec: AttentionSpec) -> None:
+  del spec
+  return None
+
+
+def _not_built(name: str) -> Backend:
+  def reason(spec):
+    del spec
+    return f"the {name!r} kernels are not part of this version of nmattn"
+
+  def run(call):
+    raise UnsupportedCallError(reason(call.spec))
+
+  return Backend(name, reason, run)
+
+
+XLA = Backend("xla", _always_supported, nm_attention_xla)
+
+BACKENDS: dict[str, Backend] = {
+    "xla": XLA,
+    "pallas_triton": _not_built("pallas_triton"),
+    "pallas_mosaic": _not_built("pallas_mosaic"),
+}
+
+# Tried in this order under implementation=None; "xla" always runs.
+AUTO_ORDER = ("pallas_mosaic", "pallas_triton", "xla")

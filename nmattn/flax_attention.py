@@ -1,0 +1,118 @@
+"""`nm_dot_product_attention`: a drop-in `attention_fn` for Flax (linen and NNX)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.linen.dtypes import promote_dtype
+
+from nmattn import reference
+from nmattn.attention import nm_attention
+from nmattn.backends import UnsupportedCallError
+
+
+def _flatten_batch(name, x, batch_shape):
+  """`[batch..., a, b, c]` -> `[prod(batch), a, b, c]` (broadcast batch dims kept 1)."""
+  if x is None:
+    return None
+  x = jnp.asarray(x)
+  rank = len(batch_shape) + 3
+  if x.ndim > rank:
+    raise ValueError(f"{name} must have rank <= {rank} ([batch..., heads, "
+                     f"q_len, kv_len]); got {name}.shape={x.shape}")
+  x = jnp.reshape(x, (1,) * (rank - x.ndim) + x.shape)
+  lead = x.shape[:len(batch_shape)]
+  if all(d == 1 for d in lead):
+    return x.reshape((1,) + x.shape[len(batch_shape):])
+  try:
+    x = jnp.broadcast_to(x, tuple(batch_shape) + x.shape[len(batch_shape):])
+  except ValueError:
+    raise ValueError(f"{name} batch dims must broadcast to {tuple(batch_shape)}; "
+                     f"got {name}.shape={x.shape}") from None
+  return x.reshape((math.prod(batch_shape),) + x.shape[len(batch_shape):])
+
+
+def nm_dot_product_attention(query, key, value, bias=None, mask=None,
+                             broadcast_dropout=True, dropout_rng=None,
+                             dropout_rate=0.0, deterministic=False, dtype=None,
+                             precision=None, module=None, *, is_causal=False,
+                             n=2, m=4, implementation=None):
+  """N:M sparse attention with the signature of `flax.linen.dot_product_attention`.
+
+  Use it as `attention_fn=functools.partial(nm_dot_product_attention, n=2, m=4)`
+  in `flax.linen.MultiHeadDotProductAttention` or `flax.nnx.MultiHeadAttention`.
+
+  Args:
+    query: `[batch..., q_len, heads, head_dim]`.
+    key: `[batch..., kv_len, kv_heads, head_dim]` (`heads % kv_heads == 0`).
+    value: `[batch..., kv_len, kv_heads, head_dim]`.
+    bias: optional, broadcastable to `[batch..., heads, q_len, kv_len]`.
+    mask: optional, broadcastable like `bias`; zero / False masks a pair.
+    broadcast_dropout: share the dropout mask across batch and heads.
+    dropout_rng: PRNG key, required when dropout is active.
+    dropout_rate: dropout on the (pruned) attention probabilities.
+    deterministic: disables dropout.
+    dtype: computation dtype (default: promoted from the inputs).
+    precision: matmul precision of the materialised path (dropout or `module`).
+    module: if given, the pruned weights `[batch..., heads, q_len, kv_len]` are
+      sown into its intermediates as `attention_weights`.
+    is_causal: causal masking (passed by `flax.nnx.MultiHeadAttention`).
+    n, m, implementation: as in `nmattn.nm_attention`.
+
+  Returns:
+    `[batch..., q_len, heads, head_dim]`.
+
+  Dropout and `module` need the probabilities, so they run on a materialised
+  XLA path; with an explicit kernel `implementation` they raise.
+  """
+  query, key, value = promote_dtype(query, key, value, dtype=dtype)
+  if not query.ndim == key.ndim == value.ndim:
+    raise ValueError("query, key and value must have the same rank; got "
+                     f"query.shape={query.shape}, key.shape={key.shape}, "
+                     f"value.shape={value.shape}")
+  if query.ndim < 3:
+    raise ValueError("query must be [batch..., q_len, heads, head_dim]; got "
+                     f"query.shape={query.shape}")
+  batch_shape = query.shape[:-3]
+  for name, x in (("key", key), ("value", value)):
+    if x.shape[:-3] != batch_shape:
+      raise ValueError(f"{name} batch dims must equal query's {batch_shape}; "
+                       f"got {name}.shape={x.shape}")
+  flat = lambda x: x.reshape((math.prod(batch_shape),) + x.shape[-3:])
+  q, k, v = flat(query), flat(key), flat(value)
+  bias = _flatten_batch("bias", bias, batch_shape)
+  mask = _flatten_batch("mask", mask, batch_shape)
+  if mask is not None and mask.dtype != jnp.bool_:
+    mask = mask.astype(jnp.bool_)
+
+  dropout = not deterministic and dropout_rate > 0.0
+  if not dropout and module is None:
+    out = nm_attention(q, k, v, bias, mask, is_causal=is_causal, n=n, m=m,
+                       implementation=implementation)
+    return out.reshape(query.shape[:-1] + (value.shape[-1],))
+
+  if implementation not in (None, "xla"):
+    raise UnsupportedCallError(
+        f"implementation={implementation!r} cannot apply dropout or sow "
+        "attention weights; use implementation=None or 'xla'")
+  weights = reference.nm_attention_weights(q, k, bias, mask,
+                                           is_causal=is_causal, n=n, m=m)
+  weights = weights.astype(query.dtype)
+  if module is not None:
+    sown = weights.reshape(batch_shape + weights.shape[1:])
+    collection = (nnx.Intermediate if isinstance(module, nnx.Module)
+                  else "intermediates")
+    module.sow(collection, "attention_weights", sown)
+  if dropout:
+    if dropout_rng is None:
+      raise ValueError("dropout_rng must be given when dropout_rate > 0 and "
+                       f"not deterministic; got dropout_rate={dropout_rate}")
+    keep_prob = 1.0 - dropout_rate
+    shape = ((1, 1) + weights.shape[2:]) if broadcast_dropout else weights.shape
+    keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
+    weights = weights * (keep.astype(weights.dtype) / keep_prob)
+  out = reference.apply_weights(weights, v, precision=precision)
+  return out.reshape(query.shape[:-1] + (value.shape[-1],))

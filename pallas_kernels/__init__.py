@@ -1,0 +1,1 @@
+"""Pallas GPU kernels behind nmattn's "pallas_triton" and "pallas_mosaic" backends."""
