@@ -21,7 +21,7 @@ def select_backend(spec, implementation=None) -> backends.Backend:
   if implementation is None:
     for name in backends.AUTO_ORDER:
       backend = backends.BACKENDS[name]
-      if backend.unsupported_reason(spec) is None:
+      if backend.auto_eligible(spec) and backend.unsupported_reason(spec) is None:
         return backend
     raise AssertionError("the xla backend supports every call")
   backend = backends.BACKENDS[implementation]

@@ -1,7 +1,9 @@
 """The backends behind `nm_attention(..., implementation=...)`.
 
 Each backend answers `unsupported_reason(spec)` (None when it can run the call
-on the current default device, else a sentence saying why not) and `run(call)`.
+on the current default device when asked for explicitly, else a sentence saying
+why not), `auto_eligible(spec)` (whether `implementation=None` may pick it, e.g.
+not a kernel that would run in Pallas interpret mode on a CPU) and `run(call)`.
 Kernel packages are imported lazily, so `import nmattn` needs no GPU toolchain.
 """
 
@@ -17,15 +19,21 @@ class UnsupportedCallError(NotImplementedError, ValueError):
   """An explicitly requested backend cannot run this call."""
 
 
+def _always_supported(spec: AttentionSpec) -> None:
+  del spec
+  return None
+
+
+def _always_eligible(spec: AttentionSpec) -> bool:
+  del spec
+  return True
+
+
 class Backend(NamedTuple):
   name: str
   unsupported_reason: Callable[[AttentionSpec], str | None]
   run: Callable[[AttentionCall], object]
-
-
-def _always_supported(spec: AttentionSpec) -> None:
-  del spec
-  return None
+  auto_eligible: Callable[[AttentionSpec], bool] = _always_eligible
 
 
 def _not_built(name: str) -> Backend:
