@@ -1,0 +1,164 @@
+"""The Flax drop-in: attention_fn for linen and NNX, and the NM layers."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import nmattn
+from attention_test_base import random_inputs, rel_err
+
+
+def _inputs(rng, shape=(2, 24, 32)):
+  return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
+def _nm_fn(n, m, **kwargs):
+  return functools.partial(nmattn.nm_dot_product_attention, n=n, m=m, **kwargs)
+
+
+def test_attention_fn_at_n_equal_m_is_flax_attention(rng):
+  q, k, v = random_inputs(rng, q_len=12, kv_len=20)
+  mask = jnp.asarray(rng.random((2, 4, 12, 20)) < 0.8).at[..., 0].set(True)
+  bias = jnp.asarray(rng.standard_normal((2, 1, 12, 20)), jnp.float32)
+  want = nn.dot_product_attention(q, k, v, bias, mask)
+  got = nmattn.nm_dot_product_attention(q, k, v, bias, mask, n=4, m=4)
+  assert rel_err(got, want) < 1e-5
+
+
+def test_attention_fn_many_batch_dims_and_float_mask(rng):
+  shape = (2, 3, 10, 2, 8)
+  q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3))
+  mask = nn.make_causal_mask(jnp.ones((2, 3, 10)))  # float32 [2, 3, 1, 10, 10]
+  got = nmattn.nm_dot_product_attention(q, k, v, mask=mask, n=2, m=4)
+  want = nmattn.nm_attention(q.reshape(6, 10, 2, 8), k.reshape(6, 10, 2, 8),
+                             v.reshape(6, 10, 2, 8), is_causal=True)
+  assert got.shape == shape
+  assert rel_err(got.reshape(6, 10, 2, 8), want) < 1e-6
+
+
+def test_dropout_matches_flax_at_n_equal_m(rng, seed):
+  q, k, v = random_inputs(rng, q_len=12, kv_len=12)
+  key = jax.random.key(seed)
+  for broadcast in (True, False):
+    kwargs = dict(dropout_rng=key, dropout_rate=0.3, deterministic=False,
+                  broadcast_dropout=broadcast)
+    want = nn.dot_product_attention(q, k, v, **kwargs)
+    got = nmattn.nm_dot_product_attention(q, k, v, n=4, m=4, **kwargs)
+    assert rel_err(got, want) < 1e-5
+  sparse = nmattn.nm_dot_product_attention(q, k, v, **kwargs)
+  assert rel_err(sparse, nmattn.nm_attention(q, k, v)) > 0.05
+
+
+def test_dropout_needs_rng_and_the_materialised_path(rng):
+  q, k, v = random_inputs(rng)
+  with pytest.raises(ValueError, match="dropout_rng"):
+    nmattn.nm_dot_product_attention(q, k, v, dropout_rate=0.1)
+  with pytest.raises(nmattn.UnsupportedCallError, match="dropout"):
+    nmattn.nm_dot_product_attention(q, k, v, dropout_rate=0.1,
+                                    dropout_rng=jax.random.key(0),
+                                    implementation="pallas_triton")
+
+
+def _copy_params_check(rng, dense, sparse, x, **call_kwargs):
+  params = dense.init(jax.random.key(0), x, **call_kwargs)
+  assert (jax.tree.map(jnp.shape, params)
+          == jax.tree.map(jnp.shape, sparse.init(jax.random.key(1), x, **call_kwargs)))
+  return params, dense.apply(params, x, **call_kwargs), sparse.apply(params, x, **call_kwargs)
+
+
+@pytest.mark.parametrize("layer", ["mha", "self"])
+def test_linen_layers_load_dense_params(rng, layer):
+  x = _inputs(rng)
+  dense_cls, nm_cls = {
+      "mha": (nn.MultiHeadDotProductAttention,
+              nmattn.layers.NMMultiHeadDotProductAttention),
+      "self": (nn.SelfAttention, nmattn.layers.NMSelfAttention),
+  }[layer]
+  dense = dense_cls(num_heads=4, qkv_features=32)
+  _, want, got = _copy_params_check(rng, dense, nm_cls(num_heads=4, qkv_features=32,
+                                                       n=4, m=4), x)
+  assert rel_err(got, want) < 1e-5
+  params = dense.init(jax.random.key(0), x)
+  sparse = nm_cls(num_heads=4, qkv_features=32, n=2, m=4).apply(params, x)
+  plugged = nn.MultiHeadDotProductAttention(
+      num_heads=4, qkv_features=32, attention_fn=_nm_fn(2, 4)).apply(params, x)
+  assert rel_err(sparse, plugged) < 1e-6
+  assert rel_err(sparse, want) > 0.05
+
+
+def test_linen_layer_sows_pruned_weights(rng):
+  x = _inputs(rng)
+  layer = nmattn.layers.NMMultiHeadDotProductAttention(num_heads=4, n=1, m=4)
+  params = layer.init(jax.random.key(0), x)
+  _, state = layer.apply(params, x, sow_weights=True, mutable=["intermediates"])
+  (weights,) = state["intermediates"]["attention_weights"]
+  w = np.asarray(weights)
+  assert w.shape == (2, 4, 24, 24)
+  np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+  assert np.all((w.reshape(2, 4, 24, 6, 4) > 0).sum(-1) <= 1)
+
+
+def test_linen_layer_trains_under_jit_with_dropout(rng, seed):
+  x = _inputs(rng)
+  layer = nmattn.layers.NMMultiHeadDotProductAttention(num_heads=4, dropout_rate=0.2)
+  params = layer.init(jax.random.key(0), x, deterministic=True)
+
+  @jax.jit
+  def loss(params, key):
+    y = layer.apply(params, x, deterministic=False, rngs={"dropout": key})
+    return jnp.mean(y ** 2)
+
+  l1, g = jax.value_and_grad(loss)(params, jax.random.key(seed))
+  l2 = loss(params, jax.random.key(seed + 1))
+  assert np.isfinite(float(l1)) and float(l1) != float(l2)
+  assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(g))
+
+
+def test_linen_layer_rejects_attention_fn():
+  with pytest.raises(ValueError, match="attention_fn"):
+    nmattn.layers.NMMultiHeadDotProductAttention(
+        num_heads=2, attention_fn=nn.dot_product_attention_weights)
+
+
+def test_linen_layer_clone_rebuilds_attention_fn():
+  layer = nmattn.layers.NMMultiHeadDotProductAttention(num_heads=2, n=2, m=4)
+  clone = layer.clone(n=1, m=2)
+  assert clone.attention_fn.keywords["n"] == 1 and clone.attention_fn.keywords["m"] == 2
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_nnx_layer_loads_dense_params(rng, kv_heads):
+  x = _inputs(rng)
+  kwargs = dict(num_heads=4, in_features=32, qkv_features=32, decode=False)
+  if kv_heads:
+    kwargs["num_kv_heads"] = kv_heads
+  dense = nnx.MultiHeadAttention(**kwargs, rngs=nnx.Rngs(0))
+  sparse = nmattn.nnx.NMMultiHeadAttention(**kwargs, n=4, m=4, rngs=nnx.Rngs(1))
+  nnx.update(sparse, nnx.state(dense, nnx.Param))
+  for causal in (False, True):
+    assert rel_err(sparse(x, is_causal=causal), dense(x, is_causal=causal)) < 1e-5
+  two_four = nmattn.nnx.NMMultiHeadAttention(**kwargs, n=2, m=4, rngs=nnx.Rngs(1))
+  nnx.update(two_four, nnx.state(dense, nnx.Param))
+  plugged = nnx.MultiHeadAttention(**kwargs, attention_fn=_nm_fn(2, 4),
+                                   rngs=nnx.Rngs(2))
+  nnx.update(plugged, nnx.state(dense, nnx.Param))
+  assert rel_err(two_four(x, is_causal=True), plugged(x, is_causal=True)) < 1e-6
+  assert rel_err(two_four(x), dense(x)) > 0.05
+
+
+def test_nnx_layer_sows_and_rejects_attention_fn(rng):
+  x = _inputs(rng)
+  layer = nmattn.nnx.NMMultiHeadAttention(num_heads=4, in_features=32, n=2, m=4,
+                                          decode=False, rngs=nnx.Rngs(0))
+  layer(x, sow_weights=True)
+  (weights,) = nnx.state(layer, nnx.Intermediate)["attention_weights"].get_value()
+  assert weights.shape == (2, 4, 24, 24)
+  assert layer.n == 2 and layer.m == 4
+  with pytest.raises(ValueError, match="attention_fn"):
+    nmattn.nnx.NMMultiHeadAttention(num_heads=4, in_features=32, rngs=nnx.Rngs(0),
+                                    attention_fn=nnx.dot_product_attention)
