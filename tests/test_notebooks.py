@@ -1,0 +1,46 @@
+"""Every notebook in colabs/ runs top to bottom at its small size.
+
+Each notebook runs in a fresh kernel of this interpreter (so of the venv that
+runs the tests, where nmattn is installed and the install cell is skipped);
+a cell that raises fails the test with that cell's traceback.
+"""
+
+import pathlib
+import sys
+
+import nbclient
+import nbformat
+import pytest
+from ipykernel import kernelspec
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+
+COLABS = pathlib.Path(__file__).resolve().parent.parent / "colabs"
+NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
+CELL_TIMEOUT_S = 300
+
+
+def test_notebooks_are_found():
+  assert "01_quickstart.ipynb" in [p.name for p in NOTEBOOKS], COLABS
+
+
+@pytest.fixture
+def kernel_manager(tmp_path):
+  """A kernel of `sys.executable`, whatever kernelspecs the machine has."""
+  kernels = tmp_path / "kernels"
+  kernelspec.write_kernel_spec(kernels / "python3")
+  spec_manager = KernelSpecManager(kernel_dirs=[str(kernels)])
+  assert spec_manager.get_kernel_spec("python3").argv[0] == sys.executable
+  return KernelManager(kernel_name="python3", kernel_spec_manager=spec_manager)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_at_small_size(path, kernel_manager, monkeypatch):
+  monkeypatch.setenv("NMATTN_NOTEBOOK_SIZE", "small")
+  notebook = nbformat.read(path, as_version=4)
+  assert not any(cell.get("outputs") for cell in notebook.cells), (
+      f"{path.name} is committed with outputs; strip them")
+  client = nbclient.NotebookClient(
+      notebook, km=kernel_manager, timeout=CELL_TIMEOUT_S,
+      resources={"metadata": {"path": str(COLABS)}})
+  client.execute()
