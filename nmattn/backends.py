@@ -16,7 +16,14 @@ from nmattn.xla_backend import nm_attention_xla
 
 
 class UnsupportedCallError(NotImplementedError, ValueError):
-  """An explicitly requested backend cannot run this call."""
+  """An explicitly requested backend cannot run this call.
+
+  Raised by `nm_attention(..., implementation=NAME)` (and the layers) when
+  that backend does not support the device, dtype, shapes or options of the
+  call; the message says which. Both a `ValueError` and a
+  `NotImplementedError`. `implementation=None` never raises it: it falls back
+  to "xla".
+  """
 
 
 def _always_supported(spec: AttentionSpec) -> None:

@@ -19,6 +19,12 @@ class NMMultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
   Fields and call signature are Flax's (inputs `[batch..., length, features]`)
   plus `n`, `m` and `implementation` (see `nmattn.nm_attention`). The
   `attention_fn` field is derived from those three and must not be set.
+
+  Calling it with `inputs_q [batch..., q_len, features]`, optional `inputs_k`
+  and `inputs_v [batch..., kv_len, features]` (default: `inputs_q`) and an
+  optional bool `mask` broadcastable to `[batch..., num_heads, q_len, kv_len]`
+  (True = attend) returns `[batch..., q_len, out_features]` (`out_features`
+  defaults to `features`).
   """
   n: int = 2
   m: int = 4

@@ -15,6 +15,12 @@ class NMMultiHeadAttention(nnx.MultiHeadAttention):
   Takes the arguments of `nnx.MultiHeadAttention` (same parameters, so dense
   weights load unchanged) plus keyword-only `n`, `m` and `implementation`
   (see `nmattn.nm_attention`); `attention_fn` is derived from them.
+
+  Calling it with `inputs_q [batch..., q_len, in_features]`, optional
+  `inputs_k` and `inputs_v [batch..., kv_len, in_features]` (default:
+  `inputs_q`) and an optional bool `mask` broadcastable to `[batch...,
+  num_heads, q_len, kv_len]` (True = attend) returns `[batch..., q_len,
+  out_features]` (`out_features` defaults to `in_features`).
   """
 
   def __init__(self, *args, n: int = 2, m: int = 4,
