@@ -54,12 +54,26 @@ def _not_built(name: str) -> Backend:
   return Backend(name, reason, run)
 
 
+def _mosaic_backend() -> Backend:
+  """The Hopper kernels; `pallas_kernels.mosaic_gpu` is imported on first use."""
+
+  def reason(spec):
+    from pallas_kernels.mosaic_gpu import attention  # pylint: disable=g-import-not-at-top
+    return attention.unsupported_reason(spec)
+
+  def run(call):
+    from pallas_kernels.mosaic_gpu import attention  # pylint: disable=g-import-not-at-top
+    return attention.nm_attention_mosaic(call)
+
+  return Backend("pallas_mosaic", reason, run)
+
+
 XLA = Backend("xla", _always_supported, nm_attention_xla)
 
 BACKENDS: dict[str, Backend] = {
     "xla": XLA,
     "pallas_triton": _not_built("pallas_triton"),
-    "pallas_mosaic": _not_built("pallas_mosaic"),
+    "pallas_mosaic": _mosaic_backend(),
 }
 
 # Tried in this order under implementation=None; "xla" always runs.

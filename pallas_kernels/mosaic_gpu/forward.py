@@ -1,0 +1,519 @@
+"""Forward N:M flash attention for Hopper, written with Pallas' Mosaic GPU backend.
+
+One CTA computes 128 query rows of one (batch, head): two consumer warpgroups
+own 64 rows each, a producer warpgroup streams key and value tiles by TMA into
+a ring of `max_concurrent_steps` shared-memory stages. Per key tile a consumer
+
+1. computes `S = Q K^T` with dense `wgmma` (float32 accumulator in registers);
+2. scales, masks and N:M-selects `S` on its own registers (`tile_select`,
+   emitted through `plgpu.inline_mgpu`). Keys reach shared memory permuted
+   (`sparse_fragments.key_order`) so that every group of `m` keys of a row
+   lies in one thread's registers: selection needs no shuffles;
+3. runs the online softmax on the survivors and
+4. accumulates `P V`: with `wgmma.mma_async.sp` (P compressed 2:4 in
+   registers with its metadata, V from shared memory) when the pattern keeps
+   at most two of every four keys (2:4, 1:4, 1:2) and `sparse_pv` is on,
+   else with dense `wgmma` on the pruned `P`.
+
+Returns `(out [B, T, H, D], lse [B, H, T] float32)`, `lse` the natural log of
+the sum of exp of the kept scores, +inf for rows without a valid key (so that
+`exp(s - lse)` is 0 there, as the Triton backward expects).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import numpy as np
+
+from pallas_kernels.mosaic_gpu import mlir_ops
+from pallas_kernels.mosaic_gpu import sparse_fragments as sf
+from pallas_kernels.mosaic_gpu import tile_select as ts
+
+BLOCK_Q = 64          # query rows per consumer warpgroup (the wgmma M)
+COMPUTE_WGS = 2       # consumer warpgroups per CTA
+SWIZZLE = 128         # bytes; 16-bit tiles of (8, 64)
+HEAD_DIMS = (64, 128)
+DTYPES = (jnp.bfloat16, jnp.float16)
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory a Hopper CTA may use
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTuning:
+  """Tuning of the Hopper forward kernel.
+
+  block_kv: keys per pipeline step (multiple of 64, at most 256).
+  max_concurrent_steps: shared-memory stages of the key/value ring (>= 2).
+  sparse_pv: run `P V` on the 2:4 sparse tensor cores when the pattern fits.
+  consumer_registers: registers per thread of the consumer warpgroups.
+  """
+  block_kv: int = 128
+  max_concurrent_steps: int = 2
+  sparse_pv: bool = True
+  consumer_registers: int = 232
+
+  def __post_init__(self):
+    if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
+      raise ValueError(f"block_kv must be a multiple of 64 in [64, 256]; got "
+                       f"block_kv={self.block_kv}")
+    if self.max_concurrent_steps < 2:
+      raise ValueError("max_concurrent_steps must be >= 2; got "
+                       f"max_concurrent_steps={self.max_concurrent_steps}")
+    if self.consumer_registers % 8 or not 24 <= self.consumer_registers <= 256:
+      raise ValueError("consumer_registers must be a multiple of 8 in [24, 256]; "
+                       f"got consumer_registers={self.consumer_registers}")
+
+
+class _Config(NamedTuple):
+  """Everything static about one kernel instance."""
+  batch: int
+  q_len: int
+  kv_len: int
+  heads: int
+  kv_heads: int
+  head_dim: int
+  dtype: jnp.dtype
+  q_pad: int
+  kv_pad: int
+  scale: float
+  causal: bool
+  window: tuple[int, int] | None
+  n: int
+  m: int
+  width: int          # key permutation width (0: identity)
+  sparse: bool        # P V on the sparse tensor cores
+  extra_shape: tuple[int, int, int, int] | None
+  has_kv_lengths: bool
+  tuning: MosaicTuning
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def shape_unsupported_reason(dtype, head_dim: int, m: int,
+                             tuning: MosaicTuning) -> str | None:
+  """Why the kernel cannot run this dtype / head_dim / m / tuning (None if it can)."""
+  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in DTYPES]:
+    return f"dtype {jnp.dtype(dtype).name} (supported: bfloat16, float16)"
+  if head_dim not in HEAD_DIMS:
+    return f"head_dim={head_dim} (supported: {HEAD_DIMS})"
+  if m not in (1, 2, 4, 8, 16):
+    return f"m={m}"
+  if smem_bytes(head_dim, tuning) > SMEM_LIMIT:
+    return (f"head_dim={head_dim} with {tuning}: {smem_bytes(head_dim, tuning)} "
+            f"bytes of shared memory > {SMEM_LIMIT}")
+  return None
+
+
+def smem_bytes(head_dim: int, tuning: MosaicTuning) -> int:
+  """Shared memory the kernel allocates (tiles, log-sum-exp, barriers)."""
+  tiles = (COMPUTE_WGS * BLOCK_Q + 2 * tuning.max_concurrent_steps
+           * tuning.block_kv) * head_dim * 2
+  return tiles + COMPUTE_WGS * BLOCK_Q * 4 + 8 * (4 * tuning.max_concurrent_steps + 3)
+
+
+def _check_4d(name, x, full):
+  if x is None:
+    return
+  if x.ndim != 4 or any(d not in (1, f) for d, f in zip(x.shape, full)):
+    raise ValueError(f"{name} must be 4-D with each dim 1 or {full}; got "
+                     f"{name}.shape={x.shape}")
+
+
+def _combine_extra(bias, mask, full, q_pad, kv_pad):
+  """Bias and mask as one additive float32 term in base-2 units, padded."""
+  if bias is None and mask is None:
+    return None
+  if bias is None:
+    extra = jnp.where(mask, 0.0, -jnp.inf).astype(jnp.float32)
+  else:
+    extra = bias.astype(jnp.float32) * LOG2E
+    if mask is not None:
+      extra = jnp.where(mask, extra, -jnp.inf)
+  widths = [(0, 0), (0, 0),
+            (0, q_pad - full[2] if extra.shape[2] > 1 else 0),
+            (0, kv_pad - full[3] if extra.shape[3] > 1 else 0)]
+  return jnp.pad(extra, widths)
+
+
+def _permute_keys(k, width):
+  """`k [B, S, K, D]` with each block of `4 * width` keys in accumulator order."""
+  if width == 0:
+    return k
+  b, s, kh, d = k.shape
+  k = k.reshape(b, s // (4 * width), 4, width // 2, 2, kh, d)
+  k = k.transpose(0, 1, 3, 2, 4, 5, 6)
+  return k.reshape(b, s, kh, d)
+
+
+def nm_flash_attention_fwd(q, k, v, bias=None, mask=None, q_lengths=None,
+                           kv_lengths=None, *, scale: float, is_causal: bool,
+                           window: tuple[int, int] | None, n: int, m: int,
+                           tuning: MosaicTuning | None = None):
+  """N:M attention forward on a Hopper GPU: `(out, lse)`.
+
+  Args:
+    q: `[B, T, H, D]` bfloat16 or float16, D in (64, 128).
+    k, v: `[B, S, K, D]`, `H % K == 0`, the dtype of `q`.
+    bias: optional float `[B|1, H|1, T|1, S|1]`.
+    mask: optional bool, same broadcasting as `bias` (True = attend).
+    q_lengths, kv_lengths: optional int32 `[B]`.
+    scale, is_causal, window, n, m: as `nmattn.nm_attention`.
+    tuning: `MosaicTuning`; the default when None.
+
+  Returns:
+    `out [B, T, H, D]` in the dtype of `q` and `lse [B, H, T]` float32 (+inf
+    where a row has no valid key).
+  """
+  tuning = tuning or MosaicTuning()
+  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+    raise ValueError(f"q must be [B, T, H, D] and k, v equal [B, S, K, D]; got "
+                     f"q.shape={q.shape}, k.shape={k.shape}, v.shape={v.shape}")
+  batch, q_len, heads, head_dim = q.shape
+  _, kv_len, kv_heads, _ = k.shape
+  if k.shape[0] != batch or k.shape[3] != head_dim or heads % kv_heads:
+    raise ValueError(f"k.shape={k.shape} does not fit q.shape={q.shape}")
+  if q.dtype != k.dtype or q.dtype != v.dtype:
+    raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+  if not 1 <= n <= m:
+    raise ValueError(f"need 1 <= n <= m; got n={n}, m={m}")
+  reason = shape_unsupported_reason(q.dtype, head_dim, m, tuning)
+  if reason is not None:
+    raise ValueError(f"the Mosaic GPU kernel does not support {reason}")
+  full = (batch, heads, q_len, kv_len)
+  _check_4d("bias", bias, full)
+  _check_4d("mask", mask, full)
+  for name, x in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
+    if x is not None and x.shape != (batch,):
+      raise ValueError(f"{name} must have shape ({batch},); got {x.shape}")
+
+  width = max(4, m) if n < m else 0
+  sparse = tuning.sparse_pv and width == 4 and ts.sparse_pattern_fits(n, m)
+  bk = tuning.block_kv
+  q_pad = _round_up(q_len, COMPUTE_WGS * BLOCK_Q)
+  kv_pad = _round_up(kv_len, max(bk, 4 * width))
+  extra = _combine_extra(bias, mask, full, q_pad, kv_pad)
+  cfg = _Config(
+      batch=batch, q_len=q_len, kv_len=kv_len, heads=heads, kv_heads=kv_heads,
+      head_dim=head_dim, dtype=jnp.dtype(q.dtype), q_pad=q_pad, kv_pad=kv_pad,
+      scale=float(scale), causal=bool(is_causal),
+      window=None if window is None else (int(window[0]), int(window[1])),
+      n=n, m=m, width=width, sparse=sparse,
+      extra_shape=None if extra is None else tuple(extra.shape),
+      has_kv_lengths=kv_lengths is not None, tuning=tuning)
+
+  pad_rows = lambda x, size: jnp.pad(x, [(0, 0), (0, size - x.shape[1]),
+                                         (0, 0), (0, 0)])
+  inputs = [pad_rows(q, q_pad), _permute_keys(pad_rows(k, kv_pad), width),
+            pad_rows(v, kv_pad)]
+  if extra is not None:
+    inputs.append(extra)
+  if kv_lengths is not None:
+    inputs.append(kv_lengths.astype(jnp.int32))
+  out, lse = _call(cfg, *inputs)
+  out, lse = out[:, :q_len], lse[:, :, :q_len]
+  if q_lengths is not None:
+    rows = jnp.arange(q_len)[None, :] < q_lengths.astype(jnp.int32)[:, None]
+    out = jnp.where(rows[:, :, None, None], out, jnp.zeros((), out.dtype))
+    lse = jnp.where(rows[:, None, :], lse, jnp.inf)
+  return out, lse
+
+
+def _tile_range(cfg: _Config, q_tile, kv_valid):
+  """Key tiles `[lo, hi)` that hold any valid key for this CTA's rows."""
+  bk = cfg.tuning.block_kv
+  q_first = q_tile * (COMPUTE_WGS * BLOCK_Q)
+  q_last = jnp.minimum(q_first + COMPUTE_WGS * BLOCK_Q - 1, cfg.q_len - 1)
+  hi_key = kv_valid
+  lo_key = jnp.int32(0)
+  if cfg.causal:
+    hi_key = jnp.minimum(hi_key, q_last + 1)
+  if cfg.window is not None:
+    left, right = cfg.window
+    lo_key = jnp.maximum(q_first - left, 0)
+    hi_key = jnp.minimum(hi_key, q_last + right + 1)
+  lo = lax.div(lo_key, jnp.int32(bk))
+  hi = jnp.maximum(lax.div(hi_key + bk - 1, jnp.int32(bk)), lo)
+  return lo, hi
+
+
+def _first_masked_tile(cfg: _Config, q_wg_first, lo, hi, kv_valid):
+  """Tiles `[lo, first)` need no masking for any row of this warpgroup."""
+  if cfg.extra_shape is not None or cfg.window is not None:
+    return lo
+  full_key = kv_valid
+  if cfg.causal:
+    full_key = jnp.minimum(full_key, q_wg_first + 1)
+  first = lax.div(full_key, jnp.int32(cfg.tuning.block_kv))
+  return jnp.clip(first, lo, hi)
+
+
+def _make_select(cfg: _Config, masked: bool):
+  """The inline Mosaic GPU function: raw scores -> selected (and compressed)."""
+  bk = cfg.tuning.block_kv
+  mask = ts.MaskSpec(causal=cfg.causal, window=cfg.window,
+                     kv_bound=cfg.has_kv_lengths or cfg.kv_pad != cfg.kv_len)
+  has_extra = masked and cfg.extra_shape is not None
+  splat = plgpu.Layout.WG_SPLAT(())
+  arg_types = [plgpu.Layout.WGMMA] + [splat] * 5
+  if has_extra:
+    arg_types.append(plgpu.RefType())
+  if cfg.sparse:
+    ret = (plgpu.ShapeDtypeStruct((BLOCK_Q, bk // 2), jnp.float32,
+                                  plgpu.Layout.WGMMA),
+           plgpu.ShapeDtypeStruct((BLOCK_Q, 8), jnp.int32, plgpu.Layout.WGMMA))
+  else:
+    ret = plgpu.ShapeDtypeStruct((BLOCK_Q, bk), jnp.float32, plgpu.Layout.WGMMA)
+
+  @plgpu.inline_mgpu(arg_types=tuple(arg_types), return_type=ret)
+  def select(ctx, s, kv0, q0, kv_valid, b, h, *extra_ref):
+    del ctx
+    ops = mlir_ops.MlirOps()
+    tid = ops.thread_id()
+    warp = ops.ishr(tid, ops.i32(5))
+    lane = ops.iand(tid, ops.i32(31))
+    g = ops.ishr(lane, ops.i32(2))
+    t = ops.iand(lane, ops.i32(3))
+    scalar = lambda x: x.registers.flat[0]
+    kv0, q0, kv_valid = scalar(kv0), scalar(q0), scalar(kv_valid)
+    vals = mlir_ops.thread_rows(s)
+    thread_key = ops.iadd(kv0, ops.imul(t, ops.i32(sf.thread_key_offset(cfg.width))))
+    row0 = ops.iadd(q0, ops.iadd(ops.imul(warp, ops.i32(16)), g))
+    extra = None
+    if has_extra:
+      extra = _load_extra(cfg, ops, extra_ref[0], scalar(b), scalar(h), row0,
+                          thread_key, len(vals[0]))
+    vals = ts.scale_scores(ops, vals, cfg.scale * LOG2E, extra)
+    if masked:
+      vals = ts.apply_masks(ops, vals, mask, cfg.width,
+                            ops.isub(row0, thread_key),
+                            ops.isub(kv_valid, thread_key))
+    if cfg.sparse:
+      comp, words = ts.select_compress(ops, vals, cfg.n, cfg.m, t)
+      return (mlir_ops.rows_to_array(comp), mlir_ops.words_to_array(ops, words))
+    return mlir_ops.rows_to_array(ts.select_dense(ops, vals, cfg.n, cfg.m))
+
+  return select
+
+
+def _load_extra(cfg: _Config, ops, ref, b, h, row0, thread_key, local):
+  """This thread's entries of the additive bias/mask term of the tile."""
+  from jaxlib.mlir import ir
+  from jaxlib.mlir.dialects import arith, memref, vector
+  eb, eh, et, es = cfg.extra_shape
+  index = ir.IndexType.get()
+  as_index = lambda x: arith.index_cast(index, x)
+  zero = ops.i32(0)
+  b_idx = as_index(b if eb > 1 else zero)
+  h_idx = as_index(h if eh > 1 else zero)
+  f32 = ir.F32Type.get()
+  vec2 = ir.VectorType.get((2,), f32)
+  rows = []
+  for r in range(2):
+    row = ops.iadd(row0, ops.i32(8 * r)) if et > 1 else zero
+    r_idx = as_index(row)
+    values = []
+    if es == 1:
+      x = memref.load(ref, [b_idx, h_idx, r_idx, as_index(zero)])
+      values = [x] * local
+    else:
+      for c in range(0, local, 2):
+        key = ops.iadd(thread_key, ops.i32(sf.static_key(cfg.width, c)))
+        pair = vector.load(vec2, ref, [b_idx, h_idx, r_idx, as_index(key)])
+        values += [vector.extract(pair, dynamic_position=[], static_position=[e])
+                   for e in range(2)]
+    rows.append(values)
+  return rows
+
+
+def _make_sparse_pv(cfg: _Config):
+  tiling = plgpu.TilingTransform((8, SWIZZLE // 2))
+  swizzle = plgpu.SwizzleTransform(SWIZZLE)
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.Layout.WGMMA,
+                 plgpu.RefType(transforms=(tiling, swizzle))),
+      return_type=plgpu.ShapeDtypeStruct((BLOCK_Q, cfg.head_dim), jnp.float32,
+                                         plgpu.Layout.WGMMA))
+  def sparse_pv(ctx, acc, p, meta, v_ref):
+    del ctx
+    return mlir_ops.sparse_pv(acc, p, meta, v_ref, swizzle=SWIZZLE)
+
+  return sparse_pv
+
+
+def _call(cfg: _Config, q, k, v, *rest):
+  bk = cfg.tuning.block_kv
+  steps = cfg.tuning.max_concurrent_steps
+  dtype = cfg.dtype
+  groups = cfg.heads // cfg.kv_heads
+  has_extra = cfg.extra_shape is not None
+  needs_mask = (cfg.causal or cfg.window is not None or has_extra
+                or cfg.has_kv_lengths or cfg.kv_pad != cfg.kv_len)
+  select_full = _make_select(cfg, masked=False)
+  select_masked = _make_select(cfg, masked=True) if needs_mask else None
+  sparse_pv = _make_sparse_pv(cfg) if cfg.sparse else None
+
+  def kernel(q_ref, k_ref, v_ref, *refs):
+    refs = list(refs)
+    extra_ref = refs.pop(0) if has_extra else None
+    kvlen_ref = refs.pop(0) if cfg.has_kv_lengths else None
+    out_ref, lse_ref, scratch = refs
+    (qo_smem2, k_smem, v_smem, lse_smem2), barriers = scratch
+    (k_full, v_full, q_full, k_free, v_free, sched) = barriers
+    b = lax.axis_index("batch")
+    h = lax.axis_index("heads")
+    q_tile = lax.axis_index("q_seq")
+    wg = lax.axis_index("wg")
+    kv_valid = jnp.int32(cfg.kv_len)
+    if kvlen_ref is not None:
+      kv_valid = jnp.clip(kvlen_ref[b], 0, cfg.kv_len)
+    lo, hi = _tile_range(cfg, q_tile, kv_valid)
+    num_steps = hi - lo
+
+    def schedule_barrier():
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(sched)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _consumer():
+      plgpu.set_max_registers(cfg.tuning.consumer_registers, action="increase")
+      qo_smem = qo_smem2.at[wg]
+      lse_smem = lse_smem2.at[wg]
+      q_first = q_tile * (COMPUTE_WGS * BLOCK_Q) + wg * BLOCK_Q
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_first, BLOCK_Q), h], qo_smem,
+                              q_full.at[wg])
+      plgpu.barrier_wait(q_full.at[wg])
+      row_layout = plgpu.Layout.WGMMA.reduce(1)
+      m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
+                              row_layout)
+      l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), 0.0, jnp.float32), row_layout)
+      acc = plgpu.layout_cast(
+          jnp.full((BLOCK_Q, cfg.head_dim), 0.0, jnp.float32),
+          plgpu.Layout.WGMMA)
+      pl.when(wg == 1)(schedule_barrier)
+
+      def step(kv_step, carry, masked):
+        acc, m_i, l_i = carry
+        slot = lax.rem(kv_step - lo, jnp.int32(steps))
+        plgpu.barrier_wait(k_full.at[slot])
+
+        def compute_qk(acc_ref):
+          plgpu.wgmma(acc_ref, qo_smem,
+                      plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          schedule_barrier()
+          return acc_ref[...]
+
+        qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, bk), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        select = select_masked if masked else select_full
+        args = [qk, kv_step * bk, q_first, kv_valid, b, h]
+        if masked and has_extra:
+          args.append(extra_ref)
+        if cfg.sparse:
+          scores, meta = select(*args)
+        else:
+          scores, meta = select(*args), None
+        m_new = jnp.maximum(m_i, scores.max(axis=1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m_i - m_safe)
+        p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, [0]))
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l_i = l_i * alpha + p.sum(axis=1)
+        p16 = p.astype(dtype)
+        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(v_full.at[slot])
+        plgpu.barrier_wait(sched)
+        if cfg.sparse:
+          acc = sparse_pv(acc, p16, meta, v_smem.at[slot])
+        else:
+          def compute_pv(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, l_i
+
+      carry = (acc, m_i, l_i)
+      if needs_mask:
+        first_masked = _first_masked_tile(cfg, q_first, lo, hi, kv_valid)
+        carry = lax.fori_loop(lo, first_masked,
+                              functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(first_masked, hi,
+                              functools.partial(step, masked=True), carry)
+      else:
+        carry = lax.fori_loop(lo, hi, functools.partial(step, masked=False),
+                              carry)
+      acc, m_i, l_i = carry
+      pl.when(wg == 0)(schedule_barrier)
+
+      l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+      acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+      qo_smem[...] = acc.astype(dtype)
+      lse_smem[...] = jnp.where(l_i == 0.0, jnp.inf,
+                                m_i * LN2 + jnp.log(l_safe))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(qo_smem,
+                              out_ref.at[b, pl.ds(q_first, BLOCK_Q), h])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_first, BLOCK_Q)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      kv_head = lax.div(h, jnp.int32(groups))
+
+      def load(i, slot):
+        rows = (b, pl.ds((lo + i) * bk, bk), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_full.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
+
+      for i in range(steps):
+        pl.when(i < num_steps)(functools.partial(load, i, i))
+
+      @pl.loop(steps, jnp.maximum(num_steps, steps))
+      def _refill(i):
+        slot = lax.rem(i, jnp.int32(steps))
+        rows = (b, pl.ds((lo + i) * bk, bk), kv_head)
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_full.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
+
+  def entry(*refs):
+    tiling = plgpu.TilingTransform((8, SWIZZLE // 2))
+    swizzle = plgpu.SwizzleTransform(SWIZZLE)
+    tile = lambda *shape: plgpu.SMEM(shape, dtype, transforms=(tiling, swizzle))
+    smem = (tile(COMPUTE_WGS, BLOCK_Q, cfg.head_dim),
+            tile(steps, bk, cfg.head_dim), tile(steps, bk, cfg.head_dim),
+            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32))
+    barriers = (plgpu.Barrier(num_barriers=steps),
+                plgpu.Barrier(num_barriers=steps),
+                plgpu.Barrier(num_barriers=COMPUTE_WGS),
+                plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=steps),
+                plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=steps),
+                plgpu.Barrier(num_arrivals=COMPUTE_WGS))
+    pl.run_scoped(lambda *scratch: kernel(*refs, scratch),
+                  smem, barriers, collective_axes="wg")
+
+  out_types = (
+      jax.ShapeDtypeStruct((cfg.batch, cfg.q_pad, cfg.heads, cfg.head_dim), dtype),
+      jax.ShapeDtypeStruct((cfg.batch, cfg.heads, cfg.q_pad), jnp.float32))
+  return plgpu.kernel(
+      entry, out_type=out_types,
+      grid=(cfg.heads, cfg.q_pad // (COMPUTE_WGS * BLOCK_Q), cfg.batch),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=COMPUTE_WGS + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k, v, *rest)

@@ -1,0 +1,292 @@
+"""Device checks and timings of the Hopper kernel, in one process.
+
+  python -m pallas_kernels.mosaic_gpu.probe --out DIR [--sections micro,correct,select,time]
+      [--sizes 4096,8192,16384]
+
+Sections:
+  micro    one `wgmma.mma_async.sp` per selector on operands encoded on the
+           host by `sparse_fragments.encode_sparse_a` (the PTX layout facts);
+  correct  relative error and log-sum-exp against `nmattn.reference`;
+  select   fraction of N:M groups the kernel selects differently from the
+           reference (the kernel's P read out through one-hot values);
+  time     forward milliseconds and dense-equivalent TFLOP/s against cuDNN.
+Writes DIR/probe.json (and DIR/micro.npz) and prints a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import ml_dtypes
+import numpy as np
+
+from experiments.bench.timing import attention_flops, median_seconds
+from nmattn import masking, reference
+from nmattn._validation import canonicalize
+from pallas_kernels.mosaic_gpu import forward as fw
+from pallas_kernels.mosaic_gpu import sparse_fragments as sf
+
+
+def _micro_call(n_cols: int):
+  """`acc = A_sparse @ V` for a 64x64 A (two K blocks, selectors 0 and 1)."""
+  from jaxlib.mlir import ir  # pylint: disable=g-import-not-at-top
+  from jaxlib.mlir.dialects import arith, memref  # pylint: disable=g-import-not-at-top
+  from jax.experimental.mosaic.gpu import fragmented_array as fa  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.mosaic_gpu import mlir_ops  # pylint: disable=g-import-not-at-top
+  tiling = plgpu.TilingTransform((8, 64))
+  swizzle = plgpu.SwizzleTransform(128)
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.RefType(), plgpu.RefType(),
+                 plgpu.RefType(transforms=(tiling, swizzle))),
+      return_type=plgpu.ShapeDtypeStruct((64, n_cols), jnp.float32,
+                                         plgpu.Layout.WGMMA))
+  def mma(ctx, a_ref, meta_ref, v_smem):
+    del ctx
+    ops = mlir_ops.MlirOps()
+    index = ir.IndexType.get()
+    idx = lambda x: arith.index_cast(index, x)
+    tid = idx(ops.thread_id())
+    a_regs = [[memref.load(a_ref, [tid, idx(ops.i32(kb)), idx(ops.i32(i))])
+               for i in range(4)] for kb in range(2)]
+    words = [memref.load(meta_ref, [tid])]
+    acc = fa.FragmentedArray.splat(ops.f32(0.0), (64, n_cols), fa.WGMMA_LAYOUT)
+    return mlir_ops.sparse_mma(acc, a_regs, words, v_smem, swizzle=128)
+
+  def body(a_ref, meta_ref, v_ref, out_ref):
+    def scoped(v_smem, out_smem, bar):
+      plgpu.copy_gmem_to_smem(v_ref, v_smem, bar)
+      plgpu.barrier_wait(bar)
+      out_smem[...] = mma(a_ref, meta_ref, v_smem)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem, out_ref)
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(scoped,
+                  plgpu.SMEM((64, n_cols), jnp.bfloat16, transforms=(tiling, swizzle)),
+                  plgpu.SMEM((64, n_cols), jnp.float32,
+                             transforms=(plgpu.TilingTransform((8, 32)),
+                                         plgpu.SwizzleTransform(128))),
+                  plgpu.Barrier())
+
+  return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((64, n_cols), jnp.float32))
+
+
+def section_micro(rng, out_dir):
+  rows = []
+  for n_cols in (64, 128):
+    dense = rng.standard_normal((64, 64)).astype(ml_dtypes.bfloat16)
+    keep = np.zeros((64, 64), bool)
+    for row in range(64):
+      for chunk in range(16):
+        keep[row, 4 * chunk + rng.choice(4, size=2, replace=False)] = True
+    dense = np.where(keep, dense, 0).astype(ml_dtypes.bfloat16)
+    v = rng.standard_normal((64, n_cols)).astype(ml_dtypes.bfloat16)
+    a0, m0 = sf.encode_sparse_a(dense[:, :32], 0)
+    a1, m1 = sf.encode_sparse_a(dense[:, 32:], 1)
+    a_regs = np.stack([a0, a1], axis=1).view(np.int32)
+    meta = (m0 | m1).view(np.int32)
+    got = np.asarray(jax.jit(_micro_call(n_cols))(a_regs, meta, jnp.asarray(v)))
+    want = dense.astype(np.float64) @ v.astype(np.float64)
+    err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    np.savez(os.path.join(out_dir, f"micro_{n_cols}.npz"), dense=dense.view(np.uint16),
+             v=v.view(np.uint16), a_regs=a_regs, meta=meta, got=got)
+    rows.append(dict(section="micro", n=n_cols, rel_err=err))
+  return rows
+
+
+def _inputs(key, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype):
+  kq, kk, kv = jax.random.split(key, 3)
+  q = jax.random.normal(kq, (batch, q_len, heads, head_dim), dtype)
+  k = jax.random.normal(kk, (batch, kv_len, kv_heads, head_dim), dtype)
+  v = jax.random.normal(kv, (batch, kv_len, kv_heads, head_dim), dtype)
+  return q, k, v
+
+
+def _run_kernel(q, k, v, tuning, *, bias=None, mask=None, q_lengths=None,
+                kv_lengths=None, is_causal=False, window=None, n=2, m=4):
+  fn = jax.jit(lambda q, k, v, b, mk, ql, kl: fw.nm_flash_attention_fwd(
+      q, k, v, b, mk, ql, kl, scale=q.shape[-1] ** -0.5, is_causal=is_causal,
+      window=window, n=n, m=m, tuning=tuning))
+  return fn(q, k, v, bias, mask, q_lengths, kv_lengths)
+
+
+CORRECT_CASES = [
+    ("2:4 sparse-pv", {}, {}),
+    ("2:4 dense-pv", {}, dict(sparse_pv=False)),
+    ("4:4 dense", dict(n=4, m=4), {}),
+    ("1:2 sparse-pv causal", dict(n=1, m=2, is_causal=True), {}),
+    ("3:8 causal", dict(n=3, m=8, is_causal=True), {}),
+    ("2:4 D64 fp16 gqa", dict(head_dim=64, dtype=jnp.float16, kv_heads=2), {}),
+    ("2:4 ragged lengths", dict(q_len=300, kv_len=333, lengths=True), {}),
+    ("2:4 bias+mask window", dict(extras=True, window=(70, 9)), {}),
+]
+
+
+def section_correct(key):
+  rows = []
+  for name, case, tune in CORRECT_CASES:
+    case = dict(case)
+    shape = dict(batch=2, q_len=case.pop("q_len", 512), kv_len=case.pop("kv_len", 512),
+                 heads=4, kv_heads=case.pop("kv_heads", 4),
+                 head_dim=case.pop("head_dim", 128),
+                 dtype=case.pop("dtype", jnp.bfloat16))
+    key, k1, k2, k3 = jax.random.split(key, 4)
+    q, k, v = _inputs(k1, **shape)
+    kwargs = dict(is_causal=case.pop("is_causal", False),
+                  window=case.pop("window", None), n=case.pop("n", 2),
+                  m=case.pop("m", 4))
+    extra = {}
+    if case.pop("lengths", False):
+      extra["q_lengths"] = jnp.array([shape["q_len"], 123], jnp.int32)
+      extra["kv_lengths"] = jnp.array([shape["kv_len"] - 5, 200], jnp.int32)
+    if case.pop("extras", False):
+      extra["bias"] = jax.random.normal(k2, (1, 4, shape["q_len"], shape["kv_len"]))
+      extra["mask"] = jax.random.uniform(k3, (2, 1, shape["q_len"], shape["kv_len"])) < 0.8
+    assert not case, case
+    try:
+      out, lse = _run_kernel(q, k, v, fw.MosaicTuning(**tune), **extra, **kwargs)
+      ref_kwargs = dict(bias=extra.get("bias"), mask=extra.get("mask"),
+                        query_seq_lengths=extra.get("q_lengths"),
+                        key_value_seq_lengths=extra.get("kv_lengths"),
+                        is_causal=kwargs["is_causal"],
+                        local_window_size=kwargs["window"], n=kwargs["n"],
+                        m=kwargs["m"])
+      ref = reference.nm_attention_reference(q, k, v, **ref_kwargs)
+      call, _ = canonicalize(q, k, v, **ref_kwargs)
+      s = reference.call_scores(call)
+      kept = jnp.where(masking.nm_mask(s, kwargs["n"], kwargs["m"]), s, -jnp.inf)
+      ref_lse = jax.nn.logsumexp(kept, axis=-1)
+      finite = jnp.isfinite(ref_lse)
+      err = float(jnp.linalg.norm((out - ref).astype(jnp.float32))
+                  / jnp.linalg.norm(ref.astype(jnp.float32)))
+      lse_err = float(jnp.max(jnp.where(finite, jnp.abs(lse - ref_lse), 0.0)))
+      empty_ok = bool(jnp.all(jnp.where(finite, True, lse == jnp.inf)))
+      rows.append(dict(section="correct", case=name, rel_err=err,
+                       lse_max_abs_err=lse_err, empty_rows_inf=empty_ok,
+                       finite=bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))))
+    except Exception as e:  # pylint: disable=broad-except
+      rows.append(dict(section="correct", case=name, error=f"{type(e).__name__}: {e}"[:4000],
+                       trace=traceback.format_exc()[-4000:]))
+  return rows
+
+
+def section_select(key):
+  """Reads the kernel's P through one-hot values (kv_len == head_dim == 128)."""
+  rows = []
+  batch, q_len, heads, kv_len = 4, 512, 8, 128
+  for name, tune, (n, m) in (("2:4 sparse-pv", {}, (2, 4)),
+                             ("2:4 dense-pv", dict(sparse_pv=False), (2, 4)),
+                             ("3:8 dense-pv", {}, (3, 8))):
+    key, k1 = jax.random.split(key)
+    q, k, _ = _inputs(k1, batch, q_len, kv_len, heads, heads, 128, jnp.bfloat16)
+    eye = jnp.eye(kv_len, 128, dtype=jnp.bfloat16)
+    v = jnp.broadcast_to(eye[None, :, None, :], (batch, kv_len, heads, 128))
+    try:
+      out, _ = _run_kernel(q, k, v, fw.MosaicTuning(**tune), n=n, m=m)
+      got_keep = jnp.transpose(out != 0, (0, 2, 1, 3))  # [B, H, T, S]
+      call, _ = canonicalize(q, k, v, n=n, m=m)
+      s = reference.call_scores(call)
+      want_keep = masking.nm_mask(s, n, m)
+      differ = jnp.any((got_keep != want_keep).reshape(batch, heads, q_len, -1, m), -1)
+      weights = reference.call_weights(call)
+      p_err = float(jnp.linalg.norm(jnp.transpose(out, (0, 2, 1, 3)).astype(jnp.float32)
+                                    - weights) / jnp.linalg.norm(weights))
+      kept_per_group = jnp.sum(got_keep.reshape(batch, heads, q_len, -1, m), -1)
+      rows.append(dict(section="select", case=name,
+                       group_mismatch=float(jnp.mean(differ)),
+                       groups=int(differ.size), p_rel_err=p_err,
+                       max_kept_per_group=int(jnp.max(kept_per_group))))
+    except Exception as e:  # pylint: disable=broad-except
+      rows.append(dict(section="select", case=name, error=f"{type(e).__name__}: {e}"[:4000],
+                       trace=traceback.format_exc()[-4000:]))
+  return rows
+
+
+def section_time(key, sizes):
+  rows = []
+  variants = (("cudnn", None), ("mosaic 2:4 sparse-pv", dict(n=2, m=4)),
+              ("mosaic 2:4 dense-pv", dict(n=2, m=4, sparse_pv=False)),
+              ("mosaic 4:4 dense", dict(n=4, m=4)))
+  for seq in sizes:
+    batch, heads = {4096: (4, 16), 8192: (2, 16), 16384: (1, 32)}[seq]
+    key, k1 = jax.random.split(key)
+    q, k, v = _inputs(k1, batch, seq, seq, heads, heads, 128, jnp.bfloat16)
+    for causal in (False, True):
+      flops = attention_flops(batch, heads, seq, seq, 128, causal=causal)
+      base = None
+      for name, cfg in variants:
+        try:
+          if cfg is None:
+            fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, is_causal=causal, implementation="cudnn"))
+          else:
+            cfg = dict(cfg)
+            n, m = cfg.pop("n"), cfg.pop("m")
+            tuning = fw.MosaicTuning(**cfg)
+            fn = jax.jit(lambda q, k, v, n=n, m=m, tuning=tuning: fw.nm_flash_attention_fwd(
+                q, k, v, scale=q.shape[-1] ** -0.5, is_causal=causal, window=None,
+                n=n, m=m, tuning=tuning)[0])
+          t0 = time.perf_counter()
+          jax.block_until_ready(fn(q, k, v))
+          compile_s = time.perf_counter() - t0
+          sec = median_seconds(fn, q, k, v, warmup=2, iters=10)
+          base = sec if cfg is None else base
+          rows.append(dict(section="time", seq=seq, batch=batch, heads=heads,
+                           causal=causal, variant=name, ms=sec * 1e3,
+                           tflops=flops / sec / 1e12, compile_s=compile_s,
+                           vs_cudnn=None if base is None else base / sec))
+        except Exception as e:  # pylint: disable=broad-except
+          rows.append(dict(section="time", seq=seq, causal=causal, variant=name,
+                           error=f"{type(e).__name__}: {e}"[:2000]))
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--sections", default="micro,correct,select,time")
+  parser.add_argument("--sizes", default="4096")
+  args = parser.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  rng = np.random.default_rng()
+  key = jax.random.key(int(rng.integers(2**31)))
+  rows = [dict(section="env", jax=jax.__version__,
+               device=jax.devices()[0].device_kind)]
+  sections = args.sections.split(",")
+  for name in sections:
+    t0 = time.perf_counter()
+    try:
+      if name == "micro":
+        rows += section_micro(rng, args.out)
+      elif name == "correct":
+        rows += section_correct(key)
+      elif name == "select":
+        rows += section_select(key)
+      elif name == "time":
+        rows += section_time(key, [int(s) for s in args.sizes.split(",")])
+      else:
+        raise ValueError(f"unknown section {name!r}")
+    except Exception as e:  # pylint: disable=broad-except
+      rows.append(dict(section=name, error=f"{type(e).__name__}: {e}"[:4000],
+                       trace=traceback.format_exc()[-6000:]))
+    rows.append(dict(section=name, wall_s=time.perf_counter() - t0))
+    with open(os.path.join(args.out, "probe.json"), "w") as f:
+      json.dump(rows, f, indent=1)
+  for row in rows:
+    short = {k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v)
+             for k, v in row.items() if k != "trace"}
+    print(json.dumps(short)[:600])
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,181 @@
+"""The "pallas_mosaic" backend (Hopper kernel): shared test base, selection, lse.
+
+GPU tests need an sm_90 GPU (conftest skips `gpu` tests without a GPU; the
+fixture below skips other GPUs). CPU checks of the kernel's register code live
+in `test_pallas_mosaic_twin.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nmattn
+from nmattn import masking, reference
+from nmattn._validation import canonicalize
+from pallas_kernels.mosaic_gpu import attention as mosaic_attention
+from pallas_kernels.mosaic_gpu import forward as fw
+from pallas_kernels.mosaic_gpu import sparse_fragments as sf
+from attention_test_base import AttentionTestBase, rel_err
+
+
+def _triton_backward_available() -> bool:
+  try:
+    from pallas_kernels.triton import nm_flash_attention_bwd  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+@pytest.fixture
+def hopper():
+  reason = mosaic_attention.unsupported_reason(
+      canonicalize(*(jnp.zeros((1, 8, 1, 64), jnp.bfloat16),) * 3)[0].spec)
+  if reason is not None:
+    pytest.skip(reason)
+
+
+# --------------------------------------------------------------------------
+# CPU: argument checking and dispatch.
+
+
+def test_permute_keys_matches_twin(rng):
+  k = jnp.asarray(rng.standard_normal((2, 64, 3, 8)), jnp.float32)
+  for width in (0, 4, 8, 16):
+    np.testing.assert_array_equal(
+        np.asarray(fw._permute_keys(k, width)),  # pylint: disable=protected-access
+        sf.permute_keys(np.asarray(k), width, axis=1))
+
+
+def test_tuning_and_shape_errors():
+  with pytest.raises(ValueError, match="block_kv must be a multiple of 64"):
+    fw.MosaicTuning(block_kv=96)
+  with pytest.raises(ValueError, match="max_concurrent_steps must be >= 2"):
+    fw.MosaicTuning(max_concurrent_steps=1)
+  q = jnp.zeros((1, 16, 2, 128), jnp.bfloat16)
+  kwargs = dict(scale=0.1, is_causal=False, window=None, n=2, m=4)
+  with pytest.raises(ValueError, match="shared memory"):
+    fw.nm_flash_attention_fwd(q, q, q, **kwargs,
+                              tuning=fw.MosaicTuning(block_kv=256))
+  with pytest.raises(ValueError, match="head_dim=32"):
+    fw.nm_flash_attention_fwd(q[..., :32], q[..., :32], q[..., :32], **kwargs)
+  with pytest.raises(ValueError, match="dtype float32"):
+    fw.nm_flash_attention_fwd(*(q.astype(jnp.float32),) * 3, **kwargs)
+  with pytest.raises(ValueError, match=r"bias must be 4-D .*got bias.shape=\(16, 16\)"):
+    fw.nm_flash_attention_fwd(q, q, q, jnp.zeros((16, 16)), **kwargs)
+  with pytest.raises(ValueError, match=r"kv_lengths must have shape \(1,\)"):
+    fw.nm_flash_attention_fwd(q, q, q, kv_lengths=jnp.zeros((2,), jnp.int32),
+                              **kwargs)
+
+
+def test_unsupported_reason_names_the_problem():
+  q = jnp.zeros((1, 8, 2, 32), jnp.float32)
+  spec = canonicalize(q, q, q)[0].spec
+  assert "dtype float32" in mosaic_attention.unsupported_reason(spec)
+  spec = canonicalize(*(q.astype(jnp.bfloat16),) * 3)[0].spec
+  assert "head_dim=32" in mosaic_attention.unsupported_reason(spec)
+  spec = canonicalize(*(jnp.zeros((1, 8, 2, 64), jnp.bfloat16),) * 3)[0].spec
+  reason = mosaic_attention.unsupported_reason(spec)
+  if jax.default_backend() != "gpu":
+    assert "needs a Hopper (sm_90) GPU" in reason
+
+
+# --------------------------------------------------------------------------
+# GPU.
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("hopper")
+class TestMosaicAttention(AttentionTestBase):
+  """The shared base at head_dim 64 in bfloat16 and float16."""
+  implementation = "pallas_mosaic"
+  dtypes = (jnp.bfloat16, jnp.float16)
+  head_dim = 64
+
+  def make_case(self, rng, name, dtype):
+    # The base's fully-masked-row and NaN tests use float32, which this
+    # kernel does not take; they run in bfloat16 here.
+    if dtype not in self.dtypes:
+      dtype = jnp.bfloat16
+    return super().make_case(rng, name, dtype)
+
+  def test_gradients_match_reference(self, rng, case, dtype):
+    if not _triton_backward_available():
+      pytest.skip("the Triton backward (pallas_kernels.triton) is not available")
+    super().test_gradients_match_reference(rng, case, dtype)
+
+  def test_fully_masked_rows_give_zeros(self, rng):
+    if not _triton_backward_available():
+      pytest.skip("the Triton backward (pallas_kernels.triton) is not available")
+    super().test_fully_masked_rows_give_zeros(rng)
+
+
+def _kernel(q, k, v, *, tuning=None, **kwargs):
+  kwargs.setdefault("scale", q.shape[-1] ** -0.5)
+  kwargs.setdefault("is_causal", False)
+  kwargs.setdefault("window", None)
+  return jax.jit(functools.partial(fw.nm_flash_attention_fwd, tuning=tuning,
+                                   **kwargs))(q, k, v)
+
+
+def _normal(rng, shape, dtype=jnp.bfloat16):
+  return jnp.asarray(rng.standard_normal(shape), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("hopper")
+@pytest.mark.parametrize("sparse_pv", [True, False], ids=["sparse_pv", "dense_pv"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_long_sequences_and_lse(rng, sparse_pv, is_causal):
+  """bf16 relative error < 1e-2 at head_dim 128, ragged lengths, and the lse."""
+  shape_q, shape_kv = (2, 1000, 4, 128), (2, 1100, 2, 128)
+  tuning = fw.MosaicTuning(sparse_pv=sparse_pv)
+  # A first call on other inputs leaves its results in memory the second
+  # call may reuse: an element the kernel failed to write would show up.
+  _kernel(*(_normal(rng, s) for s in (shape_q, shape_kv, shape_kv)),
+          n=2, m=4, is_causal=is_causal, tuning=tuning)
+  q, k, v = _normal(rng, shape_q), _normal(rng, shape_kv), _normal(rng, shape_kv)
+  out, lse = _kernel(q, k, v, n=2, m=4, is_causal=is_causal, tuning=tuning)
+  ref = reference.nm_attention_reference(q, k, v, is_causal=is_causal)
+  assert rel_err(out, ref) < 1e-2
+  call, _ = canonicalize(q, k, v, is_causal=is_causal)
+  s = reference.call_scores(call)
+  kept = jnp.where(masking.nm_mask(s, 2, 4), s, -jnp.inf)
+  want = jax.nn.logsumexp(kept, axis=-1)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(want), atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("hopper")
+@pytest.mark.parametrize("n,m,sparse_pv", [(2, 4, True), (2, 4, False), (1, 2, True),
+                                           (3, 8, False)])
+def test_selection_mismatch_is_rare(rng, record_property, n, m, sparse_pv):
+  """The kernel's P, read out through one-hot values, against nm_mask."""
+  batch, q_len, heads, kv_len = 2, 512, 8, 128
+  q = _normal(rng, (batch, q_len, heads, 128))
+  k = _normal(rng, (batch, kv_len, heads, 128))
+  v = jnp.broadcast_to(jnp.eye(kv_len, 128, dtype=jnp.bfloat16)[None, :, None],
+                       (batch, kv_len, heads, 128))
+  out, _ = _kernel(q, k, v, n=n, m=m, tuning=fw.MosaicTuning(sparse_pv=sparse_pv))
+  got = jnp.transpose(out != 0, (0, 2, 1, 3))
+  call, _ = canonicalize(q, k, v)
+  want = masking.nm_mask(reference.call_scores(call), n, m)
+  groups = (batch, heads, q_len, kv_len // m, m)
+  mismatch = float(jnp.mean(jnp.any(got.reshape(groups) != want.reshape(groups), -1)))
+  record_property("group_mismatch", mismatch)
+  print(f"{n}:{m} sparse_pv={sparse_pv}: groups selected differently {mismatch:.2e}")
+  assert mismatch < 5e-3
+  assert int(jnp.max(jnp.sum(got.reshape(groups), -1))) <= n
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("hopper")
+def test_backend_dispatch_on_hopper(rng):
+  q = _normal(rng, (1, 256, 2, 128))
+  out = nmattn.nm_attention(q, q, q, implementation="pallas_mosaic")
+  ref = reference.nm_attention_reference(q, q, q)
+  assert rel_err(out, ref) < 1e-2

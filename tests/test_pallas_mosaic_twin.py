@@ -1,0 +1,201 @@
+"""CPU checks of the Hopper kernel's register code against its numpy twin.
+
+The kernel runs `tile_select` with `MlirOps`; here the same functions run with
+`NumpyOps` on all 128 threads of a warpgroup at once, and the results are
+decoded with `sparse_fragments.decode_sparse_a`, the numpy model of how the
+PTX ISA says `wgmma.mma_async.sp` reads its sparse operand.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from nmattn import masking
+from pallas_kernels.mosaic_gpu import sparse_fragments as sf
+from pallas_kernels.mosaic_gpu import tile_select as ts
+
+OPS = sf.NumpyOps()
+
+
+def _thread_lists(regs):
+  """`[128, 2, L]` -> vals[r][c], each a `[128]` per-thread vector."""
+  return [[regs[:, r, c] for c in range(regs.shape[2])] for r in range(2)]
+
+
+def _from_lists(vals):
+  return np.stack([np.stack(row, axis=1) for row in vals], axis=1)
+
+
+def _scores(rng, cols, *, ties=0.0, neg_inf=0.0, nan=0.0):
+  s = rng.standard_normal((64, cols)).astype(np.float32)
+  if ties:  # coarse values: many exact ties inside groups
+    s = np.round(s * 2) / 2
+  s[rng.random(s.shape) < neg_inf] = -np.inf
+  s[rng.random(s.shape) < nan] = np.nan
+  return s
+
+
+@pytest.mark.parametrize("width", [0, 4, 8, 16])
+def test_key_order_makes_runs_of_width_keys_per_thread(width):
+  cols = max(8, 4 * width) * 2
+  order = sf.permute_keys(np.arange(cols), width, axis=0)
+  assert sorted(order) == list(range(cols))
+  regs = sf.to_thread_registers(np.broadcast_to(order, (64, cols)))
+  for tid in range(sf.WARPGROUP):
+    _, _, t = sf.thread_coords(tid)
+    for c in range(regs.shape[2]):
+      want = sf.thread_key_offset(width) * t + sf.static_key(width, c)
+      assert regs[tid, 0, c] == want == regs[tid, 1, c]
+
+
+def test_thread_registers_round_trip(rng):
+  mat = rng.standard_normal((64, 48)).astype(np.float32)
+  regs = sf.to_thread_registers(mat)
+  np.testing.assert_array_equal(sf.from_thread_registers(regs), mat)
+  # Thread 37 = warp 1, lane 5: g = 1, t = 1 -> rows 17 and 25, cols 2, 3, 10, ...
+  assert regs[37, 0, 0] == mat[17, 2] and regs[37, 1, 3] == mat[25, 11]
+
+
+@pytest.mark.parametrize("selector", [0, 1])
+def test_sparse_operand_encode_decode_round_trip(rng, selector):
+  dense = rng.standard_normal((64, 32)).astype(ml_dtypes.bfloat16)
+  keep = np.zeros((64, 32), bool)
+  for row in range(64):
+    for chunk in range(8):
+      kept = rng.choice(4, size=rng.integers(0, 3), replace=False)
+      keep[row, 4 * chunk + kept] = True
+  dense = np.where(keep, dense, 0).astype(ml_dtypes.bfloat16)
+  a_regs, meta = sf.encode_sparse_a(dense, selector)
+  other = np.arange(sf.WARPGROUP) % 4 // 2 != selector
+  assert not meta[other].any(), "only the selected quad threads carry metadata"
+  decoded = sf.decode_sparse_a(a_regs, meta, selector, ml_dtypes.bfloat16)
+  np.testing.assert_array_equal(decoded.view(np.uint16), dense.view(np.uint16))
+
+
+def test_sparse_operand_rejects_three_in_a_chunk():
+  dense = np.zeros((64, 32), ml_dtypes.bfloat16)
+  dense[5, 8:11] = 1
+  with pytest.raises(ValueError, match="row 5 chunk 2"):
+    sf.encode_sparse_a(dense, 0)
+
+
+def _kernel_sparse_tile(s_nat, n, m):
+  """Runs the kernel's selection+compression on a natural-order score tile.
+
+  Returns the dense `[64, K]` matrix (natural key order) that the sparse
+  instructions would multiply, decoded per the PTX ISA. The float32 scores
+  travel through the 16-bit operand as 1-based codes into a value table.
+  """
+  keys = s_nat.shape[1]
+  acc = sf.permute_keys(s_nat, 4, axis=1)  # what Q K_permuted^T produces
+  vals = _thread_lists(sf.to_thread_registers(acc))
+  t = OPS.thread_id() % 4
+  comp, words = ts.select_compress(OPS, vals, n, m, t)
+  comp_regs = _from_lists(comp)  # [128, 2, K // 8]
+  table = comp_regs.reshape(-1)
+  codes = np.arange(1, table.size + 1, dtype=np.uint32).reshape(comp_regs.shape)
+  dense = np.zeros((64, keys), np.float32)
+  for kb in range(keys // 32):
+    a_regs = np.zeros((sf.WARPGROUP, 4), np.uint32)
+    for h in range(2):
+      for r in range(2):
+        j = 2 * kb + h  # 16-key block: register j of the compressed array
+        a_regs[:, 2 * h + r] = codes[:, r, 2 * j] | (codes[:, r, 2 * j + 1] << 16)
+    block = sf.decode_sparse_a(a_regs, words[kb // 2], kb % 2, np.uint16)
+    block = block.astype(np.int64)
+    dense[:, 32 * kb:32 * kb + 32] = np.where(block > 0, table[block - 1], 0.0)
+  return dense
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (1, 2)])
+@pytest.mark.parametrize("kind", ["normal", "ties", "masked", "nan"])
+def test_kernel_compression_matches_reference_selection(rng, n, m, kind):
+  s = _scores(rng, 128, ties=kind == "ties", neg_inf=0.3 * (kind == "masked"),
+              nan=0.02 * (kind == "nan"))
+  got = _kernel_sparse_tile(s, n, m)
+  keep = np.asarray(masking.nm_mask(s, n, m))
+  want = np.where(keep, s, 0.0)
+  # The compressed operand holds -inf where a chunk has fewer than two kept
+  # scores; exp(-inf) = 0 in the kernel, so compare with -inf as 0.
+  got = np.where(got == -np.inf, 0.0, got)
+  nan_rows = np.isnan(s).any(axis=1)
+  np.testing.assert_array_equal(got[~nan_rows], want[~nan_rows])
+  # NaN ranks as +inf in the kernel (the reference keeps every NaN): each
+  # row with a NaN still keeps one, so its output is NaN as the reference's.
+  assert np.all(np.isnan(got[nan_rows]).any(axis=1))
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 2), (3, 8), (5, 16), (1, 8), (3, 4)])
+@pytest.mark.parametrize("kind", ["normal", "ties", "masked"])
+def test_kernel_dense_selection_matches_reference(rng, n, m, kind):
+  width = max(4, m)
+  s = _scores(rng, 4 * width * 2, ties=kind == "ties",
+              neg_inf=0.3 * (kind == "masked"))
+  acc = sf.permute_keys(s, width, axis=1)
+  vals = _thread_lists(sf.to_thread_registers(acc))
+  out = sf.from_thread_registers(_from_lists(ts.select_dense(OPS, vals, n, m)))
+  order = sf.permute_keys(np.arange(s.shape[1]), width, axis=0)
+  got = np.empty_like(out)
+  got[:, order] = out
+  keep = np.asarray(masking.nm_mask(s, n, m))
+  np.testing.assert_array_equal(got, np.where(keep, s, -np.inf))
+
+
+@pytest.mark.parametrize("width", [0, 4, 8])
+@pytest.mark.parametrize("causal,window,bounded", [
+    (True, None, False), (False, (13, 5), False), (False, None, True),
+    (True, (7, 0), True)])
+def test_kernel_masks_match_validity_mask(rng, width, causal, window, bounded):
+  keys = max(8, 4 * width) * 4
+  q0, k0 = int(rng.integers(0, 200)), int(rng.integers(0, 50)) * 4
+  kv_valid = k0 + int(rng.integers(0, keys))
+  s = rng.standard_normal((64, keys)).astype(np.float32)
+  acc = sf.permute_keys(s, width, axis=1)
+  vals = _thread_lists(sf.to_thread_registers(acc))
+  tid = OPS.thread_id()
+  warp, g, t = sf.thread_coords(tid)
+  thread_key = k0 + sf.thread_key_offset(width) * t
+  row0 = q0 + 16 * warp + g
+  mask = ts.MaskSpec(causal=causal, window=window, kv_bound=bounded)
+  out = ts.apply_masks(OPS, vals, mask, width, (row0 - thread_key).astype(np.int32),
+                       (kv_valid - thread_key).astype(np.int32))
+  out = sf.from_thread_registers(_from_lists(out))
+  order = sf.permute_keys(np.arange(keys), width, axis=0)
+  got = np.empty_like(out)
+  got[:, order] = out
+  valid = masking.validity_mask(
+      q0 + np.arange(64), k0 + np.arange(keys), is_causal=causal, window=window,
+      kv_len=kv_valid if bounded else None)
+  valid = np.ones((64, keys), bool) if valid is None else np.asarray(valid)[0, 0]
+  np.testing.assert_array_equal(got, np.where(valid, s, -np.inf))
+
+
+def test_metadata_gather_delivers_each_word_to_its_thread(rng):
+  # partial[d] of thread t holds t's bits (8 of them) of the word thread d needs.
+  t = OPS.thread_id() % 4
+  nibbles = rng.integers(0, 16, (sf.WARPGROUP, 4, 2)).astype(np.int32)
+  partial = [sum((nibbles[:, d, r] << sf.metadata_bit(t, r)) for r in range(2))
+             .astype(np.int32) for d in range(4)]
+  word = sf.gather_metadata(OPS, partial, t)
+  for tid in range(sf.WARPGROUP):
+    quad = 4 * (tid // 4)
+    want = 0
+    for src in range(4):
+      for r in range(2):
+        want |= int(nibbles[quad + src, tid % 4, r]) << sf.metadata_bit(src, r)
+    assert int(word[tid]) & 0xFFFFFFFF == want
+
+
+def test_sparse_wgmma_ptx_operands():
+  asm, constraints = sf.sparse_wgmma_ptx(128, "bfloat16", 1, True)
+  assert asm.startswith("wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16 ")
+  assert asm.endswith("$132, $133, 1, 1, 1, 1, 1;")
+  parts = constraints.split(",")
+  assert len(parts) == 64 + 64 + 4 + 2 and parts[-2:] == ["l", "r"]
+  assert "{$128,$129,$130,$131}" in asm
+  with pytest.raises(ValueError, match="selector"):
+    sf.sparse_wgmma_ptx(64, "float16", 2, True)
+  with pytest.raises(ValueError, match="dtype"):
+    sf.sparse_wgmma_ptx(64, "float32", 0, True)
