@@ -1,0 +1,1 @@
+"""One ml_collections config file per experiment (`get_config()`)."""

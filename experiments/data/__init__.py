@@ -1,0 +1,1 @@
+"""Datasets for the experiments; everything is generated or read locally."""

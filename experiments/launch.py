@@ -1,0 +1,312 @@
+"""xmanager-style sweeps over `experiments.train`.
+
+A sweep file is a Python module with `get_sweep()` returning a `Sweep`: one
+config file and a list of trials, each a dict of `--config.*` overrides,
+usually built with `product` and `axis`:
+
+  def get_sweep():
+    return Sweep(config="experiments/configs/listops.py",
+                 trials=product(ATTENTION_KINDS, axis("seed", [0, 1])))
+
+  python -m experiments.launch --sweep=experiments/sweeps/NAME.py \
+      [--workdir=runs/sweeps/NAME] [--parallel=1] [--xm]
+
+The local executor runs the trials one by one (showing each trial's output)
+or `--parallel` at a time, each as its own `python -m experiments.train`
+process in `WORKDIR/TRIAL/` with
+  status.json   pending | running | done | failed, return code, times, command
+  log.txt       the trial's stdout and stderr
+  final_metrics.json, metrics.csv, checkpoints/ (written by the trial)
+A failing trial is recorded and the others go on; running the same command
+again resumes the sweep: finished trials are kept, the rest (re)start and
+resume from their own checkpoints. At the end the launcher prints a results
+table (also written to WORKDIR/results.csv and results.md) and exits 1 if any
+trial failed. With `--xm` the same trials are launched through xmanager's
+local executor (`pip install xmanager`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import itertools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+
+STATUSES = ("pending", "running", "done", "failed")
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# Dense attention against the DFSS patterns, as override sets.
+ATTENTION_KINDS = (
+    {"attention.kind": "dense"},
+    {"attention.kind": "nm", "attention.n": 2, "attention.m": 4},
+    {"attention.kind": "nm", "attention.n": 1, "attention.m": 2},
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """A config file (relative to the repository root or absolute) and trials."""
+  config: str
+  trials: tuple[dict, ...]
+
+  def __post_init__(self):
+    if not self.trials:
+      raise ValueError(f"a sweep needs at least one trial; got trials="
+                       f"{self.trials!r}")
+    for trial in self.trials:
+      if not isinstance(trial, dict):
+        raise ValueError(f"each trial must be a dict of overrides; got {trial!r}")
+
+
+def axis(field: str, values) -> list[dict]:
+  """One override per value: `axis("seed", [0, 1])` -> `[{"seed": 0}, {"seed": 1}]`."""
+  return [{field: value} for value in values]
+
+
+def product(*axes) -> tuple[dict, ...]:
+  """All combinations of override sets, one from each axis, merged."""
+  trials = []
+  for combination in itertools.product(*axes):
+    merged = {}
+    for overrides in combination:
+      merged.update(overrides)
+    trials.append(merged)
+  return tuple(trials)
+
+
+def trial_name(index: int, overrides: dict) -> str:
+  """`003_kind=nm_n=2_m=4`: the index and the overrides' last name parts."""
+  parts = [f"{field.split('.')[-1]}={value}" for field, value in
+           overrides.items()]
+  name = "_".join([f"{index:03d}"] + parts)
+  return "".join(c if c.isalnum() or c in "=_-.:@" else "-" for c in name)
+
+
+def load_sweep(path: str) -> Sweep:
+  spec = importlib.util.spec_from_file_location("sweep_file", path)
+  if spec is None or not os.path.isfile(path):
+    raise ValueError(f"sweep file not found; got --sweep={path!r}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  sweep = module.get_sweep()
+  # Sweep files import this module by name, which differs from __main__.
+  from experiments import launch  # pylint: disable=g-import-not-at-top
+  if not isinstance(sweep, (Sweep, launch.Sweep)):
+    raise ValueError(f"get_sweep() in {path} must return a Sweep; got "
+                     f"{type(sweep).__name__}")
+  return sweep
+
+
+def train_command(sweep: Sweep, overrides: dict, workdir: pathlib.Path):
+  """The `python -m experiments.train` argv of one trial."""
+  config = sweep.config
+  if not os.path.isabs(config):
+    config = str(REPO_ROOT / config)
+  return ([sys.executable, "-m", "experiments.train", f"--config={config}"] +
+          [f"--config.{field}={value}"
+           for field, value in overrides.items()] + [f"--workdir={workdir}"])
+
+
+def _now():
+  return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+class Trial:
+  """One trial's work dir and status file."""
+
+  def __init__(self, sweep_dir: pathlib.Path, index: int, overrides: dict):
+    self.name = trial_name(index, overrides)
+    self.overrides = overrides
+    self.workdir = sweep_dir / self.name
+    self.status_path = self.workdir / "status.json"
+
+  def status(self) -> dict:
+    if self.status_path.exists():
+      return json.loads(self.status_path.read_text())
+    return {"status": "pending"}
+
+  def set_status(self, **fields):
+    status = {**self.status(), **fields, "overrides": self.overrides}
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.status_path.write_text(json.dumps(status, indent=2))
+
+  def final_metrics(self) -> dict:
+    path = self.workdir / "final_metrics.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _copy_output(source, log, echo_stream):
+  """Copies a trial's output to its log (and `echo_stream`) as it comes."""
+  for chunk in iter(lambda: source.read1(4096), b""):
+    log.write(chunk.decode(errors="replace"))
+    log.flush()
+    if echo_stream is not None:
+      echo_stream.write(chunk.decode(errors="replace"))
+      echo_stream.flush()
+
+
+def run_local(sweep: Sweep, sweep_dir: pathlib.Path, parallel: int,
+              echo=print) -> list[Trial]:
+  """Runs the unfinished trials, `parallel` at a time; returns all trials."""
+  if parallel < 1:
+    raise ValueError(f"parallel must be >= 1; got parallel={parallel}")
+  trials = [Trial(sweep_dir, i, o) for i, o in enumerate(sweep.trials)]
+  queue = [t for t in trials if t.status()["status"] != "done"]
+  for trial in trials:
+    if trial not in queue:
+      echo(f"[sweep] {trial.name}: done earlier, kept")
+  running = {}
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  while queue or running:
+    while queue and len(running) < parallel:
+      trial = queue.pop(0)
+      command = train_command(sweep, trial.overrides, trial.workdir)
+      trial.workdir.mkdir(parents=True, exist_ok=True)
+      log = (trial.workdir / "log.txt").open("a")
+      log.write(f"\n=== {_now()} {' '.join(command)}\n")
+      log.flush()
+      process = subprocess.Popen(command, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                 env=env)
+      # One trial at a time: its output (progress bar) also goes to ours.
+      pump = threading.Thread(
+          target=_copy_output,
+          args=(process.stdout, log, sys.stdout if parallel == 1 else None),
+          daemon=True)
+      pump.start()
+      trial.set_status(status="running", started=_now(), pid=process.pid,
+                       command=command, returncode=None)
+      running[trial.name] = (trial, process, log, pump)
+      echo(f"[sweep] {trial.name}: started (pid {process.pid})")
+    time.sleep(0.5)
+    for name, (trial, process, log, pump) in list(running.items()):
+      returncode = process.poll()
+      if returncode is None:
+        continue
+      pump.join()
+      log.close()
+      status = "done" if returncode == 0 else "failed"
+      trial.set_status(status=status, finished=_now(), returncode=returncode)
+      del running[name]
+      echo(f"[sweep] {trial.name}: {status} (return code {returncode})"
+           + ("" if returncode == 0 else f"; see {trial.workdir / 'log.txt'}"))
+  return trials
+
+
+def run_xmanager(sweep: Sweep, sweep_dir: pathlib.Path, title: str):
+  """Launches every trial as a job of one xmanager experiment (local executor)."""
+  try:
+    from xmanager import xm, xm_local  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise SystemExit("--xm needs xmanager, which is not installed: "
+                     "pip install xmanager (and Docker for its local "
+                     "executor), or run without --xm") from None
+  with xm_local.create_experiment(experiment_title=title) as experiment:
+    [executable] = experiment.package([xm.python_container(
+        executor_spec=xm_local.Local.Spec(), path=str(REPO_ROOT),
+        entrypoint=xm.ModuleName("experiments.train"))])
+    for i, overrides in enumerate(sweep.trials):
+      args = {"config": sweep.config,
+              "workdir": str(sweep_dir / trial_name(i, overrides))}
+      args.update({f"config.{k}": v
+                   for k, v in overrides.items()})
+      experiment.add(xm.Job(executable=executable, executor=xm_local.Local(),
+                            args=args))
+
+
+def _flatten(metrics: dict, prefix="") -> dict:
+  flat = {}
+  for key, value in metrics.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}/"))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def results_table(trials: list[Trial]) -> list[dict]:
+  """One row per trial: name, status, overrides, final metrics (flattened)."""
+  rows = []
+  for trial in trials:
+    row = {"trial": trial.name, "status": trial.status()["status"]}
+    row.update({k: v for k, v in trial.overrides.items()})
+    final = trial.final_metrics() if row["status"] == "done" else {}
+    row.update(_flatten(final.get("metrics", {})))
+    rows.append(row)
+  return rows
+
+
+def _format_cell(value) -> str:
+  if isinstance(value, float):
+    return f"{value:.4f}"
+  return "" if value is None else str(value)
+
+
+def format_markdown(rows: list[dict]) -> str:
+  columns = []
+  for row in rows:
+    columns.extend(c for c in row if c not in columns)
+  lines = ["| " + " | ".join(columns) + " |",
+           "|" + "---|" * len(columns)]
+  for row in rows:
+    lines.append("| " + " | ".join(_format_cell(row.get(c)) for c in columns)
+                 + " |")
+  return "\n".join(lines)
+
+
+def write_results(rows: list[dict], sweep_dir: pathlib.Path) -> str:
+  """Writes results.csv / results.md in the sweep dir; returns the markdown."""
+  import csv  # pylint: disable=g-import-not-at-top
+  columns = []
+  for row in rows:
+    columns.extend(c for c in row if c not in columns)
+  with (sweep_dir / "results.csv").open("w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  markdown = format_markdown(rows)
+  (sweep_dir / "results.md").write_text(markdown + "\n")
+  return markdown
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      description="Run a sweep of experiments.train trials.")
+  parser.add_argument("--sweep", required=True, help="sweep file (.py)")
+  parser.add_argument("--workdir", default=None,
+                      help="sweep directory; default runs/sweeps/<name>")
+  parser.add_argument("--parallel", type=int, default=1,
+                      help="trials run at once by the local executor")
+  parser.add_argument("--xm", action="store_true",
+                      help="launch through xmanager instead")
+  args = parser.parse_args(argv)
+  sweep = load_sweep(args.sweep)
+  name = pathlib.Path(args.sweep).stem
+  sweep_dir = pathlib.Path(args.workdir or os.path.join("runs", "sweeps",
+                                                        name)).absolute()
+  sweep_dir.mkdir(parents=True, exist_ok=True)
+  if args.xm:
+    run_xmanager(sweep, sweep_dir, title=name)
+    return 0
+  trials = run_local(sweep, sweep_dir, args.parallel)
+  print(write_results(results_table(trials), sweep_dir))
+  failed = [t.name for t in trials if t.status()["status"] != "done"]
+  if failed:
+    print(f"[sweep] {len(failed)} of {len(trials)} trials failed: "
+          f"{', '.join(failed)}")
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Models for the experiments: encoder and decoder with nmattn attention."""

@@ -1,0 +1,144 @@
+"""Attention kinds for the experiment models, chosen by config.
+
+`kind` is one of:
+  * "dense": softmax attention over every valid key (`nmattn` with n == m);
+  * "nm": DFSS N:M attention, `n` of every `m` consecutive keys per query
+    (`nmattn.layers.NMMultiHeadDotProductAttention`);
+  * "topk": unstructured top-k per query row at the density of `n:m`
+    (k = ceil(n / m * valid keys in that row));
+  * "local": a fixed local window at the same density: each query keeps the
+    k = ceil(n / m * valid keys) valid keys nearest to it (ties go left).
+
+"topk" and "local" are the comparison patterns of the DFSS paper; they run on
+a materialised score matrix (fine at experiment sizes) with the same parameter
+tree as the nmattn layer, so one checkpoint serves every kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+import nmattn
+
+KINDS = ("dense", "nm", "topk", "local")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+  """Which attention a model uses: `kind` in KINDS and the density n / m."""
+  kind: str = "dense"
+  n: int = 2
+  m: int = 4
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"attention kind must be one of {KINDS}; got "
+                       f"kind={self.kind!r}")
+    if self.m not in nmattn.SUPPORTED_M:
+      raise ValueError(f"attention m must be one of {nmattn.SUPPORTED_M}; got "
+                       f"m={self.m}")
+    if not 1 <= self.n <= self.m:
+      raise ValueError(f"attention n must be in [1, m={self.m}]; got "
+                       f"n={self.n}")
+
+  @property
+  def density(self) -> float:
+    """Fraction of the valid scores kept (1.0 for dense)."""
+    return 1.0 if self.kind == "dense" else self.n / self.m
+
+  @property
+  def label(self) -> str:
+    """Short name for tables: dense, 2:4, topk@0.50, local@0.50."""
+    if self.kind == "dense":
+      return "dense"
+    if self.kind == "nm":
+      return f"{self.n}:{self.m}"
+    return f"{self.kind}@{self.density:.2f}"
+
+
+def density_keep_mask(priority, valid, density):
+  """Keep the `ceil(density * valid keys)` highest-`priority` valid keys per row.
+
+  Args:
+    priority: `[..., q_len, kv_len]` float; larger is kept first. Distinct
+      values within a row (ties keep every tied element).
+    valid: `[..., q_len, kv_len]` bool, the keys a query may attend to.
+    density: fraction in (0, 1].
+
+  Returns:
+    `[..., q_len, kv_len]` bool, a subset of `valid`.
+  """
+  priority = jnp.where(valid, priority, -jnp.inf)
+  num_valid = jnp.sum(valid, axis=-1, keepdims=True)
+  k = jnp.ceil(density * num_valid).astype(jnp.int32)
+  ranked = -jnp.sort(-priority, axis=-1)
+  threshold = jnp.take_along_axis(ranked, jnp.maximum(k - 1, 0), axis=-1)
+  return valid & (priority >= threshold) & (k > 0)
+
+
+def _local_priority(q_len, kv_len):
+  """`[q_len, kv_len]`: larger for keys nearer the query; left wins ties."""
+  q = jnp.arange(q_len)[:, None]
+  kv = jnp.arange(kv_len)[None, :]
+  return -(2 * jnp.abs(q - kv) + (kv > q)).astype(jnp.float32)
+
+
+def density_attention(query, key, value, bias=None, mask=None, *, kind,
+                      density, is_causal=False, **unused_flax_kwargs):
+  """Attention keeping a `density` fraction of each row: "topk" or "local".
+
+  The Flax `attention_fn` signature (dropout is not supported and must be
+  off). Shapes: `query [batch, q_len, heads, d]`, `key`/`value
+  [batch, kv_len, heads, d]`, `mask` broadcastable to
+  `[batch, heads, q_len, kv_len]` (True = attend); returns
+  `[batch, q_len, heads, d]`. The selection carries no gradient.
+  """
+  if kind not in ("topk", "local"):
+    raise ValueError(f"density_attention kind must be 'topk' or 'local'; got "
+                     f"kind={kind!r}")
+  if unused_flax_kwargs.get("dropout_rate", 0.0) and not unused_flax_kwargs.get(
+      "deterministic", True):
+    raise ValueError("density_attention has no attention dropout; got "
+                     f"dropout_rate={unused_flax_kwargs['dropout_rate']}")
+  q_len, kv_len = query.shape[-3], key.shape[-3]
+  scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                      preferred_element_type=jnp.float32)
+  scores = scores * (query.shape[-1] ** -0.5)
+  if bias is not None:
+    scores = scores + bias
+  valid = jnp.ones(scores.shape, bool)
+  if mask is not None:
+    valid = valid & jnp.broadcast_to(mask.astype(bool), scores.shape)
+  if is_causal:
+    valid = valid & jnp.tril(jnp.ones((q_len, kv_len), bool))
+  if kind == "topk":
+    priority = jax.lax.stop_gradient(scores)
+  else:
+    priority = jnp.broadcast_to(_local_priority(q_len, kv_len), scores.shape)
+  keep = density_keep_mask(priority, valid, density)
+  scores = jnp.where(keep, scores, -jnp.inf)
+  weights = jax.nn.softmax(scores, axis=-1, where=keep)
+  weights = jnp.where(keep, weights, 0.0).astype(value.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+def multi_head_attention(spec: AttentionSpec, **mha_kwargs) -> nn.Module:
+  """A Flax multi-head attention layer of the given kind.
+
+  `mha_kwargs` are `flax.linen.MultiHeadDotProductAttention` fields
+  (`num_heads`, `name`, ...). Every kind has the parameter tree of that layer.
+  """
+  if spec.kind in ("dense", "nm"):
+    n = spec.m if spec.kind == "dense" else spec.n
+    return nmattn.layers.NMMultiHeadDotProductAttention(
+        n=n, m=spec.m, implementation=None, **mha_kwargs)
+  return nn.MultiHeadDotProductAttention(
+      attention_fn=functools.partial(density_attention, kind=spec.kind,
+                                     density=spec.density),
+      **mha_kwargs)
+
