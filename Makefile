@@ -17,8 +17,15 @@ $(VENV)/.test: $(VENV)/.base
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-demo: $(VENV)/.base
-	$(PY) -m experiments.attention_demo
+$(VENV)/.experiments: $(VENV)/.base
+	$(PY) -m pip install -q -e '.[experiments]'
+	touch $@
+
+# The default experiment: a small byte-level LM, dense against 2:4 attention,
+# trained on the CPU (a few minutes), ending with a comparison table.
+demo: $(VENV)/.experiments
+	rm -rf runs/demo
+	$(PY) -m experiments.launch --sweep=experiments/sweeps/demo.py --workdir=runs/demo
 
 test: $(VENV)/.test
 	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
