@@ -1,14 +1,16 @@
-"""docs/API.md matches the docstrings, and covers the whole public API."""
+"""docs/API.md matches the docstrings and covers the public API; the README's example runs."""
 
 import importlib.util
 import inspect
 import pathlib
+import re
 
 import pytest
 
 import nmattn
 
-GEN_API = pathlib.Path(__file__).resolve().parent.parent / "docs" / "gen_api.py"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+GEN_API = ROOT / "docs" / "gen_api.py"
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +49,13 @@ def test_functions_and_layers_document_shapes(gen_api):
     if inspect.isclass(obj) and "__call__" in obj.__dict__:
       doc += inspect.getdoc(obj.__dict__["__call__"]) or ""
     assert "[batch" in doc or "[..." in doc, f"{name}: no shapes in docstring"
+
+
+def test_readme_example_runs():
+  readme = (ROOT / "README.md").read_text()
+  example = re.search(r"```python\n(.*?)```", readme, re.DOTALL).group(1)
+  assert len(example.strip().splitlines()) <= 10, example
+  namespace = {}
+  exec(example, namespace)  # pylint: disable=exec-used
+  assert namespace["out"].shape == namespace["q"].shape
+  assert namespace["grad"].shape == namespace["q"].shape
