@@ -128,7 +128,7 @@ def class_markdown(name: str, cls) -> list[str]:
   """A class: its docstring, then the fields and methods it defines itself."""
   out = [docstring_markdown(cls.__doc__)]
   # Flax re-declares `parent` and `name` on every linen subclass.
-  own_fields = [f for f in cls.__dict__.get("__annotations__", {})
+  own_fields = [f for f in inspect.get_annotations(cls)
                 if f not in ("parent", "name")]
   if own_fields:
     defaults = ", ".join(f"`{f}={getattr(cls, f)!r}`" for f in own_fields)
