@@ -238,13 +238,15 @@ class RetrievalTask:
     queries, codes = outputs["query"], outputs["code"]
     similarity = queries @ codes.T
     rank = np.sum(similarity > np.diag(similarity)[:, None], axis=-1)
-    cosine = np.concatenate([
-        np.sum(outputs["query"] * outputs["query_dense"], -1),
-        np.sum(outputs["code"] * outputs["code_dense"], -1)])
+    query_cosine = np.sum(outputs["query"] * outputs["query_dense"], -1)
+    code_cosine = np.sum(outputs["code"] * outputs["code_dense"], -1)
+    cosine = np.concatenate([query_cosine, code_cosine])
     return {"recall_at_1": float(np.mean(rank == 0)),
             "mrr": float(np.mean(1.0 / (rank + 1))),
             "cosine_to_dense": float(np.mean(cosine)),
-            "min_cosine_to_dense": float(np.min(cosine))}
+            "min_cosine_to_dense": float(np.min(cosine)),
+            "query_cosine_to_dense": float(np.mean(query_cosine)),
+            "code_cosine_to_dense": float(np.mean(code_cosine))}
 
 
 def build(config):
