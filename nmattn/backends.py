@@ -43,17 +43,6 @@ class Backend(NamedTuple):
   auto_eligible: Callable[[AttentionSpec], bool] = _always_eligible
 
 
-def _not_built(name: str) -> Backend:
-  def reason(spec):
-    del spec
-    return f"the {name!r} kernels are not part of this version of nmattn"
-
-  def run(call):
-    raise UnsupportedCallError(reason(call.spec))
-
-  return Backend(name, reason, run)
-
-
 def _mosaic_backend() -> Backend:
   """The Hopper kernels; `pallas_kernels.mosaic_gpu` is imported on first use."""
 
@@ -70,9 +59,35 @@ def _mosaic_backend() -> Backend:
 
 XLA = Backend("xla", _always_supported, nm_attention_xla)
 
+
+def _triton_unsupported_reason(spec: AttentionSpec) -> str | None:
+  from pallas_kernels import triton  # pylint: disable=g-import-not-at-top
+  return triton.unsupported_reason(head_dim=spec.head_dim, dtype=spec.dtype)
+
+
+def _triton_auto_eligible(spec: AttentionSpec) -> bool:
+  """Only natively: interpret mode on a CPU is for tests, not speed."""
+  del spec
+  from pallas_kernels import triton  # pylint: disable=g-import-not-at-top
+  return triton.runs_natively()
+
+
+def _triton_run(call: AttentionCall):
+  from pallas_kernels import triton  # pylint: disable=g-import-not-at-top
+  spec = call.spec
+  return triton.nm_flash_attention(
+      call.query, call.key, call.value, call.bias, call.mask, scale=spec.scale,
+      is_causal=spec.is_causal, q_lengths=call.q_lengths,
+      kv_lengths=call.kv_lengths, window=spec.window, n=spec.n, m=spec.m,
+      interpret=not triton.runs_natively())
+
+
+PALLAS_TRITON = Backend("pallas_triton", _triton_unsupported_reason, _triton_run,
+                        _triton_auto_eligible)
+
 BACKENDS: dict[str, Backend] = {
     "xla": XLA,
-    "pallas_triton": _not_built("pallas_triton"),
+    "pallas_triton": PALLAS_TRITON,
     "pallas_mosaic": _mosaic_backend(),
 }
 

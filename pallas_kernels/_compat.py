@@ -1,0 +1,34 @@
+"""The few Pallas and device calls whose spelling differs between JAX versions.
+
+The CPU machines run jax 0.10.x, the GPU machine jax 0.11.x. Both accept a
+Triton `CompilerParams` object from `jax.experimental.pallas.triton`; passing
+one explicitly matters because without it 0.10.x lowers `pl.pallas_call` on
+CUDA through Mosaic GPU rather than Triton.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental.pallas import triton as pallas_triton
+
+# `pl.dot` is deprecated from jax 0.10.x on; the Triton module keeps it.
+dot = pallas_triton.dot
+
+
+def triton_compiler_params(num_warps: int, num_stages: int):
+  """Compiler parameters that select the Triton lowering of `pl.pallas_call`."""
+  return pallas_triton.CompilerParams(num_warps=num_warps,
+                                      num_stages=num_stages)
+
+
+def cuda_compute_capability() -> tuple[int, int] | None:
+  """(major, minor) of the default device when it is a CUDA GPU, else None."""
+  device = jax.devices()[0]
+  platform_version = getattr(device.client, "platform_version", "")
+  if device.platform != "gpu" or "rocm" in platform_version.lower():
+    return None
+  capability = getattr(device, "compute_capability", None)
+  if capability is None:
+    return None
+  major, minor = str(capability).split(".")
+  return int(major), int(minor)

@@ -1,0 +1,426 @@
+"""What the forward and backward kernels share: the call plan, tile ranges,
+masking and the N:M selection of one score tile.
+
+Key tiles are split into `lanes` strided sub-tiles: lane `j` of the tile
+starting at key `k0` holds keys `k0 + j, k0 + j + lanes, ...`. With
+`lanes = m`, the `m` members of every N:M group sit at the same position of
+the `m` lanes, so ranking a group is elementwise work across lanes (no
+reshape or shuffle of the score tile), and each lane is its own dot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+import numpy as np
+
+from pallas_kernels import _compat
+from pallas_kernels.triton.config import MIN_BLOCK, TuningConfig, default_tuning
+
+SUPPORTED_M = (1, 2, 4, 8, 16)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
+LOG2E = math.log2(math.e)
+
+
+def _next_power_of_two(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static description of one call: shapes, semantics, tiles. Hashable."""
+  batch: int
+  q_len: int
+  kv_len: int
+  heads: int
+  kv_heads: int
+  head_dim: int
+  dtype: str
+  scale: float
+  is_causal: bool
+  window: tuple[int, int] | None
+  n: int
+  m: int
+  # Per dim of [batch, heads, q_len, kv_len]: whether it is full (not 1).
+  bias_full: tuple[bool, bool, bool, bool] | None
+  mask_full: tuple[bool, bool, bool, bool] | None
+  has_q_lengths: bool
+  has_kv_lengths: bool
+  tuning: TuningConfig
+  interpret: bool
+
+  @property
+  def groups(self) -> int:
+    """Query heads per key/value head."""
+    return self.heads // self.kv_heads
+
+  @property
+  def lanes(self) -> int:
+    """Strided sub-tiles per key tile: m when selecting, 1 when dense."""
+    return self.m if self.n < self.m else 1
+
+  def _q_block(self, block: int) -> int:
+    return min(block, max(MIN_BLOCK, _next_power_of_two(self.q_len)))
+
+  def _k_block(self, block: int) -> int:
+    block = min(block, max(MIN_BLOCK, _next_power_of_two(self.kv_len)))
+    return max(block, MIN_BLOCK * self.lanes)
+
+  @property
+  def forward_blocks(self) -> tuple[int, int]:
+    return self._q_block(self.tuning.block_q), self._k_block(self.tuning.block_k)
+
+  @property
+  def dq_blocks(self) -> tuple[int, int]:
+    return (self._q_block(self.tuning.block_q_dq),
+            self._k_block(self.tuning.block_k_dq))
+
+  @property
+  def dkv_blocks(self) -> tuple[int, int]:
+    return (self._q_block(self.tuning.block_q_dkv),
+            self._k_block(self.tuning.block_k_dkv))
+
+  def padded_lengths(self, block_q: int, block_k: int) -> tuple[int, int]:
+    return _round_up(self.q_len, block_q), _round_up(self.kv_len, block_k)
+
+
+def _check_int(name: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be a Python int; got {name}={value!r}")
+  return int(value)
+
+
+def _shape(name: str, x: Any) -> tuple[int, ...]:
+  shape = getattr(x, "shape", None)
+  if shape is None:
+    raise ValueError(f"{name} must be an array; got {name}={type(x).__name__}")
+  return tuple(shape)
+
+
+def _broadcast_dims(name: str, x: Any, full: tuple[int, ...]):
+  """4-D `x` whose dims are each 1 or full, and which dims are full."""
+  if x is None:
+    return None, None
+  shape = _shape(name, x)
+  if len(shape) > 4:
+    raise ValueError(f"{name} must have rank <= 4 (broadcastable to [batch, heads, "
+                     f"q_len, kv_len]={full}); got {name}.shape={shape}")
+  shape = (1,) * (4 - len(shape)) + shape
+  if any(got not in (1, want) for got, want in zip(shape, full)):
+    raise ValueError(f"{name} must be broadcastable to [batch, heads, q_len, "
+                     f"kv_len]={full}; got {name}.shape={_shape(name, x)}")
+  return jnp.reshape(x, shape), tuple(d != 1 or f == 1 for d, f in zip(shape, full))
+
+
+def _check_lengths(name: str, x: Any, batch: int):
+  if x is None:
+    return None
+  shape = _shape(name, x)
+  if shape != (batch,) or not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"{name} must be an integer array of shape [batch]=({batch},); "
+                     f"got {name}.shape={shape}, {name}.dtype={x.dtype}")
+  return x.astype(jnp.int32)
+
+
+def canonical_window(window: Any) -> tuple[int, int] | None:
+  if window is None:
+    return None
+  if isinstance(window, (int, np.integer)) and not isinstance(window, bool):
+    window = (window, window)
+  if (not isinstance(window, (tuple, list)) or len(window) != 2
+      or any(isinstance(w, bool) or not isinstance(w, (int, np.integer))
+             for w in window) or min(window) < 0):
+    raise ValueError("window must be None, an int >= 0 or a (left, right) pair of "
+                     f"ints >= 0; got window={window!r}")
+  return int(window[0]), int(window[1])
+
+
+def plan_call(q, k, v, bias, mask, q_lengths, kv_lengths, *, scale, is_causal,
+              window, n, m, interpret, tuning):
+  """Validates a call; returns its Plan and the canonical bias, mask, lengths.
+
+  Raises ValueError naming the argument, its value and what was expected.
+  """
+  q_shape, k_shape, v_shape = _shape("q", q), _shape("k", k), _shape("v", v)
+  for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+    if len(shape) != 4:
+      raise ValueError(f"{name} must have rank 4 ([batch, seq, heads, head_dim]); "
+                       f"got {name}.shape={shape}")
+  if k_shape != v_shape:
+    raise ValueError(f"k and v must have the same shape; got k.shape={k_shape}, "
+                     f"v.shape={v_shape}")
+  batch, q_len, heads, head_dim = q_shape
+  _, kv_len, kv_heads, _ = k_shape
+  if k_shape[0] != batch or k_shape[3] != head_dim:
+    raise ValueError(f"k must be [batch={batch}, kv_len, kv_heads, head_dim={head_dim}]"
+                     f"; got k.shape={k_shape}")
+  if min(q_len, kv_len, heads, kv_heads, batch) < 1 or heads % kv_heads:
+    raise ValueError(f"q heads must be a positive multiple of k heads and all dims "
+                     f"non-empty; got q.shape={q_shape}, k.shape={k_shape}")
+  if head_dim not in SUPPORTED_HEAD_DIMS:
+    raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}; got "
+                     f"head_dim={head_dim}")
+  dtype = jnp.dtype(q.dtype).name
+  if dtype not in SUPPORTED_DTYPES:
+    raise ValueError(f"q.dtype must be one of {SUPPORTED_DTYPES}; got q.dtype={dtype}")
+  for name, x in (("k", k), ("v", v)):
+    if jnp.dtype(x.dtype).name != dtype:
+      raise ValueError(f"{name}.dtype must equal q.dtype={dtype}; got "
+                       f"{name}.dtype={x.dtype}")
+  n, m = _check_int("n", n), _check_int("m", m)
+  if m not in SUPPORTED_M or not 1 <= n <= m:
+    raise ValueError(f"m must be one of {SUPPORTED_M} and 1 <= n <= m; got n={n}, m={m}")
+  full = (batch, heads, q_len, kv_len)
+  bias, bias_full = _broadcast_dims("bias", bias, full)
+  if bias is not None and not jnp.issubdtype(bias.dtype, jnp.floating):
+    raise ValueError(f"bias must be a float array; got bias.dtype={bias.dtype}")
+  mask, mask_full = _broadcast_dims("mask", mask, full)
+  if mask is not None and mask.dtype != jnp.bool_:
+    raise ValueError(f"mask must be a bool array (True = attend); got "
+                     f"mask.dtype={mask.dtype}")
+  q_lengths = _check_lengths("q_lengths", q_lengths, batch)
+  kv_lengths = _check_lengths("kv_lengths", kv_lengths, batch)
+  if scale is None:
+    scale = head_dim ** -0.5
+  elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating,
+                                                         np.integer)):
+    raise ValueError(f"scale must be a Python float or None; got scale={scale!r}")
+  if not isinstance(is_causal, (bool, np.bool_)):
+    raise ValueError(f"is_causal must be a bool; got is_causal={is_causal!r}")
+  if not isinstance(interpret, bool):
+    raise ValueError(f"interpret must be a bool; got interpret={interpret!r}")
+  if tuning is None:
+    tuning = default_tuning(head_dim)
+  elif not isinstance(tuning, TuningConfig):
+    raise ValueError(f"tuning must be a TuningConfig or None; got tuning={tuning!r}")
+  plan = Plan(batch=batch, q_len=q_len, kv_len=kv_len, heads=heads,
+              kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+              scale=float(scale), is_causal=bool(is_causal),
+              window=canonical_window(window), n=n, m=m, bias_full=bias_full,
+              mask_full=mask_full, has_q_lengths=q_lengths is not None,
+              has_kv_lengths=kv_lengths is not None, tuning=tuning,
+              interpret=interpret)
+  return plan, bias, mask, q_lengths, kv_lengths
+
+
+def pad_axis(x, axis: int, size: int, value=0):
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def pad_broadcast(x, q_size: int, k_size: int):
+  """Pads the full (non-1) query and key dims of a 4-D bias or mask."""
+  if x is None:
+    return None
+  if x.shape[2] > 1:
+    x = pad_axis(x, 2, q_size)
+  if x.shape[3] > 1:
+    x = pad_axis(x, 3, k_size)
+  return x
+
+
+def mask_as_int8(mask):
+  """Triton loads bytes, not i1: the mask travels as int8 (1 = attend)."""
+  return None if mask is None else mask.astype(jnp.int8)
+
+
+# ---------------------------------------------------------------------------
+# Inside kernels.
+
+
+def _div(a, b: int):
+  """a // b for a >= 0 (lax.div truncates; int32 scalars in Triton)."""
+  return lax.div(a, jnp.int32(b))
+
+
+def _cdiv(a, b: int):
+  return lax.div(a + jnp.int32(b - 1), jnp.int32(b))
+
+
+def _clip(x, lo, hi):
+  return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def sequence_limits(plan: Plan, q_lengths_ref, kv_lengths_ref, batch_index):
+  """Valid queries are `< q_limit`, valid keys `< kv_limit` (int32 scalars)."""
+  q_limit = jnp.int32(plan.q_len)
+  kv_limit = jnp.int32(plan.kv_len)
+  if q_lengths_ref is not None:
+    q_limit = jnp.minimum(q_limit, q_lengths_ref[batch_index])
+  if kv_lengths_ref is not None:
+    kv_limit = jnp.minimum(kv_limit, kv_lengths_ref[batch_index])
+  return jnp.maximum(q_limit, 0), jnp.maximum(kv_limit, 0)
+
+
+def key_tile_range(plan: Plan, q0, block_q: int, block_k: int, q_limit, kv_limit):
+  """Key tiles a query tile `[q0, q0 + block_q)` visits: (lo, full_lo, full_hi, hi).
+
+  Tiles outside `[lo, hi)` hold no valid (query, key) pair; those in
+  `[full_lo, full_hi)` hold only pairs valid by position (causal, window,
+  lengths, padding), so they skip the positional masks.
+  """
+  q1 = q0 + block_q
+  valid_q1 = jnp.minimum(q1, q_limit)
+  lo_key, hi_key = jnp.int32(0), kv_limit
+  full_lo, full_hi = jnp.int32(0), _div(kv_limit, block_k)
+  if plan.is_causal:
+    hi_key = jnp.minimum(hi_key, valid_q1)
+    full_hi = jnp.minimum(full_hi, _div(q0 + 1, block_k))
+  if plan.window is not None:
+    left, right = plan.window
+    lo_key = jnp.maximum(q0 - left, 0)
+    hi_key = jnp.minimum(hi_key, valid_q1 + right)
+    full_lo = _cdiv(jnp.maximum(q1 - 1 - left, 0), block_k)
+    full_hi = jnp.minimum(full_hi, _div(q0 + right + 1, block_k))
+  full_hi = jnp.where(q1 <= q_limit, full_hi, 0)
+  return _tile_range(lo_key, hi_key, q0 < q_limit, block_k, full_lo, full_hi)
+
+
+def query_tile_range(plan: Plan, k0, block_k: int, block_q: int, q_limit,
+                     kv_limit):
+  """Query tiles a key tile `[k0, k0 + block_k)` meets: as `key_tile_range`."""
+  k1 = k0 + block_k
+  valid_k1 = jnp.minimum(k1, kv_limit)
+  lo_q, hi_q = jnp.int32(0), q_limit
+  full_lo, full_hi = jnp.int32(0), _div(q_limit, block_q)
+  if plan.is_causal:
+    lo_q = jnp.maximum(lo_q, k0)
+    full_lo = _cdiv(k1 - 1, block_q)
+  if plan.window is not None:
+    left, right = plan.window
+    lo_q = jnp.maximum(lo_q, jnp.maximum(k0 - right, 0))
+    hi_q = jnp.minimum(hi_q, valid_k1 + left)
+    full_lo = jnp.maximum(full_lo, _cdiv(jnp.maximum(k1 - 1 - right, 0), block_q))
+    full_hi = jnp.minimum(full_hi, _div(k0 + left + 1, block_q))
+  full_hi = jnp.where(k1 <= kv_limit, full_hi, 0)
+  return _tile_range(lo_q, hi_q, k0 < kv_limit, block_q, full_lo, full_hi)
+
+
+def _tile_range(lo_pos, hi_pos, any_valid, block, full_lo, full_hi):
+  """Tiles covering positions [lo_pos, hi_pos) (none unless `any_valid`)."""
+  lo = _div(lo_pos, block)
+  hi = jnp.where(any_valid & (hi_pos > lo_pos), _cdiv(hi_pos, block), lo)
+  full_lo = _clip(full_lo, lo, hi)
+  full_hi = _clip(full_hi, full_lo, hi)
+  return lo, full_lo, full_hi, hi
+
+
+def loop_tiles(plan: Plan, tile_range, body, carry):
+  """Runs `body(i, carry, masked)` over a tile range, masked only at its edges.
+
+  Compiled for a GPU, `masked` is static: interior tiles get a body without
+  positional masks. In interpret mode one loop passes `masked` as a traced
+  bool instead (the same masks, a third of the program for XLA to compile on
+  the CPU).
+  """
+  lo, full_lo, full_hi, hi = tile_range
+  if plan.interpret:
+    return lax.fori_loop(
+        lo, hi, lambda i, c: body(i, c, (i < full_lo) | (i >= full_hi)), carry)
+  carry = lax.fori_loop(lo, full_lo, lambda i, c: body(i, c, True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, lambda i, c: body(i, c, False), carry)
+  return lax.fori_loop(full_hi, hi, lambda i, c: body(i, c, True), carry)
+
+
+def lane_slice(plan: Plan, start, lane: int, block_k: int):
+  """The keys of lane `lane` of the key tile starting at `start`."""
+  lanes = plan.lanes
+  return pl.ds(start + lane, block_k // lanes, stride=lanes)
+
+
+def nm_keep(scores: list[jax.Array], n: int) -> list[jax.Array]:
+  """Keep-masks of N:M selection; `scores[j]` holds member j of every group.
+
+  Ranks count the members that beat an element: a lower index wins ties, so
+  one comparison per pair decides both ranks. `-inf` is never kept; NaN is
+  always kept (its row is NaN either way, as in the reference).
+  """
+  m = len(scores)
+  rank = [jnp.zeros(scores[0].shape, jnp.int32) for _ in range(m)]
+  for a in range(m):
+    for b in range(a + 1, m):
+      a_wins = (scores[a] >= scores[b]).astype(jnp.int32)
+      rank[b] = rank[b] + a_wins
+      rank[a] = rank[a] + (1 - a_wins)
+  return [((r < n) & (s != -jnp.inf)) | (s != s) for r, s in zip(rank, scores)]
+
+
+@dataclasses.dataclass(frozen=True)
+class TileContext:
+  """Per-program constants for scoring (query rows x key lane) tiles."""
+  plan: Plan
+  q_limit: Any
+  kv_limit: Any
+
+  def lane_scores(self, q, k_lane, q0, k_start, lane, *, masked, bias=None,
+                  mask=None):
+    """Scaled, biased, masked f32 scores `[rows, block_k / lanes]` of one lane.
+
+    `masked`: whether positional masks apply (bool, or a traced bool).
+    """
+    plan = self.plan
+    s = _compat.dot(q, k_lane, trans_b=True) * plan.scale
+    if bias is not None:
+      s = s + bias.astype(jnp.float32)
+    valid = None if mask is None else mask != 0
+    if masked is not False:
+      q_pos = q0 + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+      k_pos = (k_start + lane
+               + plan.lanes * lax.broadcasted_iota(jnp.int32, s.shape, 1))
+      positional = (q_pos < self.q_limit) & (k_pos < self.kv_limit)
+      if plan.is_causal:
+        positional &= k_pos <= q_pos
+      if plan.window is not None:
+        left, right = plan.window
+        positional &= (k_pos >= q_pos - left) & (k_pos <= q_pos + right)
+      if masked is not True:  # traced (interpret mode): interior tiles pass all
+        positional |= jnp.logical_not(masked)
+      valid = positional if valid is None else valid & positional
+    return s if valid is None else jnp.where(valid, s, -jnp.inf)
+
+  def kept_scores(self, lane_scores: list[jax.Array]):
+    """Scores after N:M selection (`-inf` where dropped) and the keep-masks."""
+    if self.plan.lanes == 1:
+      return lane_scores, [s != -jnp.inf for s in lane_scores]
+    keep = nm_keep(lane_scores, self.plan.n)
+    return [jnp.where(k, s, -jnp.inf) for k, s in zip(keep, lane_scores)], keep
+
+
+def broadcast_spec(full: tuple[bool, ...], block: tuple[int | None, int, int],
+                   index_map):
+  """BlockSpec of a 4-D bias/mask; batch squeezed, broadcast dims block 1 at 0.
+
+  `block` gives the (heads, q, k) block sizes and `index_map(*grid)` the
+  (batch, heads, q, k) block indices for a full array. A heads block of None
+  (or a broadcast heads dim) is squeezed.
+  """
+  heads = block[0] if full[1] else None
+  shape = (None, heads) + tuple(b if f else 1 for f, b in zip(full[2:], block[1:]))
+
+  def broadcast_index_map(*grid):
+    return tuple(i if f else 0 for f, i in zip(full, index_map(*grid)))
+
+  return pl.BlockSpec(shape, broadcast_index_map)
+
+
+def broadcast_tile(ref, full: tuple[bool, ...], head, rows, cols):
+  """The `[rows, cols]` tile of a bias/mask block (see `broadcast_spec`).
+
+  `head` indexes a heads block that was not squeezed; broadcast dims read 0.
+  """
+  index = (rows if full[2] else slice(None), cols if full[3] else slice(None))
+  return ref[(head,) + index if ref.ndim == 3 else index]

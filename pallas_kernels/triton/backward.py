@@ -1,0 +1,289 @@
+"""Backward kernels: dQ, and dK/dV, from the forward's log-sum-exp.
+
+Both recompute each score tile with the forward's code (`_common`), so the
+N:M selection is the forward's, and form `P = exp(S - lse)` for the kept
+scores, `dP = dO V^T`, `dS = P (dP - delta)` with `delta = rowsum(dO * O)`.
+
+* dQ: one program per (query tile, batch, head) walks its key tiles:
+  `dQ = scale * dS K`; for a bias with a full query axis it also writes dS,
+  which is the bias gradient before summing over broadcast dims.
+* dK/dV: one program per (key tile, batch, key/value head) walks the query
+  heads of its group and their query tiles: `dV = P^T dO`,
+  `dK = scale * dS^T Q`; for a bias broadcast over queries it also writes
+  the column sums of dS.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat
+from pallas_kernels.triton import _common
+from pallas_kernels.triton._common import LOG2E, Plan
+
+
+def _probabilities(kept, lse):
+  """`exp(s - lse)` of kept scores; rows without any (lse = +-inf) give 0."""
+  shift = (jnp.where(lse == -jnp.inf, jnp.inf, lse) * LOG2E)[:, None]
+  return [jnp.exp2(s * LOG2E - shift) for s in kept]
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
+               kv_lengths_ref, d_out_ref, lse_ref, delta_ref, dq_ref,
+               dbias_ref=None, *, plan: Plan, block_q: int, block_k: int):
+  q0 = pl.program_id(0) * block_q
+  q_limit, kv_limit = _common.sequence_limits(plan, q_lengths_ref,
+                                              kv_lengths_ref, pl.program_id(1))
+  ctx = _common.TileContext(plan, q_limit, kv_limit)
+  tiles = _common.key_tile_range(plan, q0, block_q, block_k, q_limit, kv_limit)
+  q, d_out = q_ref[...], d_out_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+
+  def body(k_tile, dq, masked):
+    k0 = k_tile * block_k
+    cols = [_common.lane_slice(plan, k0, j, block_k) for j in range(plan.lanes)]
+    keys = [k_ref[lane, :] for lane in cols]
+    scores = []
+    for j, (lane, key) in enumerate(zip(cols, keys)):
+      bias = mask = None
+      if bias_ref is not None:
+        bias = _common.broadcast_tile(bias_ref, plan.bias_full, None,
+                                      slice(None), lane)
+      if mask_ref is not None:
+        mask = _common.broadcast_tile(mask_ref, plan.mask_full, None,
+                                      slice(None), lane)
+      scores.append(ctx.lane_scores(q, key, q0, k0, j, masked=masked, bias=bias,
+                                    mask=mask))
+    kept, _ = ctx.kept_scores(scores)
+    for p, lane, key in zip(_probabilities(kept, lse), cols, keys):
+      dp = _compat.dot(d_out, v_ref[lane, :], trans_b=True)
+      ds = p * (dp - delta[:, None])
+      dq = dq + _compat.dot(ds.astype(key.dtype), key)
+      if dbias_ref is not None:
+        dbias_ref[:, lane] = ds
+    return dq
+
+  dq = _common.loop_tiles(plan, tiles, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)
+  if dbias_ref is not None:
+    lo, _, _, hi = tiles
+
+    def clear(k_tile, carry):
+      dbias_ref[:, pl.ds(k_tile * block_k, block_k)] = jnp.zeros(
+          (block_q, block_k), dbias_ref.dtype)
+      return carry
+
+    lax.fori_loop(0, lo, clear, 0)
+    lax.fori_loop(hi, dbias_ref.shape[1] // block_k, clear, 0)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
+                kv_lengths_ref, d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                dbias_ref=None, *, plan: Plan, block_q: int, block_k: int):
+  k0 = pl.program_id(0) * block_k
+  q_limit, kv_limit = _common.sequence_limits(plan, q_lengths_ref,
+                                              kv_lengths_ref, pl.program_id(1))
+  ctx = _common.TileContext(plan, q_limit, kv_limit)
+  tiles = _common.query_tile_range(plan, k0, block_k, block_q, q_limit, kv_limit)
+  cols = [_common.lane_slice(plan, 0, j, block_k) for j in range(plan.lanes)]
+  keys = [k_ref[lane, :] for lane in cols]
+  values = [v_ref[lane, :] for lane in cols]
+  width = block_k // plan.lanes
+
+  def head(g, carry):
+    def body(q_tile, carry, masked):
+      dk, dv, dbias = carry
+      q0 = q_tile * block_q
+      rows = pl.ds(q0, block_q)
+      q, d_out = q_ref[rows, g, :], d_out_ref[rows, g, :]
+      lse, delta = lse_ref[g, rows], delta_ref[g, rows]
+      scores = []
+      for j, (lane, key) in enumerate(zip(cols, keys)):
+        bias = mask = None
+        if bias_ref is not None:
+          bias = _common.broadcast_tile(bias_ref, plan.bias_full, g, rows, lane)
+        if mask_ref is not None:
+          mask = _common.broadcast_tile(mask_ref, plan.mask_full, g, rows, lane)
+        scores.append(ctx.lane_scores(q, key, q0, k0, j, masked=masked,
+                                      bias=bias, mask=mask))
+      kept, _ = ctx.kept_scores(scores)
+      new_dk, new_dv, new_dbias = [], [], []
+      for j, p in enumerate(_probabilities(kept, lse)):
+        new_dv.append(dv[j] + _compat.dot(p.astype(d_out.dtype), d_out, trans_a=True))
+        dp = _compat.dot(d_out, values[j], trans_b=True)
+        ds = p * (dp - delta[:, None])
+        new_dk.append(dk[j] + _compat.dot(ds.astype(q.dtype), q, trans_a=True))
+        if dbias is not None:
+          new_dbias.append(dbias[j] + jnp.sum(ds, axis=0))
+      return new_dk, new_dv, (new_dbias if dbias is not None else None)
+
+    dk, dv = carry
+    dbias = None
+    if dbias_ref is not None:
+      dbias = [jnp.zeros((width,), jnp.float32) for _ in cols]
+    dk, dv, dbias = _common.loop_tiles(plan, tiles, body, (dk, dv, dbias))
+    if dbias_ref is not None:
+      for lane, column_sums in zip(cols, dbias):
+        dbias_ref[g, lane] = column_sums
+    return dk, dv
+
+  zeros = [jnp.zeros((width, plan.head_dim), jnp.float32) for _ in cols]
+  dk, dv = lax.fori_loop(0, plan.groups, head, (zeros, zeros))
+  for lane, dk_lane, dv_lane in zip(cols, dk, dv):
+    dk_ref[lane, :] = (dk_lane * plan.scale).astype(dk_ref.dtype)
+    dv_ref[lane, :] = dv_lane.astype(dv_ref.dtype)
+
+
+def backward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
+             d_out):
+  """Gradients `(dq, dk, dv, dbias)` of a forward call with these operands.
+
+  `lse [B, H, T]` float32 is the natural log of the sum of exp of the kept
+  scores; rows with no kept score may hold +inf or -inf. `dbias` is None
+  without a bias, else in the bias' (canonical 4-D) shape and dtype.
+  """
+  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32),
+                     d_out.astype(jnp.float32))
+  dq, dbias_rows = _dq(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out,
+                       lse, delta)
+  dk, dv, dbias_cols = _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths,
+                            d_out, lse, delta)
+  dbias = None
+  if bias is not None:
+    ds = dbias_rows if dbias_rows is not None else dbias_cols[:, :, None, :]
+    ds = ds[:, :, :plan.q_len, :plan.kv_len]
+    summed = tuple(axis for axis in range(4) if bias.shape[axis] == 1)
+    dbias = jnp.sum(ds, axis=summed, keepdims=True).astype(bias.dtype)
+  return dq, dk, dv, dbias
+
+
+def _padded_operands(plan: Plan, block_q: int, block_k: int, q, k, v, bias,
+                     mask, d_out, lse, delta):
+  t_pad, s_pad = plan.padded_lengths(block_q, block_k)
+  q, d_out = (_common.pad_axis(x, 1, t_pad) for x in (q, d_out))
+  k, v = (_common.pad_axis(x, 1, s_pad) for x in (k, v))
+  lse, delta = (_common.pad_axis(x, 2, t_pad) for x in (lse, delta))
+  bias = _common.pad_broadcast(bias, t_pad, s_pad)
+  mask = _common.mask_as_int8(_common.pad_broadcast(mask, t_pad, s_pad))
+  return t_pad, s_pad, (q, k, v, bias, mask, d_out, lse, delta)
+
+
+def _dq(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
+  block_q, block_k = plan.dq_blocks
+  t_pad, s_pad, (q, k, v, bias, mask, d_out, lse, delta) = _padded_operands(
+      plan, block_q, block_k, q, k, v, bias, mask, d_out, lse, delta)
+  groups, dim = plan.groups, plan.head_dim
+
+  def q_block(i, b, h):
+    return b, i, h, 0
+
+  def kv_block(i, b, h):
+    del i
+    return b, 0, lax.div(h, groups), 0
+
+  def row_block(i, b, h):
+    return b, h, i, 0
+
+  def stat_block(i, b, h):
+    return b, h, i
+
+  lengths_spec = pl.BlockSpec((plan.batch,), lambda i, b, h: (0,))
+  in_specs = [
+      pl.BlockSpec((None, block_q, None, dim), q_block),
+      pl.BlockSpec((None, s_pad, None, dim), kv_block),
+      pl.BlockSpec((None, s_pad, None, dim), kv_block),
+      None if bias is None else _common.broadcast_spec(
+          plan.bias_full, (None, block_q, s_pad), row_block),
+      None if mask is None else _common.broadcast_spec(
+          plan.mask_full, (None, block_q, s_pad), row_block),
+      None if q_lengths is None else lengths_spec,
+      None if kv_lengths is None else lengths_spec,
+      pl.BlockSpec((None, block_q, None, dim), q_block),
+      pl.BlockSpec((None, None, block_q), stat_block),
+      pl.BlockSpec((None, None, block_q), stat_block),
+  ]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  out_specs = [pl.BlockSpec((None, block_q, None, dim), q_block)]
+  writes_dbias = bias is not None and plan.bias_full[2]
+  if writes_dbias:
+    out_shape.append(jax.ShapeDtypeStruct((plan.batch, plan.heads, t_pad, s_pad),
+                                          jnp.float32))
+    out_specs.append(pl.BlockSpec((None, None, block_q, s_pad), row_block))
+  results = pl.pallas_call(
+      functools.partial(_dq_kernel, plan=plan, block_q=block_q, block_k=block_k),
+      grid=(t_pad // block_q, plan.batch, plan.heads),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=_compat.triton_compiler_params(plan.tuning.num_warps_bwd,
+                                                     plan.tuning.num_stages_bwd),
+      interpret=plan.interpret,
+      name="nm_flash_backward_dq",
+  )(q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta)
+  dq = results[0][:, :plan.q_len]
+  return dq, (results[1] if writes_dbias else None)
+
+
+def _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
+  block_q, block_k = plan.dkv_blocks
+  t_pad, s_pad, (q, k, v, bias, mask, d_out, lse, delta) = _padded_operands(
+      plan, block_q, block_k, q, k, v, bias, mask, d_out, lse, delta)
+  groups, dim = plan.groups, plan.head_dim
+
+  def group_block(i, b, h):
+    del i
+    return b, 0, h, 0
+
+  def kv_block(i, b, h):
+    return b, i, h, 0
+
+  def col_block(i, b, h):
+    return b, h, 0, i
+
+  def stat_block(i, b, h):
+    del i
+    return b, h, 0
+
+  lengths_spec = pl.BlockSpec((plan.batch,), lambda i, b, h: (0,))
+  in_specs = [
+      pl.BlockSpec((None, t_pad, groups, dim), group_block),
+      pl.BlockSpec((None, block_k, None, dim), kv_block),
+      pl.BlockSpec((None, block_k, None, dim), kv_block),
+      None if bias is None else _common.broadcast_spec(
+          plan.bias_full, (groups, t_pad, block_k), col_block),
+      None if mask is None else _common.broadcast_spec(
+          plan.mask_full, (groups, t_pad, block_k), col_block),
+      None if q_lengths is None else lengths_spec,
+      None if kv_lengths is None else lengths_spec,
+      pl.BlockSpec((None, t_pad, groups, dim), group_block),
+      pl.BlockSpec((None, groups, t_pad), stat_block),
+      pl.BlockSpec((None, groups, t_pad), stat_block),
+  ]
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype),
+               jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  out_specs = [pl.BlockSpec((None, block_k, None, dim), kv_block)] * 2
+  writes_dbias = bias is not None and not plan.bias_full[2]
+  if writes_dbias:
+    out_shape.append(jax.ShapeDtypeStruct((plan.batch, plan.heads, s_pad),
+                                          jnp.float32))
+    out_specs.append(pl.BlockSpec((None, groups, block_k),
+                                  lambda i, b, h: (b, h, i)))
+  results = pl.pallas_call(
+      functools.partial(_dkv_kernel, plan=plan, block_q=block_q, block_k=block_k),
+      grid=(s_pad // block_k, plan.batch, plan.kv_heads),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=_compat.triton_compiler_params(plan.tuning.num_warps_bwd,
+                                                     plan.tuning.num_stages_bwd),
+      interpret=plan.interpret,
+      name="nm_flash_backward_dkv",
+  )(q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta)
+  dk = results[0][:, :plan.kv_len]
+  dv = results[1][:, :plan.kv_len]
+  return dk, dv, (results[2] if writes_dbias else None)

@@ -1,0 +1,61 @@
+"""Tile sizes and launch parameters of the Triton N:M attention kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Triton's smallest dot operand dimension; every tile side and every lane of a
+# key tile (block_k / m keys) must be at least this.
+MIN_BLOCK = 16
+
+
+def _is_power_of_two(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x > 0 and not x & (x - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+  """Tiles and launch parameters of the forward, dQ and dK/dV kernels.
+
+  Forward: a program holds `block_q` queries and walks the keys `block_k` at a
+  time. dQ: `block_q_dq` queries resident, keys `block_k_dq` at a time. dK/dV:
+  `block_k_dkv` keys resident, queries `block_q_dkv` at a time. Block sizes are
+  powers of two >= 16; each call shrinks them to the (padded) sequence and
+  raises key blocks to `16 * m` when the N:M lanes would be narrower than 16.
+  """
+  block_q: int = 128
+  block_k: int = 128
+  num_warps: int = 8
+  num_stages: int = 2
+  block_q_dq: int = 64
+  block_k_dq: int = 128
+  block_q_dkv: int = 64
+  block_k_dkv: int = 128
+  num_warps_bwd: int = 8
+  num_stages_bwd: int = 2
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.name.startswith("block_"):
+        if not _is_power_of_two(value) or value < MIN_BLOCK:
+          raise ValueError(f"TuningConfig.{field.name} must be a power of two >= "
+                           f"{MIN_BLOCK}; got {field.name}={value!r}")
+      elif field.name.startswith("num_warps"):
+        if not _is_power_of_two(value) or value > 16:
+          raise ValueError(f"TuningConfig.{field.name} must be a power of two <= 16; "
+                           f"got {field.name}={value!r}")
+      elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"TuningConfig.{field.name} must be a positive int; got "
+                         f"{field.name}={value!r}")
+
+
+def default_tuning(head_dim: int) -> TuningConfig:
+  """The tuning measured best on an H100 for this head_dim (docs/BENCHMARKS.md)."""
+  if head_dim <= 64:
+    return TuningConfig(num_warps=4)
+  if head_dim <= 128:
+    return TuningConfig()
+  # 256-wide rows: smaller tiles keep the operands within shared memory.
+  return TuningConfig(block_q=64, block_k=64, block_q_dq=32, block_k_dq=64,
+                      block_q_dkv=32, block_k_dkv=64)

@@ -1,0 +1,155 @@
+"""Forward kernel: fused N:M flash attention, one program per (query tile, batch, head).
+
+The query tile stays resident while the program walks its key tiles: float32
+scores per lane (see `_common`), masks, N:M selection, online softmax over the
+kept scores, `P V`. The score matrix never reaches memory. It writes the
+output and the log-sum-exp of the kept scores (the backward's residual).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat
+from pallas_kernels.triton import _common
+from pallas_kernels.triton._common import LOG2E, Plan
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
+                    kv_lengths_ref, out_ref, lse_ref, keep_ref=None, *,
+                    plan: Plan, block_q: int, block_k: int):
+  num_q_tiles = pl.num_programs(0)
+  q_tile = num_q_tiles - 1 - pl.program_id(0)  # longest causal rows first
+  q0 = q_tile * block_q
+  q_limit, kv_limit = _common.sequence_limits(plan, q_lengths_ref,
+                                              kv_lengths_ref, pl.program_id(1))
+  ctx = _common.TileContext(plan, q_limit, kv_limit)
+  tiles = _common.key_tile_range(plan, q0, block_q, block_k, q_limit, kv_limit)
+  q = q_ref[...]
+
+  def body(k_tile, carry, masked):
+    acc, row_max, row_sum = carry
+    k0 = k_tile * block_k
+    cols = [_common.lane_slice(plan, k0, j, block_k) for j in range(plan.lanes)]
+    scores = []
+    for j, lane in enumerate(cols):
+      bias = mask = None
+      if bias_ref is not None:
+        bias = _common.broadcast_tile(bias_ref, plan.bias_full, None, slice(None),
+                                             lane)
+      if mask_ref is not None:
+        mask = _common.broadcast_tile(mask_ref, plan.mask_full, None, slice(None),
+                                             lane)
+      scores.append(ctx.lane_scores(q, k_ref[lane, :], q0, k0, j, masked=masked,
+                                    bias=bias, mask=mask))
+    kept, keep = ctx.kept_scores(scores)
+    # Combine lanes elementwise first: one cross-thread row reduction, not m.
+    new_max = jnp.maximum(row_max,
+                          jnp.max(functools.reduce(jnp.maximum, kept), axis=1))
+    # A row with nothing kept yet has max -inf; exponentiate against 0 instead.
+    safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+    correction = jnp.exp2((row_max - safe_max) * LOG2E)
+    shift = (safe_max * LOG2E)[:, None]
+    probs = [jnp.exp2(s * LOG2E - shift) for s in kept]
+    row_sum = row_sum * correction + jnp.sum(functools.reduce(jnp.add, probs),
+                                             axis=1)
+    acc = acc * correction[:, None]
+    for p, lane in zip(probs, cols):
+      acc = acc + _compat.dot(p.astype(v_ref.dtype), v_ref[lane, :])
+    if keep_ref is not None:
+      for k, lane in zip(keep, cols):
+        keep_ref[:, lane] = k.astype(keep_ref.dtype)
+    return acc, new_max, row_sum
+
+  init = (jnp.zeros(q.shape, jnp.float32),
+          jnp.full((block_q,), -jnp.inf, jnp.float32),
+          jnp.zeros((block_q,), jnp.float32))
+  acc, row_max, row_sum = _common.loop_tiles(plan, tiles, body, init)
+  empty = row_sum == 0.0
+  safe_sum = jnp.where(empty, 1.0, row_sum)
+  out_ref[...] = (acc * (1.0 / safe_sum)[:, None]).astype(out_ref.dtype)
+  lse_ref[...] = jnp.where(empty, jnp.inf, row_max + jnp.log(safe_sum))
+  if keep_ref is not None:
+    lo, _, _, hi = tiles
+
+    def clear(k_tile, carry):
+      keep_ref[:, pl.ds(k_tile * block_k, block_k)] = jnp.zeros(
+          (block_q, block_k), keep_ref.dtype)
+      return carry
+
+    lax.fori_loop(0, lo, clear, 0)
+    lax.fori_loop(hi, keep_ref.shape[1] // block_k, clear, 0)
+
+
+def forward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, *,
+            return_keep: bool = False):
+  """Runs the forward kernel on canonical operands (see `_common.plan_call`).
+
+  Returns `out [B, T, H, D]`, `lse [B, H, T]` float32 and, with `return_keep`,
+  the kernel's N:M keep-mask `[B, H, T, S]` (bool).
+  """
+  block_q, block_k = plan.forward_blocks
+  t_pad, s_pad = plan.padded_lengths(block_q, block_k)
+  num_q_tiles = t_pad // block_q
+  q = _common.pad_axis(q, 1, t_pad)
+  k = _common.pad_axis(k, 1, s_pad)
+  v = _common.pad_axis(v, 1, s_pad)
+  bias = _common.pad_broadcast(bias, t_pad, s_pad)
+  mask = _common.mask_as_int8(_common.pad_broadcast(mask, t_pad, s_pad))
+  groups = plan.groups
+  dim = plan.head_dim
+
+  def q_block(i, b, h):
+    return b, num_q_tiles - 1 - i, h, 0
+
+  def kv_block(i, b, h):
+    del i
+    return b, 0, lax.div(h, groups), 0
+
+  def row_block(i, b, h):
+    return b, h, num_q_tiles - 1 - i, 0
+
+  lengths_spec = pl.BlockSpec((plan.batch,), lambda i, b, h: (0,))
+  in_specs = [
+      pl.BlockSpec((None, block_q, None, dim), q_block),
+      pl.BlockSpec((None, s_pad, None, dim), kv_block),
+      pl.BlockSpec((None, s_pad, None, dim), kv_block),
+      None if bias is None else _common.broadcast_spec(
+          plan.bias_full, (None, block_q, s_pad), row_block),
+      None if mask is None else _common.broadcast_spec(
+          plan.mask_full, (None, block_q, s_pad), row_block),
+      None if q_lengths is None else lengths_spec,
+      None if kv_lengths is None else lengths_spec,
+  ]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct((plan.batch, plan.heads, t_pad), jnp.float32)]
+  out_specs = [pl.BlockSpec((None, block_q, None, dim), q_block),
+               pl.BlockSpec((None, None, block_q),
+                            lambda i, b, h: (b, h, num_q_tiles - 1 - i))]
+  if return_keep:
+    out_shape.append(jax.ShapeDtypeStruct((plan.batch, plan.heads, t_pad, s_pad),
+                                          jnp.int8))
+    out_specs.append(pl.BlockSpec((None, None, block_q, s_pad), row_block))
+  kernel = functools.partial(_forward_kernel, plan=plan, block_q=block_q,
+                             block_k=block_k)
+  results = pl.pallas_call(
+      kernel,
+      grid=(num_q_tiles, plan.batch, plan.heads),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=_compat.triton_compiler_params(plan.tuning.num_warps,
+                                                     plan.tuning.num_stages),
+      interpret=plan.interpret,
+      name="nm_flash_forward",
+  )(q, k, v, bias, mask, q_lengths, kv_lengths)
+  out = results[0][:, :plan.q_len]
+  lse = results[1][:, :, :plan.q_len]
+  if not return_keep:
+    return out, lse
+  return out, lse, results[2][:, :, :plan.q_len, :plan.kv_len] != 0

@@ -1,0 +1,42 @@
+"""Where the Triton kernels run: CUDA GPUs natively, CPUs in interpret mode."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _compat
+from pallas_kernels.triton._common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+
+# bfloat16 dots in Triton need Ampere (sm_80) or newer.
+MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+def runs_natively() -> bool:
+  """Whether the default device is a CUDA GPU the kernels compile for."""
+  capability = _compat.cuda_compute_capability()
+  return capability is not None and capability >= MIN_COMPUTE_CAPABILITY
+
+
+def unsupported_reason(*, head_dim: int, dtype) -> str | None:
+  """None if the kernels can run such a call on the default device, else why not.
+
+  On a CPU they run in Pallas interpret mode (slow; for tests). Other
+  arguments (masks, lengths, window, GQA, any n:m) are always supported.
+  """
+  dtype = jnp.dtype(dtype).name
+  if dtype not in SUPPORTED_DTYPES:
+    return f"dtype {dtype} is not supported (supported: {', '.join(SUPPORTED_DTYPES)})"
+  if head_dim not in SUPPORTED_HEAD_DIMS:
+    return (f"head_dim={head_dim} is not supported (supported: "
+            f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
+  device = jax.devices()[0]
+  if device.platform == "cpu" or runs_natively():
+    return None
+  capability = _compat.cuda_compute_capability()
+  if capability is not None:
+    return (f"the CUDA GPU ({device.device_kind}) has compute capability "
+            f"{capability[0]}.{capability[1]}; the kernels need "
+            f"{MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]} or newer")
+  return (f"the default device is {device.platform} ({device.device_kind}); the "
+          "kernels need a CUDA GPU (or a CPU, in interpret mode)")

@@ -1,0 +1,359 @@
+"""The "pallas_triton" backend on the CPU: its kernels in Pallas interpret mode.
+
+The shared test base runs the dispatcher path at tiny shapes; the tests below
+add several tiles per axis (small TuningConfig), the lse/backward entry
+points, the kernel's own N:M selection, the tile-range arithmetic against
+brute force, the Triton (CUDA) lowering, and every error path. GPU tests at
+real sizes are in `test_pallas_triton_gpu.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nmattn
+from attention_test_base import (FORWARD_TOL, GRAD_TOL, AttentionTestBase,
+                                 random_inputs, rel_err)
+from nmattn import masking, reference
+from nmattn._validation import canonicalize
+from nmattn.attention import select_backend
+from pallas_kernels import triton as nm_triton
+from pallas_kernels.triton import _common
+
+# Several query and key tiles at small sizes: key tiles stay >= 16 * m.
+SMALL_TILES = nm_triton.TuningConfig(
+    block_q=16, block_k=64, block_q_dq=16, block_k_dq=64, block_q_dkv=32,
+    block_k_dkv=64)
+
+_REFERENCE_NAMES = dict(window="local_window_size", q_lengths="query_seq_lengths",
+                        kv_lengths="key_value_seq_lengths")
+
+
+def _reference(q, k, v, bias=None, **kwargs):
+  kwargs = {_REFERENCE_NAMES.get(name, name): x for name, x in kwargs.items()}
+  return reference.nm_attention_reference(q, k, v, bias, **kwargs)
+
+
+class TestPallasTriton(AttentionTestBase):
+  """The shared base through `nm_attention(..., implementation="pallas_triton")`.
+
+  Interpret mode compiles every kernel for XLA:CPU, so the base is narrowed to
+  fit CI: float16 is checked in `test_several_tiles_match_reference`, and
+  "2of4", "causal" and "gqa" are covered by the cases that extend them
+  ("mask"/"lengths"/..., "causal_rect"/"causal_window_mask", "mqa").
+  """
+  implementation = "pallas_triton"
+  dtypes = (jnp.float32, jnp.bfloat16)
+  case_names = tuple(name for name in AttentionTestBase.case_names
+                     if name not in ("2of4", "causal", "gqa"))
+
+
+def _lengths(rng, batch, length):
+  return jnp.asarray(rng.integers(1, length + 1, (batch,)), jnp.int32)
+
+
+# name -> (dtype, heads, kv_heads, q_len, kv_len, kwargs builder(rng, b, h, t, s)).
+MULTI_TILE_CASES = {
+    "causal_gqa_lengths_2of4": (jnp.float32, 4, 2, 150, 150, lambda r, b, h, t, s: dict(
+        is_causal=True, n=2, m=4, q_lengths=_lengths(r, b, t),
+        kv_lengths=_lengths(r, b, s))),
+    "window_bias_mask_1of2": (jnp.float32, 2, 2, 100, 140, lambda r, b, h, t, s: dict(
+        window=(37, 11), n=1, m=2,
+        bias=jnp.asarray(r.standard_normal((b, h, t, s)), jnp.float32),
+        mask=jnp.asarray(r.random((b, 1, t, s)) < 0.8))),
+    "float16_mqa_causal_column_bias_dense": (
+        jnp.float16, 4, 1, 90, 130, lambda r, b, h, t, s: dict(
+            is_causal=True, n=4, m=4,
+            bias=jnp.asarray(r.standard_normal((1, h, 1, s)), jnp.float32))),
+}
+
+
+@pytest.mark.parametrize("name", MULTI_TILE_CASES)
+def test_several_tiles_match_reference(rng, name):
+  dtype, heads, kv_heads, q_len, kv_len, build = MULTI_TILE_CASES[name]
+  q, k, v = random_inputs(rng, batch=2, q_len=q_len, kv_len=kv_len, heads=heads,
+                          kv_heads=kv_heads, head_dim=16, dtype=dtype)
+  kwargs = build(rng, 2, heads, q_len, kv_len)
+  bias = kwargs.pop("bias", None)
+  cotangent = jnp.asarray(rng.standard_normal(q.shape), dtype)
+
+  def loss(fn, q, k, v, bias):
+    out = fn(q, k, v, bias, **kwargs)
+    return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32)), out
+
+  kernel = functools.partial(nm_triton.nm_flash_attention, interpret=True,
+                             tuning=SMALL_TILES)
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  got, out = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=argnums,
+                              has_aux=True))(q, k, v, bias)
+  want, ref = jax.grad(functools.partial(loss, _reference), argnums=argnums,
+                       has_aux=True)(q, k, v, bias)
+  assert rel_err(out, ref) < FORWARD_TOL[dtype]
+  for grad_name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, grad_name
+    assert rel_err(g, w) < GRAD_TOL.get(dtype, 1e-2), grad_name
+
+
+def test_lse_and_backward_entry_points(rng):
+  """The (out, lse) / backward contract that other forward kernels rely on."""
+  q, k, v = random_inputs(rng, batch=2, q_len=40, kv_len=72, heads=4, kv_heads=2,
+                          head_dim=16)
+  mask = jnp.asarray(rng.random((2, 1, 40, 72)) < 0.6).at[:, :, :3].set(False)
+  kwargs = dict(is_causal=True, n=2, m=4)
+  out, lse = nm_triton.nm_flash_attention_fwd(q, k, v, mask=mask, interpret=True,
+                                              **kwargs)
+  call, _ = canonicalize(q, k, v, mask=mask, **kwargs)
+  scores = reference.call_scores(call)
+  kept = jnp.where(masking.nm_mask(scores, 2, 4), scores, -jnp.inf)
+  want_lse = jax.nn.logsumexp(kept, axis=-1)
+  assert lse.shape == (2, 4, 40) and lse.dtype == jnp.float32
+  empty = np.asarray(want_lse == -jnp.inf)
+  assert empty[:, :, :3].all() and (~empty).any()
+  assert np.all(np.asarray(lse)[empty] == np.inf)
+  np.testing.assert_allclose(np.asarray(lse)[~empty], np.asarray(want_lse)[~empty],
+                             rtol=1e-5, atol=1e-5)
+  assert rel_err(out, reference.nm_attention_reference(q, k, v, mask=mask,
+                                                       **kwargs)) < 1e-5
+
+  d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  _, vjp = jax.vjp(lambda q, k, v: reference.nm_attention_reference(
+      q, k, v, mask=mask, **kwargs), q, k, v)
+  want = vjp(d_out)
+  # Both conventions for rows with no kept score: +inf (this forward), -inf.
+  for empty_lse in (jnp.inf, -jnp.inf):
+    grads = nm_triton.nm_flash_attention_bwd(
+        q, k, v, None, mask, None, None, out, jnp.where(empty, empty_lse, lse),
+        d_out, interpret=True, **kwargs)
+    assert grads[3] is None
+    for g, w in zip(grads[:3], want):
+      assert np.isfinite(np.asarray(g)).all()
+      assert rel_err(g, w) < 1e-5
+    assert np.all(np.asarray(grads[0])[:, :3] == 0.0)
+
+
+def test_kernel_selection_matches_reference(rng):
+  q, k, v = random_inputs(rng, batch=2, q_len=48, kv_len=100, heads=2,
+                          kv_heads=2, head_dim=32)
+  bias = jnp.asarray(rng.standard_normal((1, 2, 48, 100)), jnp.float32)
+  keep = nm_triton.nm_flash_attention_selection(q, k, v, bias, window=(30, 9),
+                                                n=2, m=4, interpret=True)
+  call, _ = canonicalize(q, k, v, bias, local_window_size=(30, 9), n=2, m=4)
+  want = masking.nm_mask(reference.call_scores(call), 2, 4)
+  assert keep.shape == want.shape == (2, 2, 48, 100) and keep.dtype == jnp.bool_
+  groups = (np.asarray(keep) != np.asarray(want)).reshape(2, 2, 48, 25, 4).any(-1)
+  assert groups.mean() < 0.005, groups.mean()
+
+
+def test_nm_keep_matches_group_rank_with_ties():
+  """Lanes hold group members; integer scores force ties, plus -inf and NaN."""
+  rng = np.random.default_rng(0)
+  for m, n in ((2, 1), (4, 2), (4, 3), (8, 3), (16, 5)):
+    scores = rng.integers(-2, 3, (64, 8, m)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.3] = -np.inf
+    got = jax.jit(_common.nm_keep, static_argnums=1)(
+        [jnp.asarray(scores[..., j]) for j in range(m)], n)
+    want = masking.nm_mask(jnp.asarray(scores.reshape(64, 8 * m)), n, m)
+    np.testing.assert_array_equal(np.stack(got, -1).reshape(64, 8 * m), want)
+  nan_group = [jnp.asarray([[1.0]]), jnp.asarray([[jnp.nan]]),
+               jnp.asarray([[3.0]]), jnp.asarray([[-jnp.inf]])]
+  assert [bool(x[0, 0]) for x in _common.nm_keep(nan_group, 1)] == [
+      False, True, True, False]
+
+
+def _brute_force_tiles(valid, block_rows, block_cols):
+  """Per (row tile, col tile): any valid pair, all pairs valid."""
+  rows, cols = valid.shape
+  tiles = valid.reshape(rows // block_rows, block_rows, cols // block_cols,
+                        block_cols)
+  return tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))
+
+
+@pytest.mark.parametrize("is_causal,window", [
+    (False, None), (True, None), (False, (20, 3)), (True, (40, 0)), (False, (0, 50))])
+def test_tile_ranges_match_brute_force(is_causal, window):
+  """Tiles outside [lo, hi) hold no valid pair; [full_lo, full_hi) only valid ones."""
+  block_q, block_k, t_pad, s_pad = 16, 32, 96, 128
+  rng = np.random.default_rng(1)
+  for _ in range(6):
+    q_len, kv_len = int(rng.integers(1, t_pad + 1)), int(rng.integers(1, s_pad + 1))
+    q_limit, kv_limit = int(rng.integers(0, q_len + 1)), int(rng.integers(0, kv_len + 1))
+    plan = _plan_for(q_len, kv_len, is_causal, window)
+    qp, kp = np.arange(t_pad)[:, None], np.arange(s_pad)[None, :]
+    valid = (qp < q_limit) & (kp < kv_limit)
+    if is_causal:
+      valid &= kp <= qp
+    if window is not None:
+      valid &= (kp >= qp - window[0]) & (kp <= qp + window[1])
+    any_valid, all_valid = _brute_force_tiles(valid, block_q, block_k)
+    for q_tile in range(t_pad // block_q):
+      lo, full_lo, full_hi, hi = (int(x) for x in _common.key_tile_range(
+          plan, jnp.int32(q_tile * block_q), block_q, block_k, jnp.int32(q_limit),
+          jnp.int32(kv_limit)))
+      _check_range(any_valid[q_tile], all_valid[q_tile], lo, full_lo, full_hi, hi)
+    for k_tile in range(s_pad // block_k):
+      lo, full_lo, full_hi, hi = (int(x) for x in _common.query_tile_range(
+          plan, jnp.int32(k_tile * block_k), block_k, block_q, jnp.int32(q_limit),
+          jnp.int32(kv_limit)))
+      _check_range(any_valid[:, k_tile], all_valid[:, k_tile], lo, full_lo,
+                   full_hi, hi)
+
+
+def _plan_for(q_len, kv_len, is_causal, window):
+  shape = jax.ShapeDtypeStruct((1, q_len, 1, 16), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, kv_len, 1, 16), jnp.float32)
+  plan, *_ = _common.plan_call(shape, kv, kv, None, None, None, None, scale=None,
+                               is_causal=is_causal, window=window, n=2, m=4,
+                               interpret=True, tuning=None)
+  return plan
+
+
+def _check_range(any_valid, all_valid, lo, full_lo, full_hi, hi):
+  assert lo <= full_lo <= full_hi <= hi <= len(any_valid)
+  visited = np.zeros(len(any_valid), bool)
+  visited[lo:hi] = True
+  assert not (any_valid & ~visited).any(), (lo, hi, any_valid)
+  assert all_valid[full_lo:full_hi].all(), (full_lo, full_hi, all_valid)
+  # Tight: the range starts and ends at tiles with a valid pair.
+  if hi > lo:
+    assert any_valid[lo] and any_valid[hi - 1]
+
+
+def test_lowers_through_triton_for_cuda():
+  """The Pallas -> Triton lowering of forward and backward, without a GPU."""
+  shape = jax.ShapeDtypeStruct((2, 300, 4, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 300, 2, 128), jnp.bfloat16)
+  bias = jax.ShapeDtypeStruct((1, 4, 1, 300), jnp.float32)
+  lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
+
+  def loss(q, k, v, bias, kv_lengths):
+    out = nm_triton.nm_flash_attention(q, k, v, bias, kv_lengths=kv_lengths,
+                                       is_causal=True, window=(64, 0), n=2, m=4)
+    return jnp.sum(out.astype(jnp.float32))
+
+  traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(
+      shape, kv, kv, bias, lengths)
+  try:
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+  except RuntimeError as e:  # jax >= 0.11 needs a GPU (or an abstract one).
+    pytest.skip(f"this jax cannot lower for CUDA without a GPU: {e}")
+  # One forward (its residuals are reused), dQ and dK/dV.
+  assert text.count("__gpu$xla.gpu.triton") == 3
+
+
+def test_dispatch_on_cpu():
+  q, k, v = random_inputs(np.random.default_rng(0), head_dim=32)
+  call, _ = canonicalize(q, k, v)
+  # Explicitly: interpret mode; automatically: never on a CPU.
+  assert select_backend(call.spec, "pallas_triton").name == "pallas_triton"
+  assert select_backend(call.spec, None).name == "xla"
+  odd, _ = canonicalize(*(x[..., :24] for x in (q, k, v)))
+  with pytest.raises(nmattn.UnsupportedCallError,
+                     match=r"pallas_triton.*head_dim=24 is not supported"):
+    select_backend(odd.spec, "pallas_triton")
+  assert select_backend(odd.spec, None).name == "xla"
+
+
+def test_float64_is_refused_explicitly_and_falls_back(enable_x64):
+  del enable_x64
+  q, k, v = random_inputs(np.random.default_rng(0), head_dim=32, dtype=jnp.float64)
+  with pytest.raises(nmattn.UnsupportedCallError, match="dtype float64 is not supported"):
+    nmattn.nm_attention(q, k, v, implementation="pallas_triton")
+  assert nmattn.nm_attention(q, k, v).dtype == jnp.float64
+
+
+def _args(**overrides):
+  q, k, v = random_inputs(np.random.default_rng(0), batch=2, q_len=8, kv_len=12,
+                          heads=4, kv_heads=2, head_dim=16)
+  args = dict(q=q, k=k, v=v)
+  args.update(overrides)
+  return args
+
+
+_Q = _args()["q"]
+_K = _args()["k"]
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(q=_Q[0]), r"q must have rank 4 .*got q.shape=\(8, 4, 16\)"),
+    (dict(v=_K[:, :5]), r"k and v must have the same shape"),
+    (dict(k=_K[:1], v=_K[:1]), r"k must be \[batch=2, kv_len, kv_heads, head_dim=16\]"),
+    (dict(k=_K[:, :, :1].repeat(3, 2), v=_K[:, :, :1].repeat(3, 2)),
+     r"q heads must be a positive multiple of k heads"),
+    (dict(q=_Q[..., :8], k=_K[..., :8], v=_K[..., :8]),
+     r"head_dim must be one of \(16, 32, 64, 128, 256\); got head_dim=8"),
+    (dict(q=_Q.astype(jnp.int32)), r"q.dtype must be one of .*got q.dtype=int32"),
+    (dict(k=_K.astype(jnp.bfloat16)), r"k.dtype must equal q.dtype=float32"),
+    (dict(n=3, m=2), r"1 <= n <= m; got n=3, m=2"),
+    (dict(m=6), r"m must be one of \(1, 2, 4, 8, 16\).*got n=2, m=6"),
+    (dict(n=True), r"n must be a Python int; got n=True"),
+    (dict(bias=jnp.ones((2, 4, 8, 11))), r"bias must be broadcastable to .*got bias.shape=\(2, 4, 8, 11\)"),
+    (dict(bias=jnp.ones((8, 12), jnp.int32)), r"bias must be a float array; got bias.dtype=int32"),
+    (dict(mask=jnp.ones((8, 12))), r"mask must be a bool array .*got mask.dtype=float32"),
+    (dict(q_lengths=jnp.ones((3,), jnp.int32)), r"q_lengths must be an integer array of shape \[batch\]=\(2,\); got q_lengths.shape=\(3,\)"),
+    (dict(kv_lengths=jnp.ones((2,))), r"kv_lengths must be an integer array .*kv_lengths.dtype=float32"),
+    (dict(window=(3, -1)), r"window must be .*got window=\(3, -1\)"),
+    (dict(window=1.5), r"got window=1.5"),
+    (dict(scale="big"), r"scale must be a Python float or None; got scale='big'"),
+    (dict(is_causal=1), r"is_causal must be a bool; got is_causal=1"),
+    (dict(interpret="yes"), r"interpret must be a bool; got interpret='yes'"),
+    (dict(tuning=dict(block_q=64)), r"tuning must be a TuningConfig or None"),
+])
+def test_argument_errors(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    nm_triton.nm_flash_attention(**dict(_args(interpret=True), **overrides))
+
+
+def test_backward_residual_errors():
+  args = _args()
+  q, k, v = args["q"], args["k"], args["v"]
+  lse = jnp.zeros((2, 4, 8), jnp.float32)
+  bwd = functools.partial(nm_triton.nm_flash_attention_bwd, interpret=True)
+  with pytest.raises(ValueError, match=r"lse must be float32 \[batch, heads, q_len\]="
+                     r"\(2, 4, 8\); got lse.shape=\(2, 8, 4\)"):
+    bwd(q, k, v, None, None, None, None, q, lse.reshape(2, 8, 4), q)
+  with pytest.raises(ValueError, match=r"got lse.shape=\(2, 4, 8\), lse.dtype=bfloat16"):
+    bwd(q, k, v, None, None, None, None, q, lse.astype(jnp.bfloat16), q)
+  with pytest.raises(ValueError, match=r"d_out must have the shape of q .*got "
+                     r"d_out.shape=\(2, 7, 4, 16\)"):
+    bwd(q, k, v, None, None, None, None, q, lse, q[:, :7])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("block_q", 24, r"TuningConfig.block_q must be a power of two >= 16; got block_q=24"),
+    ("block_k_dkv", 8, r"block_k_dkv must be a power of two >= 16; got block_k_dkv=8"),
+    ("num_warps", 3, r"TuningConfig.num_warps must be a power of two <= 16; got num_warps=3"),
+    ("num_stages_bwd", 0, r"num_stages_bwd must be a positive int; got num_stages_bwd=0"),
+])
+def test_tuning_errors(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    nm_triton.TuningConfig(**{field: value})
+
+
+def test_key_blocks_hold_whole_groups_of_lanes():
+  """Key tiles widen to 16 * m lanes; dense calls need no lanes."""
+  args = _args()
+  for (n, m), want in {(2, 4): 64, (1, 2): 32, (3, 8): 128, (5, 16): 256,
+                       (4, 4): 16}.items():
+    plan, *_ = _common.plan_call(args["q"], args["k"], args["v"], None, None, None,
+                                 None, scale=None, is_causal=False, window=None,
+                                 n=n, m=m, interpret=True,
+                                 tuning=nm_triton.TuningConfig(block_k=16))
+    assert plan.forward_blocks == (16, want)
+
+
+def test_pallas_kernels_does_not_import_nmattn():
+  """Dependencies point one way: experiments -> nmattn -> pallas_kernels."""
+  import pallas_kernels  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(pallas_kernels.__path__[0])
+  paths = [root / "_compat.py", *(root / "triton").glob("*.py")]
+  for path in paths:
+    text = path.read_text()
+    for forbidden in ("import nmattn", "from nmattn", "import experiments",
+                      "from experiments"):
+      assert forbidden not in text, (path, forbidden)

@@ -1,0 +1,168 @@
+"""The Triton kernels on a CUDA GPU at real sizes (skipped without a GPU).
+
+bf16 forward and gradients against the float32 reference, the fraction of N:M
+groups whose selection differs from the reference's, the output error against
+the reference evaluated with the kernel's own selection, other dtypes and
+head dims, and peak temporary memory growing linearly in the sequence length.
+Measured figures are printed (`pytest -s`) and, with $OUT set, appended to
+`$OUT/triton_gpu_tests.jsonl`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention_test_base import FORWARD_TOL, GRAD_TOL, random_inputs, rel_err
+from nmattn import masking, reference
+from nmattn._validation import canonicalize
+from pallas_kernels import triton as nm_triton
+
+pytestmark = pytest.mark.gpu
+
+# Expected well below this for random normal inputs (ARCHITECTURE.md).
+MAX_SELECTION_MISMATCH = 0.005
+
+
+@pytest.fixture(autouse=True)
+def _needs_native_kernels():
+  if not nm_triton.runs_natively():
+    pytest.skip("needs a CUDA GPU the Triton kernels compile for")
+
+
+def _report(name, **figures):
+  print(f"\n{name}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else
+                                  f"{k}={v}" for k, v in figures.items()))
+  if os.environ.get("OUT"):
+    with open(os.path.join(os.environ["OUT"], "triton_gpu_tests.jsonl"), "a") as f:
+      f.write(json.dumps(dict(test=name, **figures)) + "\n")
+
+
+def _selection_mismatch(keep, want_keep, scores, m):
+  """Fraction of N:M groups holding a valid score whose selections differ."""
+  def groups(x):
+    x = np.asarray(x)
+    whole = x.shape[-1] // m * m
+    return x[..., :whole].reshape(x.shape[:-1] + (-1, m))
+
+  differs = groups(np.asarray(keep) != np.asarray(want_keep)).any(-1)
+  has_valid = groups(np.asarray(scores) != -np.inf).any(-1)
+  return float(differs[has_valid].mean())
+
+
+def _weights_with_selection(call, keep):
+  scores = reference.call_scores(call)
+  return reference.masked_softmax(jnp.where(keep, scores, -jnp.inf))
+
+
+# name -> (head_dim, q_len, kv_len, kv_heads, kwargs builder(rng, batch, t, s)).
+SCALE_CASES = {
+    "d128_causal_2of4_gqa": (128, 2048, 2048, 2, lambda r, b, t, s: dict(
+        is_causal=True, n=2, m=4)),
+    "d64_1of2": (64, 2048, 2048, 8, lambda r, b, t, s: dict(n=1, m=2)),
+    "d128_ragged_lengths_window_2of4": (128, 1000, 1500, 4, lambda r, b, t, s: dict(
+        n=2, m=4, local_window_size=(700, 200),
+        query_seq_lengths=jnp.asarray(r.integers(t // 2, t + 1, (b,)), jnp.int32),
+        key_value_seq_lengths=jnp.asarray(r.integers(s // 2, s + 1, (b,)), jnp.int32))),
+    "d64_bias_mask_2of4": (64, 1024, 1024, 8, lambda r, b, t, s: dict(
+        n=2, m=4, bias=jnp.asarray(r.standard_normal((1, 8, t, s)), jnp.float32),
+        mask=jnp.asarray(r.random((b, 1, t, s)) < 0.9))),
+}
+
+_KERNEL_NAMES = dict(local_window_size="window", query_seq_lengths="q_lengths",
+                     key_value_seq_lengths="kv_lengths")
+
+
+@pytest.mark.parametrize("name", SCALE_CASES)
+def test_bf16_at_scale_matches_reference(rng, name):
+  head_dim, q_len, kv_len, kv_heads, build = SCALE_CASES[name]
+  batch, heads = 2, 8
+  q, k, v = random_inputs(rng, batch=batch, q_len=q_len, kv_len=kv_len, heads=heads,
+                          kv_heads=kv_heads, head_dim=head_dim, dtype=jnp.bfloat16)
+  kwargs = build(rng, batch, q_len, kv_len)
+  kernel_kwargs = {_KERNEL_NAMES.get(k_, k_): x for k_, x in kwargs.items()}
+  bias = kernel_kwargs.pop("bias", None)
+  out = jax.jit(functools.partial(nm_triton.nm_flash_attention, **kernel_kwargs))(
+      q, k, v, bias)
+  keep = jax.jit(functools.partial(nm_triton.nm_flash_attention_selection,
+                                   **kernel_kwargs))(q, k, v, bias)
+  call, _ = canonicalize(q, k, v, **kwargs)
+  ref_weights = reference.call_weights(call)
+  ref = reference.apply_weights(ref_weights, v)
+  want_keep = masking.nm_mask(reference.call_scores(call), call.spec.n,
+                              call.spec.m)
+  mismatch = _selection_mismatch(keep, want_keep, reference.call_scores(call),
+                                 call.spec.m)
+  own = reference.apply_weights(_weights_with_selection(call, keep), v)
+  forward_err, own_err = rel_err(out, ref), rel_err(out, own)
+
+  cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
+
+  kernel = functools.partial(nm_triton.nm_flash_attention, bias=bias, **kernel_kwargs)
+  got = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.grad(functools.partial(
+      loss, functools.partial(reference.nm_attention_reference, **kwargs)),
+      argnums=(0, 1, 2)))(q, k, v)
+  grad_errs = {f"{n}_err": rel_err(g, w) for n, g, w in zip(("dq", "dk", "dv"), got, want)}
+  _report(name, forward_err=forward_err, own_selection_err=own_err,
+          selection_mismatch=mismatch, **grad_errs)
+  assert np.isfinite(np.asarray(out, np.float32)).all()
+  assert forward_err < FORWARD_TOL[jnp.bfloat16]
+  assert own_err < FORWARD_TOL[jnp.bfloat16]
+  assert mismatch < MAX_SELECTION_MISMATCH
+  for grad_name, err in grad_errs.items():
+    assert err < GRAD_TOL[jnp.bfloat16], grad_name
+
+
+@pytest.mark.parametrize("dtype,head_dim", [
+    (jnp.float16, 128), (jnp.float32, 64), (jnp.bfloat16, 32), (jnp.bfloat16, 256)])
+def test_dtypes_and_head_dims(rng, dtype, head_dim):
+  q, k, v = random_inputs(rng, batch=2, q_len=300, kv_len=520, heads=4, kv_heads=2,
+                          head_dim=head_dim, dtype=dtype)
+  kwargs = dict(is_causal=True, n=2, m=4)
+  cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+  def loss(fn, q, k, v):
+    out = fn(q, k, v, **kwargs)
+    return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+  (got, out) = jax.jit(jax.grad(functools.partial(loss, nm_triton.nm_flash_attention),
+                                argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  (want, ref) = jax.grad(functools.partial(loss, reference.nm_attention_reference),
+                         argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  errs = dict(forward_err=rel_err(out, ref),
+              **{f"{n}_err": rel_err(g, w) for n, g, w in zip(("dq", "dk", "dv"), got, want)})
+  _report(f"{jnp.dtype(dtype).name}_d{head_dim}", **errs)
+  assert errs["forward_err"] < FORWARD_TOL[dtype]
+  for name in ("dq_err", "dk_err", "dv_err"):
+    assert errs[name] < GRAD_TOL[dtype], name
+
+
+def test_temporary_memory_is_linear_in_sequence_length():
+  """Forward + backward temp bytes at S and 2S: about double, far below S^2."""
+  def temp_bytes(seq):
+    shape = jax.ShapeDtypeStruct((1, seq, 16, 128), jnp.bfloat16)
+
+    def loss(q, k, v):
+      return jnp.sum(nm_triton.nm_flash_attention(q, k, v, is_causal=True)
+                     .astype(jnp.float32))
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
+        shape, shape, shape).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  small, large = temp_bytes(8192), temp_bytes(16384)
+  score_bytes = 16 * 16384 * 16384 * 4
+  _report("temp_memory", temp_8k_bytes=small, temp_16k_bytes=large,
+          ratio=large / small, score_tensor_16k_bytes=score_bytes)
+  assert large <= 2.2 * small
+  assert large < score_bytes / 20
