@@ -27,6 +27,7 @@ TRIAL_FILES = ("final_metrics.json", "metrics.csv", "config.json",
 
 SWEEPS = {
     "minilm_zero_shot": "experiments/sweeps/minilm_zero_shot.py",
+    "minilm_zero_shot_long": "experiments/sweeps/minilm_zero_shot_long.py",
     "retrieval_finetune": "experiments/sweeps/retrieval_finetune.py",
     "listops_from_scratch": "experiments/sweeps/listops_from_scratch.py",
     "bytelm_from_scratch": "experiments/sweeps/bytelm_from_scratch.py",
@@ -182,6 +183,29 @@ def render() -> str:
          {k: t["final"]["metrics"]["test"]["recall_at_1"]
           for k, t in zero_by.items()}, "bar")])
     lines += ["![zero-shot](results/zero_shot.png)", ""]
+
+  long = load_trials("minilm_zero_shot_long")
+  if long:
+    lines += ["### Zero-shot fidelity against sequence length", "",
+              "The same measurement with code up to 256 tokens (the first "
+              "200 test pairs). Cosine per side: docstrings (<= 32 tokens) "
+              "and code.", "",
+              f"Command: `{_command('minilm_zero_shot_long')}`", "",
+              "| attention | code tokens | docstring cosine | code cosine | "
+              "recall@1 |", "|---|---|---|---|---|"]
+    for sweep, trials in (("minilm_zero_shot", zero), ("minilm_zero_shot_long",
+                                                      long)):
+      for label, trial in _by_attention(trials).items():
+        m = trial["final"]["metrics"]["test"]
+        if "query_cosine_to_dense" not in m or label not in ("2:4", "1:2"):
+          continue
+        config = json.loads((RESULTS / sweep / trial["name"] /
+                             "config.json").read_text())
+        lines.append(f"| {label} | <= {config['data']['code_len']} | "
+                     f"{m['query_cosine_to_dense']:.4f} | "
+                     f"{m['code_cosine_to_dense']:.4f} | "
+                     f"{100 * m['recall_at_1']:.1f} |")
+    lines += [_failed(long)]
 
   tuned = load_trials("retrieval_finetune")
   tuned_by = _by_attention(tuned)

@@ -1,4 +1,5 @@
-"""experiments.train: loss goes down, kill-and-resume, 4-device sharding, configs."""
+"""experiments.train: loss goes down, kill-and-resume, sharding over 4 fake
+devices and over 2 processes (jax.distributed), config validation."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -111,17 +113,38 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
       tmp_path / "straight")
 
 
-def test_four_fake_devices_equal_one(tmp_path):
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_four_fake_devices_and_two_hosts_equal_one_device(tmp_path):
   overrides = {**TINY_LISTOPS, "num_steps": 8, "log_every": 2,
                "eval_every": 4, "checkpoint_every": 8}
   sharded = run_train(LISTOPS, overrides, tmp_path / "four", devices=4)
+  # Two processes of two devices each, joined by jax.distributed.
+  port = _free_port()
+  hosts = [subprocess.Popen(
+      train_command(LISTOPS, overrides, tmp_path / "hosts") + [
+          "--jax_distributed", f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2", f"--process_id={i}"],
+      env=subprocess_env(devices=2), cwd=REPO, stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for host in hosts:
+    _, stderr = host.communicate(timeout=600)
+    assert host.returncode == 0, stderr[-3000:]
+  two_hosts = json.loads((tmp_path / "hosts" / "final_metrics.json").read_text())
   single = train.train_and_evaluate(load_config(LISTOPS, overrides),
                                     tmp_path / "one")
-  assert sharded["num_devices"] == 4 and single["num_devices"] == 1
-  rows4, rows1 = (deterministic_rows(tmp_path / d) for d in ("four", "one"))
-  assert [r[:3] for r in rows4] == [r[:3] for r in rows1]
-  np.testing.assert_allclose([r[3] for r in rows4], [r[3] for r in rows1],
-                             rtol=2e-5, atol=1e-6)
+  assert (single["num_devices"], sharded["num_devices"]) == (1, 4)
+  assert (two_hosts["num_devices"], two_hosts["num_processes"]) == (4, 2)
+  rows1 = deterministic_rows(tmp_path / "one")
+  for run in ("four", "hosts"):
+    rows = deterministic_rows(tmp_path / run)
+    assert [r[:3] for r in rows] == [r[:3] for r in rows1]
+    np.testing.assert_allclose([r[3] for r in rows], [r[3] for r in rows1],
+                               rtol=2e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("field, value, message", [
