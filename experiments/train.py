@@ -69,10 +69,10 @@ def validate(config) -> None:
   if optimizer.warmup_steps < 0:
     raise ValueError("config.optimizer.warmup_steps must be >= 0; got "
                      f"config.optimizer.warmup_steps={optimizer.warmup_steps}")
-  for split in config.eval_splits:
-    if split not in ("train", "valid", "test"):
-      raise ValueError("config.eval_splits entries must be train, valid or "
-                       f"test; got config.eval_splits={config.eval_splits}")
+  for name in ("eval_splits", "final_eval_splits"):
+    if not set(config[name]) <= {"train", "valid", "test"}:
+      raise ValueError(f"config.{name} entries must be train, valid or test; "
+                       f"got config.{name}={tuple(config[name])}")
 
 
 def make_optimizer(config):

@@ -154,6 +154,7 @@ def test_four_fake_devices_and_two_hosts_equal_one_device(tmp_path):
     ("num_steps", -1, "config.num_steps=-1"),
     ("checkpoint_every", 10, "config.checkpoint_every=10"),
     ("optimizer.learning_rate", 0.0, "learning_rate=0.0"),
+    ("final_eval_splits", ("dev",), "config.final_eval_splits=('dev',)"),
 ])
 def test_bad_configs_raise_naming_the_field(field, value, message):
   config = load_config(LISTOPS, {field: value})
