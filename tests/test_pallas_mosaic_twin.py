@@ -29,12 +29,19 @@ def _from_lists(vals):
 
 
 def _scores(rng, cols, *, ties=0.0, neg_inf=0.0, nan=0.0):
+  """(raw q.k, scores after masking): -inf (masked) never reaches raw."""
   s = rng.standard_normal((64, cols)).astype(np.float32)
   if ties:  # coarse values: many exact ties inside groups
     s = np.round(s * 2) / 2
-  s[rng.random(s.shape) < neg_inf] = -np.inf
   s[rng.random(s.shape) < nan] = np.nan
-  return s
+  raw = s.copy()
+  s[rng.random(s.shape) < neg_inf] = -np.inf
+  return raw, s
+
+
+def _poison(raw, width):
+  regs = sf.to_thread_registers(sf.permute_keys(raw, width, axis=1))
+  return ts.nan_poison(OPS, _thread_lists(regs))
 
 
 @pytest.mark.parametrize("width", [0, 4, 8, 16])
@@ -81,7 +88,7 @@ def test_sparse_operand_rejects_three_in_a_chunk():
     sf.encode_sparse_a(dense, 0)
 
 
-def _kernel_sparse_tile(s_nat, n, m):
+def _kernel_sparse_tile(raw_nat, s_nat, n, m):
   """Runs the kernel's selection+compression on a natural-order score tile.
 
   Returns the dense `[64, K]` matrix (natural key order) that the sparse
@@ -93,6 +100,7 @@ def _kernel_sparse_tile(s_nat, n, m):
   vals = _thread_lists(sf.to_thread_registers(acc))
   t = OPS.thread_id() % 4
   comp, words = ts.select_compress(OPS, vals, n, m, t)
+  comp = ts.add_poison(OPS, comp, _poison(raw_nat, 4))
   comp_regs = _from_lists(comp)  # [128, 2, K // 8]
   table = comp_regs.reshape(-1)
   codes = np.arange(1, table.size + 1, dtype=np.uint32).reshape(comp_regs.shape)
@@ -112,9 +120,9 @@ def _kernel_sparse_tile(s_nat, n, m):
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (1, 2)])
 @pytest.mark.parametrize("kind", ["normal", "ties", "masked", "nan"])
 def test_kernel_compression_matches_reference_selection(rng, n, m, kind):
-  s = _scores(rng, 128, ties=kind == "ties", neg_inf=0.3 * (kind == "masked"),
-              nan=0.02 * (kind == "nan"))
-  got = _kernel_sparse_tile(s, n, m)
+  raw, s = _scores(rng, 128, ties=kind == "ties",
+                   neg_inf=0.3 * (kind == "masked"), nan=0.02 * (kind == "nan"))
+  got = _kernel_sparse_tile(raw, s, n, m)
   keep = np.asarray(masking.nm_mask(s, n, m))
   want = np.where(keep, s, 0.0)
   # The compressed operand holds -inf where a chunk has fewer than two kept
@@ -122,8 +130,9 @@ def test_kernel_compression_matches_reference_selection(rng, n, m, kind):
   got = np.where(got == -np.inf, 0.0, got)
   nan_rows = np.isnan(s).any(axis=1)
   np.testing.assert_array_equal(got[~nan_rows], want[~nan_rows])
-  # NaN ranks as +inf in the kernel (the reference keeps every NaN): each
-  # row with a NaN still keeps one, so its output is NaN as the reference's.
+  # NaN compares false in the kernel's selection, but every row holding a
+  # NaN gets a NaN kept score (`nan_poison`), so its output is NaN as the
+  # reference's.
   assert np.all(np.isnan(got[nan_rows]).any(axis=1))
 
 
@@ -131,11 +140,13 @@ def test_kernel_compression_matches_reference_selection(rng, n, m, kind):
 @pytest.mark.parametrize("kind", ["normal", "ties", "masked"])
 def test_kernel_dense_selection_matches_reference(rng, n, m, kind):
   width = max(4, m)
-  s = _scores(rng, 4 * width * 2, ties=kind == "ties",
-              neg_inf=0.3 * (kind == "masked"))
+  raw, s = _scores(rng, 4 * width * 2, ties=kind == "ties",
+                   neg_inf=0.3 * (kind == "masked"))
   acc = sf.permute_keys(s, width, axis=1)
   vals = _thread_lists(sf.to_thread_registers(acc))
-  out = sf.from_thread_registers(_from_lists(ts.select_dense(OPS, vals, n, m)))
+  selected = ts.add_poison(OPS, ts.select_dense(OPS, vals, n, m),
+                          _poison(raw, width))
+  out = sf.from_thread_registers(_from_lists(selected))
   order = sf.permute_keys(np.arange(s.shape[1]), width, axis=0)
   got = np.empty_like(out)
   got[:, order] = out

@@ -215,8 +215,11 @@ def nm_flash_attention_fwd(q, k, v, bias=None, mask=None, q_lengths=None,
 
   pad_rows = lambda x, size: jnp.pad(x, [(0, 0), (0, size - x.shape[1]),
                                          (0, 0), (0, 0)])
+  # Scores come out in permuted key order; the sparse operand's metadata
+  # restores natural order for P V, dense P V needs V permuted like K.
   inputs = [pad_rows(q, q_pad), _permute_keys(pad_rows(k, kv_pad), width),
-            pad_rows(v, kv_pad)]
+            pad_rows(v, kv_pad) if sparse
+            else _permute_keys(pad_rows(v, kv_pad), width)]
   if extra is not None:
     inputs.append(extra)
   if kv_lengths is not None:
@@ -259,9 +262,22 @@ def _first_masked_tile(cfg: _Config, q_wg_first, lo, hi, kv_valid):
   return jnp.clip(first, lo, hi)
 
 
+def _score_units(cfg: _Config) -> float:
+  """Base-2 logits per unit of the selected scores.
+
+  Without a bias or mask term and with a positive scale, selection runs on
+  the raw `q.k` (same order) and the scale folds into the softmax's
+  exponent; otherwise the scores are scaled (and biased) before selection.
+  """
+  if cfg.extra_shape is None and cfg.scale > 0:
+    return cfg.scale * LOG2E
+  return 1.0
+
+
 def _make_select(cfg: _Config, masked: bool):
   """The inline Mosaic GPU function: raw scores -> selected (and compressed)."""
   bk = cfg.tuning.block_kv
+  prescale = _score_units(cfg) == 1.0
   mask = ts.MaskSpec(causal=cfg.causal, window=cfg.window,
                      kv_bound=cfg.has_kv_lengths or cfg.kv_pad != cfg.kv_len)
   has_extra = masked and cfg.extra_shape is not None
@@ -294,15 +310,19 @@ def _make_select(cfg: _Config, masked: bool):
     if has_extra:
       extra = _load_extra(cfg, ops, extra_ref[0], scalar(b), scalar(h), row0,
                           thread_key, len(vals[0]))
-    vals = ts.scale_scores(ops, vals, cfg.scale * LOG2E, extra)
+    poison = ts.nan_poison(ops, vals)
+    if prescale:
+      vals = ts.scale_scores(ops, vals, cfg.scale * LOG2E, extra)
     if masked:
       vals = ts.apply_masks(ops, vals, mask, cfg.width,
                             ops.isub(row0, thread_key),
                             ops.isub(kv_valid, thread_key))
     if cfg.sparse:
       comp, words = ts.select_compress(ops, vals, cfg.n, cfg.m, t)
-      return (mlir_ops.rows_to_array(comp), mlir_ops.words_to_array(ops, words))
-    return mlir_ops.rows_to_array(ts.select_dense(ops, vals, cfg.n, cfg.m))
+      return (mlir_ops.rows_to_array(ts.add_poison(ops, comp, poison)),
+              mlir_ops.words_to_array(ops, words))
+    selected = ts.select_dense(ops, vals, cfg.n, cfg.m)
+    return mlir_ops.rows_to_array(ts.add_poison(ops, selected, poison))
 
   return select
 
@@ -361,6 +381,7 @@ def _call(cfg: _Config, q, k, v, *rest):
   has_extra = cfg.extra_shape is not None
   needs_mask = (cfg.causal or cfg.window is not None or has_extra
                 or cfg.has_kv_lengths or cfg.kv_pad != cfg.kv_len)
+  units = _score_units(cfg)
   select_full = _make_select(cfg, masked=False)
   select_masked = _make_select(cfg, masked=True) if needs_mask else None
   sparse_pv = _make_sparse_pv(cfg) if cfg.sparse else None
@@ -427,8 +448,9 @@ def _call(cfg: _Config, q, k, v, *rest):
           scores, meta = select(*args), None
         m_new = jnp.maximum(m_i, scores.max(axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m_i - m_safe)
-        p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, [0]))
+        alpha = jnp.exp2((m_i - m_safe) * units)
+        p = jnp.exp2(scores * units - lax.broadcast_in_dim(
+            m_safe * units, scores.shape, [0]))
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         l_i = l_i * alpha + p.sum(axis=1)
         p16 = p.astype(dtype)
@@ -462,7 +484,7 @@ def _call(cfg: _Config, q, k, v, *rest):
       acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
       qo_smem[...] = acc.astype(dtype)
       lse_smem[...] = jnp.where(l_i == 0.0, jnp.inf,
-                                m_i * LN2 + jnp.log(l_safe))
+                                m_i * (units * LN2) + jnp.log(l_safe))
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(qo_smem,
                               out_ref.at[b, pl.ds(q_first, BLOCK_Q), h])

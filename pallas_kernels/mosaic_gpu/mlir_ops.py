@@ -9,7 +9,6 @@ Mosaic GPU `FragmentedArray`s and per-thread scalar lists, and issue
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from jax.experimental.mosaic import gpu as mgpu
@@ -56,8 +55,8 @@ class MlirOps:
   def fgt(self, a, b):
     return arith.cmpf(arith.CmpFPredicate.OGT, a, b)
 
-  def nan_to_inf(self, x):
-    return arith.minnumf(x, self.f32(math.inf))
+  def fge(self, a, b):
+    return arith.cmpf(arith.CmpFPredicate.OGE, a, b)
 
   def sel(self, p, a, b):
     return arith.select(p, a, b)

@@ -271,8 +271,8 @@ class NumpyOps:
   def fgt(self, a, b):
     return a > b
 
-  def nan_to_inf(self, x):
-    return np.fmin(x, np.float32(np.inf))
+  def fge(self, a, b):
+    return a >= b
 
   def sel(self, p, a, b):
     return np.where(p, a, b)

@@ -98,18 +98,55 @@ def _fewer_than(ops, preds, k):
 def _beaten_by(ops, group):
   """`beaten[i]`: for each other member j, whether j outranks member i.
 
-  Higher scores outrank lower ones, ties go to the lower index, NaN ranks as
-  +inf (so it is kept, as the reference keeps it).
+  Higher scores outrank lower ones and ties go to the lower index. NaN
+  compares false here; `nan_poison` makes such rows NaN as the reference's.
   """
-  keys = [ops.nan_to_inf(x) for x in group]
   m = len(group)
   beaten = [[] for _ in range(m)]
   for i in range(m):
     for j in range(i + 1, m):
-      later_wins = ops.fgt(keys[j], keys[i])
+      later_wins = ops.fgt(group[j], group[i])
       beaten[i].append(later_wins)
       beaten[j].append(ops.not_(later_wins))
   return beaten
+
+
+def _top2_of_4(ops, a, b, c, d):
+  """The two best of four keys (higher first, ties to the lower index).
+
+  Returns `(ab, cd, x, both, hi1, hi2)`: `ab` = b beats a, `cd` = d beats c,
+  `hi1`/`hi2` the pair winners, `x` = the best is in (c, d), and `both` =
+  the two best are the pair winners (else they are (a, b), or (c, d) if x).
+  """
+  ab = ops.fgt(b, a)
+  cd = ops.fgt(d, c)
+  hi1, lo1 = ops.sel(ab, b, a), ops.sel(ab, a, b)
+  hi2, lo2 = ops.sel(cd, d, c), ops.sel(cd, c, d)
+  x = ops.fgt(hi2, hi1)
+  both = ops.sel(x, ops.fge(hi1, lo2), ops.fgt(hi2, lo1))
+  return ab, cd, x, both, hi1, hi2
+
+
+def nan_poison(ops, vals):
+  """Per row half: 0, or NaN when a raw score of the thread's row is NaN/inf.
+
+  Adding it to one kept score per row makes such rows NaN, as the reference
+  makes them, whatever the comparisons (NaN compares false) selected.
+  """
+  zero = ops.f32(0.0)
+  out = []
+  for row in vals:
+    level = list(row)
+    while len(level) > 1:
+      level = [ops.fadd(level[i], level[i + 1]) if i + 1 < len(level)
+               else level[i] for i in range(0, len(level), 2)]
+    out.append(ops.fmul(level[0], zero))
+  return out
+
+
+def add_poison(ops, vals, poison):
+  """Adds the row poison (`nan_poison`) to the first value of each row half."""
+  return [[ops.fadd(row[0], z)] + row[1:] for row, z in zip(vals, poison)]
 
 
 def select_dense(ops, vals, n: int, m: int):
@@ -124,8 +161,14 @@ def select_dense(ops, vals, n: int, m: int):
     new_row = []
     for g0 in range(0, len(row), m):
       group = row[g0:g0 + m]
-      for x, beaten in zip(group, _beaten_by(ops, group)):
-        new_row.append(ops.sel(_fewer_than(ops, beaten, n), x, neg))
+      if (n, m) == (2, 4):
+        ab, cd, x, both, _, _ = _top2_of_4(ops, *group)
+        not_x = ops.not_(x)
+        keep = [ops.sel(both, ops.not_(ab), not_x), ops.sel(both, ab, not_x),
+                ops.sel(both, ops.not_(cd), x), ops.sel(both, cd, x)]
+      else:
+        keep = [_fewer_than(ops, beaten, n) for beaten in _beaten_by(ops, group)]
+      new_row += [ops.sel(k, v, neg) for k, v in zip(keep, group)]
     out.append(new_row)
   return out
 
@@ -133,6 +176,27 @@ def select_dense(ops, vals, n: int, m: int):
 def sparse_pattern_fits(n: int, m: int) -> bool:
   """Whether N:M keeps at most two of every aligned four keys with 4 | w."""
   return m in (2, 4) and n <= m // 2
+
+
+def _compress_chunk(ops, chunk, n, m, consts):
+  """(first kept, second kept, nibble) of one 4-key chunk: `i0 | i1 << 2`."""
+  a, b, c, d = chunk
+  if m == 2:  # one of (a, b) and one of (c, d)
+    ab, cd = ops.fgt(b, a), ops.fgt(d, c)
+    nib = ops.iadd(ops.sel(ab, consts[1], consts[0]),
+                   ops.sel(cd, consts[12], consts[8]))
+    return ops.sel(ab, b, a), ops.sel(cd, d, c), nib
+  ab, cd, x, both, hi1, hi2 = _top2_of_4(ops, a, b, c, d)
+  v0 = ops.sel(both, hi1, ops.sel(x, c, a))
+  v1 = ops.sel(both, hi2, ops.sel(x, d, b))
+  nib_both = ops.iadd(ops.sel(ab, consts[1], consts[0]),
+                      ops.sel(cd, consts[12], consts[8]))
+  nib = ops.sel(both, nib_both, ops.sel(x, consts[14], consts[4]))
+  if n == 1:  # keep the best only; the other slot is a -inf filler
+    v0_best = ops.not_(ops.sel(both, x, ops.sel(x, cd, ab)))
+    neg = ops.f32(NEG_INF)
+    v0, v1 = ops.sel(v0_best, v0, neg), ops.sel(v0_best, neg, v1)
+  return v0, v1, nib
 
 
 def select_compress(ops, vals, n: int, m: int, t):
@@ -150,34 +214,21 @@ def select_compress(ops, vals, n: int, m: int, t):
   local = len(vals[0])
   if local % 16:
     raise ValueError(f"block_kv must be a multiple of 64; got {4 * local} keys")
-  slots_per_group = m // 2
-  neg = ops.f32(NEG_INF)
-  consts = {v: ops.i32(v) for v in range(4)}
+  consts = {v: ops.i32(v) for v in (0, 1, 4, 8, 12, 14, 16)}
   comp = [[None] * (local // 2) for _ in range(2)]
-  partial = [[ops.i32(0) for _ in range(4)] for _ in range(local // 16)]
+  nibbles = [[None] * (local // 4) for _ in range(2)]
   for r, row in enumerate(vals):
-    shift = ops.iadd(ops.imul(t, ops.i32(4)), ops.i32(16 * r))
     for b in range(local // 4):
-      chunk = row[4 * b:4 * b + 4]
-      slot, value = [], []
-      for g0 in range(0, 4, m):
-        group = chunk[g0:g0 + m]
-        for x, beaten in zip(group, _beaten_by(ops, group)):
-          is_slot = _fewer_than(ops, beaten, slots_per_group)
-          slot.append(is_slot)
-          if n == slots_per_group:
-            value.append(x)
-          else:
-            value.append(ops.sel(_fewer_than(ops, beaten, n), x, neg))
-      f0, f1, f2, f3 = slot
-      comp[r][2 * b] = ops.sel(f0, value[0], ops.sel(f1, value[1], value[2]))
-      comp[r][2 * b + 1] = ops.sel(f3, value[3], ops.sel(f2, value[2], value[1]))
-      i0 = ops.sel(f0, consts[0], ops.sel(f1, consts[1], consts[2]))
-      i1 = ops.sel(f3, consts[3], ops.sel(f2, consts[2], consts[1]))
-      nib = ops.ior(i0, ops.ishl(i1, consts[2]))
-      kb, h = divmod(b, 2)
-      pair, selector = divmod(kb, 2)
-      d = 2 * selector + h
-      partial[pair][d] = ops.ior(partial[pair][d], ops.ishl(nib, shift))
-  words = [sf.gather_metadata(ops, p, t) for p in partial]
+      v0, v1, nibbles[r][b] = _compress_chunk(ops, row[4 * b:4 * b + 4], n, m,
+                                              consts)
+      comp[r][2 * b], comp[r][2 * b + 1] = v0, v1
+  shift = ops.imul(t, consts[4])
+  words = []
+  for pair in range(local // 16):
+    partial = []
+    for d in range(4):  # d = 2 * selector + h: block b = 4 * pair + d
+      b = 4 * pair + d
+      both_rows = ops.ior(nibbles[0][b], ops.ishl(nibbles[1][b], consts[16]))
+      partial.append(ops.ishl(both_rows, shift))
+    words.append(sf.gather_metadata(ops, partial, t))
   return comp, words
