@@ -60,6 +60,10 @@ def _dense_rows() -> list[Row]:
   except Exception as e:  # pylint: disable=broad-except
     print(f"tokamax unavailable: {type(e).__name__}: {e}")
   else:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    # tokamax reads absl flags, which would otherwise parse this script's argv.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     rows.append(Row("tokamax dense", lambda q, k, v, is_causal: tokamax.dot_product_attention(
         q, k, v, is_causal=is_causal)))
   return rows
@@ -85,8 +89,9 @@ def _nm_attention(q, k, v, is_causal, *, implementation, n, m):
                              implementation=implementation)
 
 
-def _with_backward(attention, cotangent):
-  def loss(q, k, v, is_causal):
+def _with_backward(attention):
+  """(q, k, v, cotangent, is_causal) -> (dq, dk, dv): forward and backward."""
+  def loss(q, k, v, cotangent, is_causal):
     out = attention(q, k, v, is_causal)
     return jnp.sum(out.astype(jnp.float32) * cotangent)
 
@@ -138,11 +143,13 @@ def run_matrix(args) -> list[dict]:
           for row in rows:
             record = dict(row=row.name, head_dim=head_dim, seq=seq, batch=batch,
                           heads=args.heads, causal=causal, mode=mode)
-            fn = row.attention if mode == "fwd" else _with_backward(row.attention,
-                                                                    cotangent)
+            if mode == "fwd":
+              fn, operands = row.attention, (q, k, v)
+            else:  # the cotangent is an argument: as a constant XLA folds it.
+              fn, operands = _with_backward(row.attention), (q, k, v, cotangent)
             try:
               sec, compile_sec, temp = time_compiled(
-                  functools.partial(fn, is_causal=causal), (q, k, v), args.seconds)
+                  functools.partial(fn, is_causal=causal), operands, args.seconds)
               record.update(ms=sec * 1e3, tflops=flops / sec / 1e12,
                             compile_s=compile_sec, temp_bytes=temp)
             except Exception as e:  # pylint: disable=broad-except
@@ -151,6 +158,7 @@ def run_matrix(args) -> list[dict]:
                 traceback.print_exc()
             records.append(record)
             _print_record(record)
+            save(args, records)
   _add_ratios(records)
   return records
 
@@ -257,7 +265,25 @@ def run_sweep(args) -> list[dict]:
               record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
               print(f"{part} {fields}: {record['error']}", flush=True)
             records.append(record)
+            save(args, records)
   return records
+
+
+def save(args, records):
+  """Writes the JSON (again after every cell, so a cut-off run keeps its data)."""
+  path = args.json
+  if path is None and os.environ.get("OUT"):
+    path = os.path.join(os.environ["OUT"],
+                        f"bench_{'sweep' if args.sweep else 'attention'}.json")
+  if not path:
+    return None
+  device = jax.devices()[0]
+  meta = dict(device=device.device_kind, platform=device.platform,
+              jax=jax.__version__, date=datetime.date.today().isoformat(),
+              args=vars(args))
+  with open(path, "w") as f:
+    json.dump(dict(meta=meta, records=records), f, indent=1)
+  return path
 
 
 def main(argv=None):
@@ -282,23 +308,11 @@ def main(argv=None):
   parser.add_argument("--verbose", action="store_true")
   args = parser.parse_args(argv)
 
-  start = time.perf_counter()
   records = run_sweep(args) if args.sweep else run_matrix(args)
-  device = jax.devices()[0]
-  result = dict(
-      meta=dict(device=device.device_kind, platform=device.platform,
-                jax=jax.__version__, date=datetime.date.today().isoformat(),
-                args=vars(args), wall_s=time.perf_counter() - start),
-      records=records)
   if not args.sweep:
     print_table(records)
-  path = args.json
-  if path is None and os.environ.get("OUT"):
-    name = "sweep" if args.sweep else "attention"
-    path = os.path.join(os.environ["OUT"], f"bench_{name}.json")
+  path = save(args, records)
   if path:
-    with open(path, "w") as f:
-      json.dump(result, f, indent=1)
     print(f"wrote {path}")
 
 
