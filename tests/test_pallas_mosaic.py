@@ -103,6 +103,8 @@ class TestMosaicAttention(AttentionTestBase):
       dtype = jnp.bfloat16
     return super().make_case(rng, name, dtype)
 
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16],
+                           ids=lambda d: jnp.dtype(d).name)
   def test_gradients_match_reference(self, rng, case, dtype):
     if not _triton_backward_available():
       pytest.skip("the Triton backward (pallas_kernels.triton) is not available")
