@@ -236,10 +236,13 @@ def _flatten(metrics: dict, prefix="") -> dict:
 
 def results_table(trials: list[Trial]) -> list[dict]:
   """One row per trial: name, status, overrides, final metrics (flattened)."""
+  fields = []
+  for trial in trials:
+    fields.extend(k for k in trial.overrides if k not in fields)
   rows = []
   for trial in trials:
     row = {"trial": trial.name, "status": trial.status()["status"]}
-    row.update({k: v for k, v in trial.overrides.items()})
+    row.update({k: trial.overrides.get(k) for k in fields})
     final = trial.final_metrics() if row["status"] == "done" else {}
     row.update(_flatten(final.get("metrics", {})))
     rows.append(row)
