@@ -93,9 +93,10 @@ def make_optimizer(config):
 class MetricWriter:
   """Scalars to `metrics.csv` (step,split,metric,value) and TensorBoard.
 
-  `resume(step)` drops CSV rows after `step` and tells TensorBoard to discard
-  its events after `step` (a SessionLog.START), so a resumed run's metrics
-  read as one uninterrupted run.
+  `resume(step, final)` drops CSV rows after `step` (and, when `final`, the
+  final evaluation's rows at `step`, which the run writes again) and tells
+  TensorBoard to discard its events after `step` (a SessionLog.START), so a
+  resumed run's metrics read as one uninterrupted run.
   """
 
   def __init__(self, workdir: pathlib.Path, enabled: bool):
@@ -106,13 +107,14 @@ class MetricWriter:
       from tensorboard.summary.writer.event_file_writer import EventFileWriter  # pylint: disable=g-import-not-at-top
       self._events = EventFileWriter(str(workdir))
 
-  def resume(self, step: int) -> None:
+  def resume(self, step: int, final: bool) -> None:
     if not self.enabled:
       return
     if self.csv_path.exists():
       with self.csv_path.open() as f:
         rows = [row for row in csv.reader(f)]
-      kept = [row for row in rows[1:] if int(row[0]) <= step]
+      kept = [row for row in rows[1:] if int(row[0]) < step or (
+          int(row[0]) == step and (row[1] == "train" or not final))]
       with self.csv_path.open("w", newline="") as f:
         csv.writer(f).writerows([rows[0]] + kept)
     from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
@@ -239,7 +241,8 @@ def train_and_evaluate(config, workdir) -> dict:
     state = manager.restore(start_step,
                             args=ocp.args.StandardRestore(abstract))
   writer = MetricWriter(workdir, enabled=is_chief)
-  writer.resume(start_step)
+  # Evaluations at num_steps are the final ones, which this run redoes.
+  writer.resume(start_step, final=start_step == config.num_steps)
 
   dropout_key = jax.random.key(config.seed + 1)
 
