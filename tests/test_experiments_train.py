@@ -92,8 +92,11 @@ def test_a_few_steps_reduce_the_loss(tmp_path, seed):
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
   overrides = {**TINY_LISTOPS, "num_steps": 32, "log_every": 4,
                "eval_every": 16, "checkpoint_every": 8}
-  uninterrupted = run_train(LISTOPS, overrides, tmp_path / "straight")
-
+  # The uninterrupted run goes on beside the one that is killed.
+  straight = subprocess.Popen(
+      train_command(LISTOPS, overrides, tmp_path / "straight"),
+      env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True)
   workdir = tmp_path / "killed"
   process = subprocess.Popen(train_command(LISTOPS, overrides, workdir),
                              env=subprocess_env(), cwd=REPO,
@@ -106,6 +109,10 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
   process.send_signal(signal.SIGKILL)
   process.wait()
   resumed = run_train(LISTOPS, overrides, workdir)
+  _, stderr = straight.communicate(timeout=600)
+  assert straight.returncode == 0, stderr[-3000:]
+  uninterrupted = json.loads(
+      (tmp_path / "straight" / "final_metrics.json").read_text())
 
   assert 8 <= resumed["resumed_from_step"] < 32
   assert resumed["metrics"] == uninterrupted["metrics"]
