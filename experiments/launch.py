@@ -83,9 +83,10 @@ def product(*axes) -> tuple[dict, ...]:
 
 
 def trial_name(index: int, overrides: dict) -> str:
-  """`003_kind=nm_n=2_m=4`: the index and the overrides' last name parts."""
+  """`003_kind=nm_n=2_m=4`: the index and the overrides' last name parts
+  (`init_from` paths left out)."""
   parts = [f"{field.split('.')[-1]}={value}" for field, value in
-           overrides.items()]
+           overrides.items() if field != "init_from"]
   name = "_".join([f"{index:03d}"] + parts)
   return "".join(c if c.isalnum() or c in "=_-.:@" else "-" for c in name)
 

@@ -10,8 +10,10 @@ The work dir (default `runs/NAME`, after the config file) receives:
   events.out.tfevents* TensorBoard scalars
   final_metrics.json   the last evaluation of every split, run statistics
 
-Re-running with the same work dir resumes from the latest checkpoint and
-continues the same run: the data order is a function of (seed, step), and
+`--config.init_from=OTHER_WORKDIR` starts from the parameters of another run's
+latest checkpoint (fresh optimizer, step 0): e.g. finetune a dense run with
+N:M attention. Re-running with the same work dir resumes from the latest
+checkpoint and continues the same run: the data order is a function of (seed, step), and
 metrics logged after the checkpoint are dropped and recomputed.
 
 Training is data-parallel over all local devices (a 1-D `jax.sharding.Mesh`
@@ -193,6 +195,20 @@ def evaluate(task, predict, params, split, batch_size, parallel) -> dict:
   return task.metrics(merged)
 
 
+def _params_of_run(run_dir, abstract_state):
+  """The parameters of another run's latest checkpoint (`config.init_from`)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(run_dir).absolute() / "checkpoints"
+  with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
+      read_only=True)) as other:
+    step = other.latest_step()
+    if step is None:
+      raise ValueError(f"config.init_from must be a run dir with a "
+                       f"checkpoint; got config.init_from={str(run_dir)!r}")
+    return other.restore(step, args=ocp.args.StandardRestore(
+        abstract_state))["params"]
+
+
 def _config_to_json(config) -> str:
   return config.to_json_best_effort(indent=2, sort_keys=True)
 
@@ -235,11 +251,13 @@ def train_and_evaluate(config, workdir) -> dict:
           save_interval_steps=config.checkpoint_every,
           max_to_keep=config.max_checkpoints_to_keep, create=True))
   start_step = 0
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   if manager.latest_step() is not None:
     start_step = manager.latest_step()
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state = manager.restore(start_step,
                             args=ocp.args.StandardRestore(abstract))
+  elif config.init_from:
+    state["params"] = _params_of_run(config.init_from, abstract)
   writer = MetricWriter(workdir, enabled=is_chief)
   # Evaluations at num_steps are the final ones, which this run redoes.
   writer.resume(start_step, final=start_step == config.num_steps)

@@ -88,6 +88,21 @@ def test_a_few_steps_reduce_the_loss(tmp_path, seed):
   assert list(tmp_path.glob("events.out.tfevents*"))
   assert (tmp_path / "config.json").exists()
 
+  # init_from: a new run starting from these parameters begins where this
+  # one ended, not at ln(256).
+  config.num_steps, config.init_from = 5, str(tmp_path)
+  train.train_and_evaluate(config, tmp_path / "continued")
+  first = [v for step, split, name, v in train.read_metrics(
+      tmp_path / "continued") if split == "train" and name == "loss"][0]
+  assert first < losses[0] - 1.0, (first, losses)
+
+
+def test_init_from_needs_a_checkpoint(tmp_path):
+  config = load_config(LISTOPS, {**TINY_LISTOPS, "num_steps": 2,
+                                 "init_from": str(tmp_path / "nothing")})
+  with pytest.raises(ValueError, match="config.init_from="):
+    train.train_and_evaluate(config, tmp_path / "run")
+
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
   overrides = {**TINY_LISTOPS, "num_steps": 32, "log_every": 4,

@@ -11,6 +11,8 @@ def base_config(task: str, name: str) -> ml_collections.ConfigDict:
   config.name = name
   config.task = task
   config.seed = 0
+  # A run dir whose latest checkpoint's params initialise this run ("": none).
+  config.init_from = ""
 
   # Attention of every layer: kind in (dense, nm, topk, local); the density of
   # nm, topk and local is n / m.
