@@ -31,6 +31,7 @@ SWEEPS = {
     "retrieval_finetune": "experiments/sweeps/retrieval_finetune.py",
     "listops_from_scratch": "experiments/sweeps/listops_from_scratch.py",
     "bytelm_from_scratch": "experiments/sweeps/bytelm_from_scratch.py",
+    "bytelm_dense_to_sparse": "experiments/sweeps/bytelm_dense_to_sparse.py",
 }
 
 
@@ -291,6 +292,33 @@ def render() -> str:
         (f"valid {unit}", unit,
          {k: _series(t, "valid", metric) for k, t in by.items()}, "line")])
     lines += [f"![{sweep}](results/{image})", ""]
+
+  switched = load_trials("bytelm_dense_to_sparse")
+  switched_by = _by_attention(switched)
+  if switched:
+    config = json.loads((RESULTS / "bytelm_dense_to_sparse" /
+                         switched[0]["name"] / "config.json").read_text())
+    lines += ["## 3b. Byte-level LM: dense first, then N:M (the DFSS recipe)",
+              "",
+              "The dense from-scratch byte LM above, continued for "
+              f"{config['num_steps']} more steps (fresh AdamW, warm-up "
+              f"{config['optimizer']['warmup_steps']}, the batches of steps 0-199 again) with "
+              "each attention (`--config.init_from=` the dense run).", "",
+              f"Command: `{_command('bytelm_dense_to_sparse')}` (after the "
+              "from-scratch sweep, with its dense run at "
+              "`runs/sweeps/bytelm_from_scratch`)", "",
+              "| attention | test bits per byte | valid bits per byte | "
+              "relative to dense |", "|---|---|---|---|"]
+    dense = switched_by.get("dense")
+    for label, trial in switched_by.items():
+      m = trial["final"]["metrics"]
+      relative = ""
+      if dense:
+        d = dense["final"]["metrics"]["test"]["bits_per_byte"]
+        relative = f"{100 * (m['test']['bits_per_byte'] - d) / d:+.2f}%"
+      lines.append(f"| {label} | {m['test']['bits_per_byte']:.4f} | "
+                   f"{m['valid']['bits_per_byte']:.4f} | {relative} |")
+    lines += [_failed(switched)]
 
   notes = RESULTS / "NOTES.md"
   if notes.exists():
