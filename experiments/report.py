@@ -302,7 +302,8 @@ def render() -> str:
               "",
               "The dense from-scratch byte LM above, continued for "
               f"{config['num_steps']} more steps (fresh AdamW, warm-up "
-              f"{config['optimizer']['warmup_steps']}, the batches of steps 0-199 again) with "
+              f"{config['optimizer']['warmup_steps']}, the batches of steps "
+              f"0-{config['num_steps'] - 1} again) with "
               "each attention (`--config.init_from=` the dense run).", "",
               f"Command: `{_command('bytelm_dense_to_sparse')}` (after the "
               "from-scratch sweep, with its dense run at "
