@@ -158,8 +158,8 @@ def run_matrix(args) -> list[dict]:
                 traceback.print_exc()
             records.append(record)
             _print_record(record)
+            _add_ratios(records)
             save(args, records)
-  _add_ratios(records)
   return records
 
 
