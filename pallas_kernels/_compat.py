@@ -8,11 +8,16 @@ CUDA through Mosaic GPU rather than Triton.
 
 from __future__ import annotations
 
+import functools
+
 import jax
+from jax import lax
 from jax.experimental.pallas import triton as pallas_triton
 
 # `pl.dot` is deprecated from jax 0.10.x on; the Triton module keeps it.
-dot = pallas_triton.dot
+# HIGHEST makes float32 operands exact IEEE products (the default is TF32,
+# measured 2.5e-3 relative error on an H100); 16-bit operands are unaffected.
+dot = functools.partial(pallas_triton.dot, precision=lax.Precision.HIGHEST)
 
 
 def triton_compiler_params(num_warps: int, num_stages: int):

@@ -357,3 +357,16 @@ def test_pallas_kernels_does_not_import_nmattn():
     for forbidden in ("import nmattn", "from nmattn", "import experiments",
                       "from experiments"):
       assert forbidden not in text, (path, forbidden)
+
+
+def test_tiled_bias_or_mask_pipelines_fewer_stages():
+  """Three stages of K, V, a [block_q, block_k] f32 bias and mask tile overflow
+  an H100's shared memory (measured: 249856 > 232448 bytes at head_dim 64)."""
+  q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+  plan_of = lambda bias, mask: _common.plan_call(
+      q, q, q, bias, mask, None, None, scale=None, is_causal=False, window=None,
+      n=2, m=4, interpret=True, tuning=None)[0]
+  assert plan_of(None, None).tuning.num_stages == 3
+  assert plan_of(jnp.ones((1, 1, 1, 256)), None).tuning.num_stages == 3
+  assert plan_of(jnp.ones((1, 2, 256, 256)), None).tuning.num_stages == 2
+  assert plan_of(None, jnp.ones((1, 1, 256, 256), bool)).tuning.num_stages == 2

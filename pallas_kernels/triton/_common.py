@@ -201,7 +201,8 @@ def plan_call(q, k, v, bias, mask, q_lengths, kv_lengths, *, scale, is_causal,
   if not isinstance(interpret, bool):
     raise ValueError(f"interpret must be a bool; got interpret={interpret!r}")
   if tuning is None:
-    tuning = default_tuning(head_dim)
+    tuning = default_tuning(head_dim, tiled_bias_or_mask=any(
+        full is not None and full[2] and full[3] for full in (bias_full, mask_full)))
   elif not isinstance(tuning, TuningConfig):
     raise ValueError(f"tuning must be a TuningConfig or None; got tuning={tuning!r}")
   plan = Plan(batch=batch, q_len=q_len, kv_len=kv_len, heads=heads,

@@ -50,15 +50,20 @@ class TuningConfig:
                          f"{field.name}={value!r}")
 
 
-def default_tuning(head_dim: int) -> TuningConfig:
+def default_tuning(head_dim: int, tiled_bias_or_mask: bool = False) -> TuningConfig:
   """The tuning measured best on an H100 (docs/BENCHMARKS.md, "Triton kernel").
 
   Swept at head_dim 128, S=4096, 2:4; smaller head dims reuse the tiles with
-  half the warps, 256 takes smaller tiles to fit shared memory (untuned).
+  half the warps, 256 takes smaller tiles to fit shared memory (untuned). A
+  bias or mask tiled along both query and key axes is pipelined beside K and
+  V; three forward stages of those exceeded the H100's 227 KiB of shared
+  memory (bias + mask at head_dim 64), as did three at head_dim 256, so such
+  calls pipeline two.
   """
+  stages = 2 if tiled_bias_or_mask or head_dim > 128 else 3
   if head_dim <= 64:
-    return TuningConfig(num_warps=4)
+    return TuningConfig(num_warps=4, num_stages=stages)
   if head_dim <= 128:
-    return TuningConfig()
+    return TuningConfig(num_stages=stages)
   return TuningConfig(block_q=64, block_k=64, block_q_dq=32, block_k_dq=64,
-                      block_q_dkv=32, block_k_dkv=64)
+                      block_q_dkv=32, block_k_dkv=64, num_stages=stages)

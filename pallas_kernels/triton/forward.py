@@ -137,6 +137,9 @@ def forward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, *,
     out_specs.append(pl.BlockSpec((None, None, block_q, s_pad), row_block))
   kernel = functools.partial(_forward_kernel, plan=plan, block_q=block_q,
                              block_k=block_k)
+  # The keep-mask output tile pushed three stages at head_dim 128 past the
+  # H100's shared memory (233472 > 232448 bytes); this path is for tests.
+  num_stages = min(plan.tuning.num_stages, 2) if return_keep else plan.tuning.num_stages
   results = pl.pallas_call(
       kernel,
       grid=(num_q_tiles, plan.batch, plan.heads),
@@ -144,7 +147,7 @@ def forward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, *,
       out_specs=out_specs,
       out_shape=out_shape,
       compiler_params=_compat.triton_compiler_params(plan.tuning.num_warps,
-                                                     plan.tuning.num_stages),
+                                                     num_stages),
       interpret=plan.interpret,
       name="nm_flash_forward",
   )(q, k, v, bias, mask, q_lengths, kv_lengths)
