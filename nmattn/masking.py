@@ -34,8 +34,9 @@ def nm_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
   ties going to the lower index. A `-inf` score is never kept, so a group with
   fewer than `n` finite scores keeps only those; when the length is not a
   multiple of `m` the last group is padded with `-inf`. NaN scores are kept so
-  that they propagate to the output as in dense attention. The mask carries no
-  gradient.
+  that they propagate to the output as in dense attention. Scores compare as
+  XLA compares floats: on the CPU subnormals are flushed, so a subnormal score
+  ties with zero. The mask carries no gradient.
 
   Args:
     scores: float array `[..., length]`.
