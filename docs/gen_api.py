@@ -19,6 +19,8 @@ import re
 import sys
 
 API_MD = pathlib.Path(__file__).resolve().parent / "API.md"
+# Document this checkout's nmattn, not another one installed in the venv.
+sys.path.insert(0, str(API_MD.parent.parent))
 
 # (qualified name, what the page says about a constant, which has no docstring).
 PUBLIC = (
