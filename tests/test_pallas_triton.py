@@ -370,3 +370,19 @@ def test_tiled_bias_or_mask_pipelines_fewer_stages():
   assert plan_of(jnp.ones((1, 1, 1, 256)), None).tuning.num_stages == 3
   assert plan_of(jnp.ones((1, 2, 256, 256)), None).tuning.num_stages == 2
   assert plan_of(None, jnp.ones((1, 1, 256, 256), bool)).tuning.num_stages == 2
+
+
+def test_float32_takes_the_tiles_of_twice_the_head_dim():
+  """float32 at head_dim 128 with the 16-bit tiles asked an H100 for 393728
+  bytes of shared memory (232448 available)."""
+  plan_of = lambda dtype, head_dim: _common.plan_call(
+      *[jnp.zeros((1, 256, 2, head_dim), dtype)] * 3, None, None, None, None,
+      scale=None, is_causal=False, window=None, n=2, m=4, interpret=True,
+      tuning=None)[0]
+  assert plan_of(jnp.float32, 64).tuning == plan_of(jnp.bfloat16, 128).tuning
+  assert plan_of(jnp.float32, 128).tuning == plan_of(jnp.bfloat16, 256).tuning
+  with pytest.raises(ValueError, match="head_dim=256"):
+    plan_of(jnp.float32, 256)
+  assert "head_dim=256" in nm_triton.unsupported_reason(head_dim=256,
+                                                        dtype=jnp.float32)
+  assert nm_triton.unsupported_reason(head_dim=128, dtype=jnp.float32) is None

@@ -124,7 +124,8 @@ def test_bf16_at_scale_matches_reference(rng, name):
 
 
 @pytest.mark.parametrize("dtype,head_dim", [
-    (jnp.float16, 128), (jnp.float32, 64), (jnp.bfloat16, 32), (jnp.bfloat16, 256)])
+    (jnp.float16, 128), (jnp.float32, 64), (jnp.float32, 128), (jnp.bfloat16, 32),
+    (jnp.bfloat16, 256)])
 def test_dtypes_and_head_dims(rng, dtype, head_dim):
   q, k, v = random_inputs(rng, batch=2, q_len=300, kv_len=520, heads=4, kv_heads=2,
                           head_dim=head_dim, dtype=dtype)

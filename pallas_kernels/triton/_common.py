@@ -26,6 +26,8 @@ from pallas_kernels.triton.config import MIN_BLOCK, TuningConfig, default_tuning
 SUPPORTED_M = (1, 2, 4, 8, 16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
+# float32 tiles of head_dim 256 do not fit shared memory at the smallest N:M tile.
+MAX_FLOAT32_HEAD_DIM = 128
 LOG2E = math.log2(math.e)
 
 
@@ -174,6 +176,9 @@ def plan_call(q, k, v, bias, mask, q_lengths, kv_lengths, *, scale, is_causal,
   dtype = jnp.dtype(q.dtype).name
   if dtype not in SUPPORTED_DTYPES:
     raise ValueError(f"q.dtype must be one of {SUPPORTED_DTYPES}; got q.dtype={dtype}")
+  if dtype == "float32" and head_dim > MAX_FLOAT32_HEAD_DIM:
+    raise ValueError(f"float32 needs head_dim <= {MAX_FLOAT32_HEAD_DIM}; got "
+                     f"head_dim={head_dim}")
   for name, x in (("k", k), ("v", v)):
     if jnp.dtype(x.dtype).name != dtype:
       raise ValueError(f"{name}.dtype must equal q.dtype={dtype}; got "
@@ -202,7 +207,8 @@ def plan_call(q, k, v, bias, mask, q_lengths, kv_lengths, *, scale, is_causal,
     raise ValueError(f"interpret must be a bool; got interpret={interpret!r}")
   if tuning is None:
     tuning = default_tuning(head_dim, tiled_bias_or_mask=any(
-        full is not None and full[2] and full[3] for full in (bias_full, mask_full)))
+        full is not None and full[2] and full[3] for full in (bias_full, mask_full)),
+                            itemsize=jnp.dtype(dtype).itemsize)
   elif not isinstance(tuning, TuningConfig):
     raise ValueError(f"tuning must be a TuningConfig or None; got tuning={tuning!r}")
   plan = Plan(batch=batch, q_len=q_len, kv_len=kv_len, heads=heads,

@@ -50,16 +50,21 @@ class TuningConfig:
                          f"{field.name}={value!r}")
 
 
-def default_tuning(head_dim: int, tiled_bias_or_mask: bool = False) -> TuningConfig:
+def default_tuning(head_dim: int, tiled_bias_or_mask: bool = False,
+                   itemsize: int = 2) -> TuningConfig:
   """The tuning measured best on an H100 (docs/BENCHMARKS.md, "Triton kernel").
 
-  Swept at head_dim 128, S=4096, 2:4; smaller head dims reuse the tiles with
-  half the warps, 256 takes smaller tiles to fit shared memory (untuned). A
-  bias or mask tiled along both query and key axes is pipelined beside K and
-  V; three forward stages of those exceeded the H100's 227 KiB of shared
-  memory (bias + mask at head_dim 64), as did three at head_dim 256, so such
-  calls pipeline two.
+  Swept at head_dim 128, S=4096, 2:4 in bf16; smaller head dims reuse the
+  tiles with half the warps, 256 takes smaller tiles to fit shared memory
+  (untuned). Tiles go by the bytes of a row of q, k and v: float32
+  (`itemsize` 4) takes the tiles of a 16-bit call of twice the head_dim
+  (float32 at head_dim 128 with the 16-bit tiles asked for 393728 bytes of
+  the H100's 232448). A bias or mask tiled along both query and key axes is
+  pipelined beside K and V; three forward stages of those exceeded the
+  shared memory (bias + mask at head_dim 64), as did three at head_dim 256,
+  so such calls pipeline two.
   """
+  head_dim = head_dim * itemsize // 2  # the 16-bit head_dim of the same bytes
   stages = 2 if tiled_bias_or_mask or head_dim > 128 else 3
   if head_dim <= 64:
     return TuningConfig(num_warps=4, num_stages=stages)

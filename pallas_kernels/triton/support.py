@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _compat
-from pallas_kernels.triton._common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from pallas_kernels.triton._common import (MAX_FLOAT32_HEAD_DIM, SUPPORTED_DTYPES,
+                                           SUPPORTED_HEAD_DIMS)
 
 # bfloat16 dots in Triton need Ampere (sm_80) or newer.
 MIN_COMPUTE_CAPABILITY = (8, 0)
@@ -30,6 +31,9 @@ def unsupported_reason(*, head_dim: int, dtype) -> str | None:
   if head_dim not in SUPPORTED_HEAD_DIMS:
     return (f"head_dim={head_dim} is not supported (supported: "
             f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
+  if dtype == "float32" and head_dim > MAX_FLOAT32_HEAD_DIM:
+    return (f"float32 needs head_dim <= {MAX_FLOAT32_HEAD_DIM}; got "
+            f"head_dim={head_dim}")
   device = jax.devices()[0]
   if device.platform == "cpu" or runs_natively():
     return None
