@@ -411,10 +411,23 @@ def join_lanes(plan: Plan, lanes: list[jax.Array]):
 def nm_keep(scores: list[jax.Array], n: int) -> list[jax.Array]:
   """Keep-masks of N:M selection; `scores[j]` holds member j of every group.
 
-  Ranks count the members that beat an element: a lower index wins ties, so
-  one comparison per pair decides both ranks. `-inf` is never kept; NaN is
+  A member beats another if it is larger, or equal with the lower index
+  (`>=` with the lower index on the left). `-inf` is never kept; NaN is
   always kept (its row is NaN either way, as in the reference).
   """
+  m = len(scores)
+  if (n, m) == (1, 2):
+    first = scores[0] >= scores[1]
+    wins = [first, jnp.logical_not(first)]
+  elif (n, m) == (2, 4):
+    wins = _top_two_of_four(scores)
+  else:
+    wins = _rank_below(scores, n)
+  return [(w & (s != -jnp.inf)) | (s != s) for w, s in zip(wins, scores)]
+
+
+def _rank_below(scores, n):
+  """Whether fewer than `n` members beat each one: one comparison per pair."""
   m = len(scores)
   rank = [jnp.zeros(scores[0].shape, jnp.int32) for _ in range(m)]
   for a in range(m):
@@ -422,7 +435,26 @@ def nm_keep(scores: list[jax.Array], n: int) -> list[jax.Array]:
       a_wins = (scores[a] >= scores[b]).astype(jnp.int32)
       rank[b] = rank[b] + a_wins
       rank[a] = rank[a] + (1 - a_wins)
-  return [((r < n) & (s != -jnp.inf)) | (s != s) for r, s in zip(rank, scores)]
+  return [r < n for r in rank]
+
+
+def _top_two_of_four(scores):
+  """The two winners of a group of four from its two sorted pairs: five
+  comparisons and boolean logic, against six comparisons and integer rank
+  sums (this runs on every score; the ALU, not the tensor cores, bounds it)."""
+  a, b, c, d = scores
+  ab, cd = a >= b, c >= d
+  hi1, lo1 = jnp.where(ab, a, b), jnp.where(ab, b, a)
+  hi2, lo2 = jnp.where(cd, c, d), jnp.where(cd, d, c)
+  first = hi1 >= hi2  # pair (a, b) holds the top; else (c, d) does
+  lo1_second = lo1 >= hi2  # the runner-up if pair (a, b) holds the top
+  hi1_second = hi1 >= lo2  # the runner-up if pair (c, d) holds the top
+  keep_hi1 = first | hi1_second
+  keep_lo1 = first & lo1_second
+  keep_hi2 = jnp.logical_not(first & lo1_second)
+  keep_lo2 = jnp.logical_not(first | hi1_second)
+  return [jnp.where(ab, keep_hi1, keep_lo1), jnp.where(ab, keep_lo1, keep_hi1),
+          jnp.where(cd, keep_hi2, keep_lo2), jnp.where(cd, keep_lo2, keep_hi2)]
 
 
 @dataclasses.dataclass(frozen=True)
