@@ -1,18 +1,11 @@
 """What the forward and backward kernels share: the call plan, tile ranges,
 masking and the N:M selection of one score tile.
 
-A score tile is split into `lanes` sub-tiles: lane `j` of the tile starting
-at key `k0` holds keys `k0 + j, k0 + j + lanes, ...`. With `lanes = m`, the
-`m` members of every N:M group sit at the same position of the `m` lanes, so
-ranking a group is elementwise work across lanes. The kernels see K and V in
-"lane order" (`to_lane_order`, done once in XLA): within every chunk of
-`key_chunk` keys, the keys of lane 0 come first, then those of lane 1, ...
-Then one wide dot scores a whole key tile, its lanes are contiguous column
-blocks of every chunk (split and re-joined by reshapes that stay in each
-thread's registers, since every thread holds columns of every block), and
-`P V`, `dS K`, `P^T dO` and `dS^T Q` are wide dots in the same order. Keys of
-one lane are narrow dots otherwise (N = block_k / m), which re-read q per
-lane and ran at a quarter of the tensor-core rate for 2:4.
+Key tiles are split into `lanes` strided sub-tiles: lane `j` of the tile
+starting at key `k0` holds keys `k0 + j, k0 + j + lanes, ...`. With
+`lanes = m`, the `m` members of every N:M group sit at the same position of
+the `m` lanes, so ranking a group is elementwise work across lanes (no
+reshape or shuffle of the score tile), and each lane is its own dot.
 """
 
 from __future__ import annotations
@@ -99,11 +92,6 @@ class Plan:
   def dkv_blocks(self) -> tuple[int, int]:
     return (self._q_block(self.tuning.block_q_dkv),
             self._k_block(self.tuning.block_k_dkv))
-
-  @property
-  def key_chunk(self) -> int:
-    """Keys per lane-order chunk: the smallest key tile, so tiles are whole chunks."""
-    return min(self.forward_blocks[1], self.dq_blocks[1], self.dkv_blocks[1])
 
   def padded_lengths(self, block_q: int, block_k: int) -> tuple[int, int]:
     return _round_up(self.q_len, block_q), _round_up(self.kv_len, block_k)
@@ -252,26 +240,6 @@ def pad_broadcast(x, q_size: int, k_size: int):
   return x
 
 
-def to_lane_order(plan: Plan, x):
-  """`[B, S, H, D]` keys padded to whole chunks, each chunk in lane order."""
-  x = pad_axis(x, 1, _round_up(x.shape[1], plan.key_chunk))
-  if plan.lanes == 1:
-    return x
-  b, s, h, d = x.shape
-  c, m = plan.key_chunk, plan.lanes
-  x = x.reshape(b, s // c, c // m, m, h, d)
-  return jnp.swapaxes(x, 2, 3).reshape(b, s, h, d)
-
-
-def from_lane_order(plan: Plan, x):
-  """Inverse of `to_lane_order` (the first `kv_len` keys, in key order)."""
-  b, s, h, d = x.shape
-  if plan.lanes > 1:
-    c, m = plan.key_chunk, plan.lanes
-    x = jnp.swapaxes(x.reshape(b, s // c, m, c // m, h, d), 2, 3).reshape(b, s, h, d)
-  return x[:, :plan.kv_len]
-
-
 def mask_as_int8(mask):
   """Triton loads bytes, not i1: the mask travels as int8 (1 = attend)."""
   return None if mask is None else mask.astype(jnp.int8)
@@ -376,36 +344,9 @@ def loop_tiles(plan: Plan, tile_range, body, carry):
 
 
 def lane_slice(plan: Plan, start, lane: int, block_k: int):
-  """The keys of lane `lane` of the key tile at `start`, in arrays in key order."""
+  """The keys of lane `lane` of the key tile starting at `start`."""
   lanes = plan.lanes
   return pl.ds(start + lane, block_k // lanes, stride=lanes)
-
-
-def split_lanes(plan: Plan, x) -> list[jax.Array]:
-  """The lanes of a tile in lane order along the last axis (see module doc)."""
-  m, c = plan.lanes, plan.key_chunk
-  if m == 1:
-    return [x]
-  lead, width = x.shape[:-1], x.shape[-1]
-  x = x.reshape(lead + (width // c, m, c // m))
-  return [part.reshape(lead + (width // m,))
-          for part in lax.split(x, [1] * m, axis=len(lead) + 1)]
-
-
-def join_lanes(plan: Plan, lanes: list[jax.Array]):
-  """Inverse of `split_lanes`: Triton joins two tensors only along a new
-  minor axis, so lanes pair up in a tree whose levels are the bits of the
-  lane index, high bit first."""
-  m, c = plan.lanes, plan.key_chunk
-  if m == 1:
-    return lanes[0]
-  lead, width = lanes[0].shape[:-1], lanes[0].shape[-1] * m
-  parts = [x.reshape(lead + (width // c, c // m)) for x in lanes]
-  while len(parts) > 1:
-    half = len(parts) // 2
-    parts = [jnp.stack([parts[i], parts[i + half]], axis=-1) for i in range(half)]
-  x = parts[0].reshape(lead + (width // c, c // m, m))
-  return jnp.swapaxes(x, -1, -2).reshape(lead + (width,))
 
 
 def nm_keep(scores: list[jax.Array], n: int) -> list[jax.Array]:
@@ -464,24 +405,14 @@ class TileContext:
   q_limit: Any
   kv_limit: Any
 
-  def tile_scores(self, q, k, q0, k0, *, masked, bias=None, mask=None):
-    """Kept f32 scores `[rows, block_k]` of a key tile, and per-lane keep-masks.
+  def lane_scores(self, q, k_lane, q0, k_start, lane, *, masked, bias=None,
+                  mask=None):
+    """Scaled, biased, masked f32 scores `[rows, block_k / lanes]` of one lane.
 
-    `k` is the tile in lane order; the scores come back in the same order
-    (`-inf` where masked or dropped). `bias`/`mask`: per-lane tiles in key
-    order, or None. `masked`: whether positional masks apply (bool, or a
-    traced bool).
+    `masked`: whether positional masks apply (bool, or a traced bool).
     """
-    s = _compat.dot(q, k, trans_b=True) * self.plan.scale
-    scores = [self._mask_lane(x, q0, k0, j, masked=masked,
-                              bias=None if bias is None else bias[j],
-                              mask=None if mask is None else mask[j])
-              for j, x in enumerate(split_lanes(self.plan, s))]
-    kept, keep = self.kept_scores(scores)
-    return join_lanes(self.plan, kept), keep
-
-  def _mask_lane(self, s, q0, k_start, lane, *, masked, bias, mask):
     plan = self.plan
+    s = _compat.dot(q, k_lane, trans_b=True) * plan.scale
     if bias is not None:
       s = s + bias.astype(jnp.float32)
     valid = None if mask is None else mask != 0

@@ -1,7 +1,7 @@
 """Backward kernels: dQ, and dK/dV, from the forward's log-sum-exp.
 
-Both recompute each score tile with the forward's code (`_common`, K and V in
-lane order), so the N:M selection is the forward's, and form `P = exp(S - lse)` for the kept
+Both recompute each score tile with the forward's code (`_common`), so the
+N:M selection is the forward's, and form `P = exp(S - lse)` for the kept
 scores, `dP = dO V^T`, `dS = P (dP - delta)` with `delta = rowsum(dO * O)`.
 
 * dQ: one program per (query tile, batch, head) walks its key tiles:
@@ -30,14 +30,7 @@ from pallas_kernels.triton._common import LOG2E, Plan
 def _probabilities(kept, lse):
   """`exp(s - lse)` of kept scores; rows without any (lse = +-inf) give 0."""
   shift = (jnp.where(lse == -jnp.inf, jnp.inf, lse) * LOG2E)[:, None]
-  return jnp.exp2(kept * LOG2E - shift)
-
-
-def _lane_tiles(ref, full, head, rows, cols):
-  """Per-lane tiles of a bias/mask ref (None without one)."""
-  if ref is None:
-    return None
-  return [_common.broadcast_tile(ref, full, head, rows, lane) for lane in cols]
+  return [jnp.exp2(s * LOG2E - shift) for s in kept]
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
@@ -53,19 +46,27 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
 
   def body(k_tile, dq, masked):
     k0 = k_tile * block_k
-    tile = pl.ds(k0, block_k)
     cols = [_common.lane_slice(plan, k0, j, block_k) for j in range(plan.lanes)]
-    key = k_ref[tile, :]
-    kept, _ = ctx.tile_scores(
-        q, key, q0, k0, masked=masked,
-        bias=_lane_tiles(bias_ref, plan.bias_full, None, slice(None), cols),
-        mask=_lane_tiles(mask_ref, plan.mask_full, None, slice(None), cols))
-    dp = _compat.dot(d_out, v_ref[tile, :], trans_b=True)
-    ds = _probabilities(kept, lse) * (dp - delta[:, None])
-    if dbias_ref is not None:
-      for lane, ds_lane in zip(cols, _common.split_lanes(plan, ds)):
-        dbias_ref[:, lane] = ds_lane
-    return dq + _compat.dot(ds.astype(key.dtype), key)
+    keys = [k_ref[lane, :] for lane in cols]
+    scores = []
+    for j, (lane, key) in enumerate(zip(cols, keys)):
+      bias = mask = None
+      if bias_ref is not None:
+        bias = _common.broadcast_tile(bias_ref, plan.bias_full, None,
+                                      slice(None), lane)
+      if mask_ref is not None:
+        mask = _common.broadcast_tile(mask_ref, plan.mask_full, None,
+                                      slice(None), lane)
+      scores.append(ctx.lane_scores(q, key, q0, k0, j, masked=masked, bias=bias,
+                                    mask=mask))
+    kept, _ = ctx.kept_scores(scores)
+    for p, lane, key in zip(_probabilities(kept, lse), cols, keys):
+      dp = _compat.dot(d_out, v_ref[lane, :], trans_b=True)
+      ds = p * (dp - delta[:, None])
+      dq = dq + _compat.dot(ds.astype(key.dtype), key)
+      if dbias_ref is not None:
+        dbias_ref[:, lane] = ds
+    return dq
 
   dq = _common.loop_tiles(plan, tiles, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)
@@ -90,7 +91,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
   ctx = _common.TileContext(plan, q_limit, kv_limit)
   tiles = _common.query_tile_range(plan, k0, block_k, block_q, q_limit, kv_limit)
   cols = [_common.lane_slice(plan, 0, j, block_k) for j in range(plan.lanes)]
-  key, value = k_ref[...], v_ref[...]
+  keys = [k_ref[lane, :] for lane in cols]
+  values = [v_ref[lane, :] for lane in cols]
+  width = block_k // plan.lanes
 
   def head(g, carry):
     def body(q_tile, carry, masked):
@@ -99,31 +102,41 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
       rows = pl.ds(q0, block_q)
       q, d_out = q_ref[rows, g, :], d_out_ref[rows, g, :]
       lse, delta = lse_ref[g, rows], delta_ref[g, rows]
-      kept, _ = ctx.tile_scores(
-          q, key, q0, k0, masked=masked,
-          bias=_lane_tiles(bias_ref, plan.bias_full, g, rows, cols),
-          mask=_lane_tiles(mask_ref, plan.mask_full, g, rows, cols))
-      p = _probabilities(kept, lse)
-      dv = dv + _compat.dot(p.astype(d_out.dtype), d_out, trans_a=True)
-      dp = _compat.dot(d_out, value, trans_b=True)
-      ds = p * (dp - delta[:, None])
-      dk = dk + _compat.dot(ds.astype(q.dtype), q, trans_a=True)
-      if dbias is not None:
-        dbias = dbias + jnp.sum(ds, axis=0)
-      return dk, dv, dbias
+      scores = []
+      for j, (lane, key) in enumerate(zip(cols, keys)):
+        bias = mask = None
+        if bias_ref is not None:
+          bias = _common.broadcast_tile(bias_ref, plan.bias_full, g, rows, lane)
+        if mask_ref is not None:
+          mask = _common.broadcast_tile(mask_ref, plan.mask_full, g, rows, lane)
+        scores.append(ctx.lane_scores(q, key, q0, k0, j, masked=masked,
+                                      bias=bias, mask=mask))
+      kept, _ = ctx.kept_scores(scores)
+      new_dk, new_dv, new_dbias = [], [], []
+      for j, p in enumerate(_probabilities(kept, lse)):
+        new_dv.append(dv[j] + _compat.dot(p.astype(d_out.dtype), d_out, trans_a=True))
+        dp = _compat.dot(d_out, values[j], trans_b=True)
+        ds = p * (dp - delta[:, None])
+        new_dk.append(dk[j] + _compat.dot(ds.astype(q.dtype), q, trans_a=True))
+        if dbias is not None:
+          new_dbias.append(dbias[j] + jnp.sum(ds, axis=0))
+      return new_dk, new_dv, (new_dbias if dbias is not None else None)
 
     dk, dv = carry
-    dbias = None if dbias_ref is None else jnp.zeros((block_k,), jnp.float32)
+    dbias = None
+    if dbias_ref is not None:
+      dbias = [jnp.zeros((width,), jnp.float32) for _ in cols]
     dk, dv, dbias = _common.loop_tiles(plan, tiles, body, (dk, dv, dbias))
     if dbias_ref is not None:
-      for lane, column_sums in zip(cols, _common.split_lanes(plan, dbias)):
+      for lane, column_sums in zip(cols, dbias):
         dbias_ref[g, lane] = column_sums
     return dk, dv
 
-  zeros = jnp.zeros((block_k, plan.head_dim), jnp.float32)
+  zeros = [jnp.zeros((width, plan.head_dim), jnp.float32) for _ in cols]
   dk, dv = lax.fori_loop(0, plan.groups, head, (zeros, zeros))
-  dk_ref[...] = (dk * plan.scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  for lane, dk_lane, dv_lane in zip(cols, dk, dv):
+    dk_ref[lane, :] = (dk_lane * plan.scale).astype(dk_ref.dtype)
+    dv_ref[lane, :] = dv_lane.astype(dv_ref.dtype)
 
 
 def backward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
@@ -136,7 +149,6 @@ def backward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
   """
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32),
                      d_out.astype(jnp.float32))
-  k, v = (_common.to_lane_order(plan, x) for x in (k, v))
   dq, dbias_rows = _dq(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out,
                        lse, delta)
   dk, dv, dbias_cols = _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths,
@@ -272,5 +284,6 @@ def _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
       interpret=plan.interpret,
       name="nm_flash_backward_dkv",
   )(q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta)
-  dk, dv = (_common.from_lane_order(plan, x) for x in results[:2])
+  dk = results[0][:, :plan.kv_len]
+  dv = results[1][:, :plan.kv_len]
   return dk, dv, (results[2] if writes_dbias else None)

@@ -1,8 +1,8 @@
 """Forward kernel: fused N:M flash attention, one program per (query tile, batch, head).
 
-The query tile stays resident while the program walks its key tiles (K and V
-in lane order, see `_common`): float32 scores of the tile, masks and N:M
-selection per lane, online softmax over the kept scores, `P V`. The score matrix never reaches memory. It writes the
+The query tile stays resident while the program walks its key tiles: float32
+scores per lane (see `_common`), masks, N:M selection, online softmax over the
+kept scores, `P V`. The score matrix never reaches memory. It writes the
 output and the log-sum-exp of the kept scores (the backward's residual).
 """
 
@@ -35,25 +35,32 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
   def body(k_tile, carry, masked):
     acc, row_max, row_sum = carry
     k0 = k_tile * block_k
-    tile = pl.ds(k0, block_k)
     cols = [_common.lane_slice(plan, k0, j, block_k) for j in range(plan.lanes)]
-    bias = mask = None
-    if bias_ref is not None:
-      bias = [_common.broadcast_tile(bias_ref, plan.bias_full, None, slice(None),
-                                     lane) for lane in cols]
-    if mask_ref is not None:
-      mask = [_common.broadcast_tile(mask_ref, plan.mask_full, None, slice(None),
-                                     lane) for lane in cols]
-    kept, keep = ctx.tile_scores(q, k_ref[tile, :], q0, k0, masked=masked,
-                                 bias=bias, mask=mask)
-    new_max = jnp.maximum(row_max, jnp.max(kept, axis=1))
+    scores = []
+    for j, lane in enumerate(cols):
+      bias = mask = None
+      if bias_ref is not None:
+        bias = _common.broadcast_tile(bias_ref, plan.bias_full, None, slice(None),
+                                             lane)
+      if mask_ref is not None:
+        mask = _common.broadcast_tile(mask_ref, plan.mask_full, None, slice(None),
+                                             lane)
+      scores.append(ctx.lane_scores(q, k_ref[lane, :], q0, k0, j, masked=masked,
+                                    bias=bias, mask=mask))
+    kept, keep = ctx.kept_scores(scores)
+    # Combine lanes elementwise first: one cross-thread row reduction, not m.
+    new_max = jnp.maximum(row_max,
+                          jnp.max(functools.reduce(jnp.maximum, kept), axis=1))
     # A row with nothing kept yet has max -inf; exponentiate against 0 instead.
     safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
     correction = jnp.exp2((row_max - safe_max) * LOG2E)
-    probs = jnp.exp2(kept * LOG2E - (safe_max * LOG2E)[:, None])
-    row_sum = row_sum * correction + jnp.sum(probs, axis=1)
-    acc = acc * correction[:, None] + _compat.dot(probs.astype(v_ref.dtype),
-                                                  v_ref[tile, :])
+    shift = (safe_max * LOG2E)[:, None]
+    probs = [jnp.exp2(s * LOG2E - shift) for s in kept]
+    row_sum = row_sum * correction + jnp.sum(functools.reduce(jnp.add, probs),
+                                             axis=1)
+    acc = acc * correction[:, None]
+    for p, lane in zip(probs, cols):
+      acc = acc + _compat.dot(p.astype(v_ref.dtype), v_ref[lane, :])
     if keep_ref is not None:
       for k, lane in zip(keep, cols):
         keep_ref[:, lane] = k.astype(keep_ref.dtype)
@@ -90,7 +97,8 @@ def forward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, *,
   t_pad, s_pad = plan.padded_lengths(block_q, block_k)
   num_q_tiles = t_pad // block_q
   q = _common.pad_axis(q, 1, t_pad)
-  k, v = (_common.pad_axis(_common.to_lane_order(plan, x), 1, s_pad) for x in (k, v))
+  k = _common.pad_axis(k, 1, s_pad)
+  v = _common.pad_axis(v, 1, s_pad)
   bias = _common.pad_broadcast(bias, t_pad, s_pad)
   mask = _common.mask_as_int8(_common.pad_broadcast(mask, t_pad, s_pad))
   groups = plan.groups
