@@ -56,14 +56,11 @@ class MosaicTuning:
   max_concurrent_steps: shared-memory stages of the key/value ring (>= 2).
   sparse_pv: run `P V` on the 2:4 sparse tensor cores when the pattern fits.
   consumer_registers: registers per thread of the consumer warpgroups.
-  defer_pv_wait: a sparse `P V` is waited for only after the next tile's
-    `Q K^T` is issued, so the tensor cores get that work without a gap.
   """
   block_kv: int = 128
   max_concurrent_steps: int = 2
   sparse_pv: bool = True
   consumer_registers: int = 232
-  defer_pv_wait: bool = True
 
   def __post_init__(self):
     if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
@@ -360,34 +357,20 @@ def _load_extra(cfg: _Config, ops, ref, b, h, row0, thread_key, local):
   return rows
 
 
-def _acc_type(cfg: _Config):
-  return plgpu.ShapeDtypeStruct((BLOCK_Q, cfg.head_dim), jnp.float32,
-                                plgpu.Layout.WGMMA)
-
-
-def _make_sparse_pv(cfg: _Config, wait: bool):
+def _make_sparse_pv(cfg: _Config):
   tiling = plgpu.TilingTransform((8, SWIZZLE // 2))
   swizzle = plgpu.SwizzleTransform(SWIZZLE)
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.Layout.WGMMA,
                  plgpu.RefType(transforms=(tiling, swizzle))),
-      return_type=_acc_type(cfg))
+      return_type=plgpu.ShapeDtypeStruct((BLOCK_Q, cfg.head_dim), jnp.float32,
+                                         plgpu.Layout.WGMMA))
   def sparse_pv(ctx, acc, p, meta, v_ref):
     del ctx
-    return mlir_ops.sparse_pv(acc, p, meta, v_ref, swizzle=SWIZZLE, wait=wait)
+    return mlir_ops.sparse_pv(acc, p, meta, v_ref, swizzle=SWIZZLE)
 
   return sparse_pv
-
-
-def _make_wait_accumulator(cfg: _Config):
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
-                     return_type=_acc_type(cfg))
-  def wait_accumulator(ctx, acc):
-    del ctx
-    return mlir_ops.wait_accumulator(acc)
-
-  return wait_accumulator
 
 
 def _call(cfg: _Config, q, k, v, *rest):
@@ -401,9 +384,7 @@ def _call(cfg: _Config, q, k, v, *rest):
   units = _score_units(cfg)
   select_full = _make_select(cfg, masked=False)
   select_masked = _make_select(cfg, masked=True) if needs_mask else None
-  defer = cfg.sparse and cfg.tuning.defer_pv_wait
-  sparse_pv = _make_sparse_pv(cfg, wait=not defer) if cfg.sparse else None
-  wait_pv = _make_wait_accumulator(cfg) if defer else None
+  sparse_pv = _make_sparse_pv(cfg) if cfg.sparse else None
 
   def kernel(q_ref, k_ref, v_ref, *refs):
     refs = list(refs)
@@ -453,18 +434,9 @@ def _call(cfg: _Config, q, k, v, *rest):
           plgpu.wgmma(acc_ref, qo_smem,
                       plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
           schedule_barrier()
-          acc_ready = acc
-          if defer:
-            # Waits for this Q K^T too: waiting for the previous P V alone
-            # (wait_group 1) made ptxas serialize every wgmma (C7514).
-            acc_ready = wait_pv(acc)
-            prev_slot = lax.rem(kv_step - lo + steps - 1, jnp.int32(steps))
-            pl.when(kv_step > lo)(
-                lambda: plgpu.barrier_arrive(v_free.at[prev_slot]))
-          return acc_ref[...], acc_ready
+          return acc_ref[...]
 
-        qk, acc = pl.run_scoped(compute_qk,
-                                plgpu.ACC((BLOCK_Q, bk), jnp.float32))
+        qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, bk), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
         select = select_masked if masked else select_full
         args = [qk, kv_step * bk, q_first, kv_valid, b, h]
@@ -492,8 +464,7 @@ def _call(cfg: _Config, q, k, v, *rest):
           def compute_pv(acc_ref):
             plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
           acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
-        if not defer:
-          plgpu.barrier_arrive(v_free.at[slot])
+        plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_new, l_i
 
       carry = (acc, m_i, l_i)
@@ -507,8 +478,6 @@ def _call(cfg: _Config, q, k, v, *rest):
         carry = lax.fori_loop(lo, hi, functools.partial(step, masked=False),
                               carry)
       acc, m_i, l_i = carry
-      if defer:
-        acc = wait_pv(acc)
       pl.when(wg == 0)(schedule_barrier)
 
       l_safe = jnp.where(l_i == 0.0, 1.0, l_i)

@@ -215,7 +215,6 @@ def section_select(key):
 def section_time(key, sizes):
   rows = []
   variants = (("cudnn", None), ("mosaic 2:4 sparse-pv", dict(n=2, m=4)),
-              ("mosaic 2:4 sparse-pv, PV waited", dict(n=2, m=4, defer_pv_wait=False)),
               ("mosaic 2:4 dense-pv", dict(n=2, m=4, sparse_pv=False)),
               ("mosaic 4:4 dense", dict(n=4, m=4)))
   for seq in sizes:
