@@ -456,6 +456,25 @@ def broadcast_spec(full: tuple[bool, ...], block: tuple[int | None, int, int],
   return pl.BlockSpec(shape, broadcast_index_map)
 
 
+def operand_specs(plan: Plan, q_spec, kv_spec, extra_block, extra_index_map,
+                  bias, mask, q_lengths, kv_lengths):
+  """BlockSpecs of (q, k, v, bias, mask, q_lengths, kv_lengths), None where absent.
+
+  Every kernel takes these operands first; `extra_block` / `extra_index_map`
+  describe its bias and mask tile (see `broadcast_spec`).
+  """
+  lengths = pl.BlockSpec((plan.batch,), lambda *grid: (0,))
+  return [
+      q_spec, kv_spec, kv_spec,
+      None if bias is None else broadcast_spec(plan.bias_full, extra_block,
+                                               extra_index_map),
+      None if mask is None else broadcast_spec(plan.mask_full, extra_block,
+                                               extra_index_map),
+      None if q_lengths is None else lengths,
+      None if kv_lengths is None else lengths,
+  ]
+
+
 def broadcast_tile(ref, full: tuple[bool, ...], head, rows, cols):
   """The `[rows, cols]` tile of a bias/mask block (see `broadcast_spec`).
 

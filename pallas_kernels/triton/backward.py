@@ -192,17 +192,10 @@ def _dq(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
   def stat_block(i, b, h):
     return b, h, i
 
-  lengths_spec = pl.BlockSpec((plan.batch,), lambda i, b, h: (0,))
-  in_specs = [
-      pl.BlockSpec((None, block_q, None, dim), q_block),
-      pl.BlockSpec((None, s_pad, None, dim), kv_block),
-      pl.BlockSpec((None, s_pad, None, dim), kv_block),
-      None if bias is None else _common.broadcast_spec(
-          plan.bias_full, (None, block_q, s_pad), row_block),
-      None if mask is None else _common.broadcast_spec(
-          plan.mask_full, (None, block_q, s_pad), row_block),
-      None if q_lengths is None else lengths_spec,
-      None if kv_lengths is None else lengths_spec,
+  in_specs = _common.operand_specs(
+      plan, pl.BlockSpec((None, block_q, None, dim), q_block),
+      pl.BlockSpec((None, s_pad, None, dim), kv_block), (None, block_q, s_pad),
+      row_block, bias, mask, q_lengths, kv_lengths) + [
       pl.BlockSpec((None, block_q, None, dim), q_block),
       pl.BlockSpec((None, None, block_q), stat_block),
       pl.BlockSpec((None, None, block_q), stat_block),
@@ -249,17 +242,10 @@ def _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
     del i
     return b, h, 0
 
-  lengths_spec = pl.BlockSpec((plan.batch,), lambda i, b, h: (0,))
-  in_specs = [
-      pl.BlockSpec((None, t_pad, groups, dim), group_block),
-      pl.BlockSpec((None, block_k, None, dim), kv_block),
-      pl.BlockSpec((None, block_k, None, dim), kv_block),
-      None if bias is None else _common.broadcast_spec(
-          plan.bias_full, (groups, t_pad, block_k), col_block),
-      None if mask is None else _common.broadcast_spec(
-          plan.mask_full, (groups, t_pad, block_k), col_block),
-      None if q_lengths is None else lengths_spec,
-      None if kv_lengths is None else lengths_spec,
+  in_specs = _common.operand_specs(
+      plan, pl.BlockSpec((None, t_pad, groups, dim), group_block),
+      pl.BlockSpec((None, block_k, None, dim), kv_block), (groups, t_pad, block_k),
+      col_block, bias, mask, q_lengths, kv_lengths) + [
       pl.BlockSpec((None, t_pad, groups, dim), group_block),
       pl.BlockSpec((None, groups, t_pad), stat_block),
       pl.BlockSpec((None, groups, t_pad), stat_block),

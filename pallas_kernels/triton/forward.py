@@ -114,18 +114,10 @@ def forward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, *,
   def row_block(i, b, h):
     return b, h, num_q_tiles - 1 - i, 0
 
-  lengths_spec = pl.BlockSpec((plan.batch,), lambda i, b, h: (0,))
-  in_specs = [
-      pl.BlockSpec((None, block_q, None, dim), q_block),
-      pl.BlockSpec((None, s_pad, None, dim), kv_block),
-      pl.BlockSpec((None, s_pad, None, dim), kv_block),
-      None if bias is None else _common.broadcast_spec(
-          plan.bias_full, (None, block_q, s_pad), row_block),
-      None if mask is None else _common.broadcast_spec(
-          plan.mask_full, (None, block_q, s_pad), row_block),
-      None if q_lengths is None else lengths_spec,
-      None if kv_lengths is None else lengths_spec,
-  ]
+  in_specs = _common.operand_specs(
+      plan, pl.BlockSpec((None, block_q, None, dim), q_block),
+      pl.BlockSpec((None, s_pad, None, dim), kv_block), (None, block_q, s_pad),
+      row_block, bias, mask, q_lengths, kv_lengths)
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((plan.batch, plan.heads, t_pad), jnp.float32)]
   out_specs = [pl.BlockSpec((None, block_q, None, dim), q_block),
