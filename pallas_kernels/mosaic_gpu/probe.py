@@ -1,7 +1,7 @@
 """Device checks and timings of the Hopper kernel, in one process.
 
   python -m pallas_kernels.mosaic_gpu.probe --out DIR [--sections micro,correct,select,time]
-      [--sizes 4096,8192,16384]
+      [--sizes 4096,8192,16384] [--variants "2:4 sparse-pv,4:4 dense"] [--causal false,true]
 
 Sections:
   micro    one `wgmma.mma_async.sp` per selector on operands encoded on the
@@ -212,38 +212,60 @@ def section_select(key):
   return rows
 
 
-def section_time(key, sizes):
+# Timed kernels: name -> (n, m, MosaicTuning fields); cuDNN is always timed first.
+TIME_VARIANTS = {
+    "2:4 sparse-pv": dict(n=2, m=4),
+    "2:4 sparse-pv no-overlap": dict(n=2, m=4, overlap_pv=False),
+    "2:4 sparse-pv no-sched": dict(n=2, m=4, schedule_barrier=False),
+    "2:4 sparse-pv no-overlap no-sched": dict(n=2, m=4, overlap_pv=False,
+                                              schedule_barrier=False),
+    "2:4 sparse-pv 3-stage bk64": dict(n=2, m=4, block_kv=64,
+                                       max_concurrent_steps=3),
+    "2:4 dense-pv": dict(n=2, m=4, sparse_pv=False),
+    "2:4 dense-pv no-sched": dict(n=2, m=4, sparse_pv=False,
+                                  schedule_barrier=False),
+    "4:4 dense": dict(n=4, m=4),
+}
+DEFAULT_TIME_VARIANTS = "2:4 sparse-pv,2:4 dense-pv,4:4 dense"
+
+
+def _time_fn(cfg, causal):
+  if cfg is None:
+    return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="cudnn"))
+  cfg = dict(cfg)
+  n, m = cfg.pop("n"), cfg.pop("m")
+  tuning = fw.MosaicTuning(**cfg)
+  return jax.jit(lambda q, k, v: fw.nm_flash_attention_fwd(
+      q, k, v, scale=q.shape[-1] ** -0.5, is_causal=causal, window=None,
+      n=n, m=m, tuning=tuning)[0])
+
+
+def section_time(key, sizes, names, causals=(False, True), rounds=1):
+  """Every variant `rounds` times in turn (cuDNN first in each round)."""
   rows = []
-  variants = (("cudnn", None), ("mosaic 2:4 sparse-pv", dict(n=2, m=4)),
-              ("mosaic 2:4 dense-pv", dict(n=2, m=4, sparse_pv=False)),
-              ("mosaic 4:4 dense", dict(n=4, m=4)))
+  variants = [("cudnn", None)] + [("mosaic " + name, TIME_VARIANTS[name])
+                                  for name in names]
   for seq in sizes:
     batch, heads = {4096: (4, 16), 8192: (2, 16), 16384: (1, 32)}[seq]
     key, k1 = jax.random.split(key)
     q, k, v = _inputs(k1, batch, seq, seq, heads, heads, 128, jnp.bfloat16)
-    for causal in (False, True):
+    for causal in causals:
       flops = attention_flops(batch, heads, seq, seq, 128, causal=causal)
       base = None
-      for name, cfg in variants:
+      fns, compile_s = {}, {}
+      for rnd, (name, cfg) in ((r, v) for r in range(rounds) for v in variants):
         try:
-          if cfg is None:
-            fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-                q, k, v, is_causal=causal, implementation="cudnn"))
-          else:
-            cfg = dict(cfg)
-            n, m = cfg.pop("n"), cfg.pop("m")
-            tuning = fw.MosaicTuning(**cfg)
-            fn = jax.jit(lambda q, k, v, n=n, m=m, tuning=tuning: fw.nm_flash_attention_fwd(
-                q, k, v, scale=q.shape[-1] ** -0.5, is_causal=causal, window=None,
-                n=n, m=m, tuning=tuning)[0])
-          t0 = time.perf_counter()
-          jax.block_until_ready(fn(q, k, v))
-          compile_s = time.perf_counter() - t0
-          sec = median_seconds(fn, q, k, v, warmup=2, iters=10)
+          if name not in fns:
+            fns[name] = _time_fn(cfg, causal)
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[name](q, k, v))
+            compile_s[name] = time.perf_counter() - t0
+          sec = median_seconds(fns[name], q, k, v, warmup=2, iters=10)
           base = sec if cfg is None else base
           rows.append(dict(section="time", seq=seq, batch=batch, heads=heads,
-                           causal=causal, variant=name, ms=sec * 1e3,
-                           tflops=flops / sec / 1e12, compile_s=compile_s,
+                           causal=causal, variant=name, round=rnd, ms=sec * 1e3,
+                           tflops=flops / sec / 1e12, compile_s=compile_s[name],
                            vs_cudnn=None if base is None else base / sec))
         except Exception as e:  # pylint: disable=broad-except
           rows.append(dict(section="time", seq=seq, causal=causal, variant=name,
@@ -256,6 +278,10 @@ def main():
   parser.add_argument("--out", required=True)
   parser.add_argument("--sections", default="micro,correct,select,time")
   parser.add_argument("--sizes", default="4096")
+  parser.add_argument("--variants", default=DEFAULT_TIME_VARIANTS,
+                      help="comma-separated keys of TIME_VARIANTS")
+  parser.add_argument("--causal", default="false,true")
+  parser.add_argument("--rounds", type=int, default=1)
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   rng = np.random.default_rng()
@@ -273,7 +299,10 @@ def main():
       elif name == "select":
         rows += section_select(key)
       elif name == "time":
-        rows += section_time(key, [int(s) for s in args.sizes.split(",")])
+        rows += section_time(key, [int(s) for s in args.sizes.split(",")],
+                             args.variants.split(","),
+                             [c == "true" for c in args.causal.split(",")],
+                             args.rounds)
       else:
         raise ValueError(f"unknown section {name!r}")
     except Exception as e:  # pylint: disable=broad-except
