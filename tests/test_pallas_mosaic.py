@@ -84,6 +84,17 @@ def test_unsupported_reason_names_the_problem():
     assert "needs a Hopper (sm_90) GPU" in reason
 
 
+def test_shared_memory_check_leaves_room_for_mosaic_padding():
+  # Three 128-key stages at head_dim 128 allocate 230008 bytes of our own,
+  # which Mosaic GPU pads to 232568 > 232448: the check must refuse them.
+  three = fw.MosaicTuning(max_concurrent_steps=3)
+  reason = fw.shape_unsupported_reason(jnp.bfloat16, 128, 4, three)
+  assert reason is not None and "bytes of shared memory" in reason
+  assert fw.shape_unsupported_reason(jnp.bfloat16, 64, 4, three) is None
+  assert fw.shape_unsupported_reason(
+      jnp.bfloat16, 128, 4, fw.MosaicTuning()) is None
+
+
 # --------------------------------------------------------------------------
 # GPU.
 

@@ -215,15 +215,9 @@ def section_select(key):
 # Timed kernels: name -> (n, m, MosaicTuning fields); cuDNN is always timed first.
 TIME_VARIANTS = {
     "2:4 sparse-pv": dict(n=2, m=4),
-    "2:4 sparse-pv no-overlap": dict(n=2, m=4, overlap_pv=False),
-    "2:4 sparse-pv no-sched": dict(n=2, m=4, schedule_barrier=False),
-    "2:4 sparse-pv no-overlap no-sched": dict(n=2, m=4, overlap_pv=False,
-                                              schedule_barrier=False),
     "2:4 sparse-pv 3-stage bk64": dict(n=2, m=4, block_kv=64,
                                        max_concurrent_steps=3),
     "2:4 dense-pv": dict(n=2, m=4, sparse_pv=False),
-    "2:4 dense-pv no-sched": dict(n=2, m=4, sparse_pv=False,
-                                  schedule_barrier=False),
     "4:4 dense": dict(n=4, m=4),
 }
 DEFAULT_TIME_VARIANTS = "2:4 sparse-pv,2:4 dense-pv,4:4 dense"
