@@ -8,6 +8,7 @@ in `test_pallas_mosaic_twin.py`.
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,25 @@ def test_unsupported_reason_names_the_problem():
   reason = mosaic_attention.unsupported_reason(spec)
   if jax.default_backend() != "gpu":
     assert "needs a Hopper (sm_90) GPU" in reason
+
+
+def test_profile_trace_summary(tmp_path):
+  from pallas_kernels.mosaic_gpu import probe
+  events = []
+  for track, (t0, waits) in enumerate([(0.0, (0.5, 0.25)), (10.0, (1.0,))]):
+    now = t0
+    for wait in waits:  # microseconds: "wait_k" then "select" of twice as long
+      for name, length in (("wait_k", wait), ("select", 2 * wait)):
+        events += [dict(name=name, ph="B", ts=now, tid=track),
+                   dict(name=name, ph="E", ts=now + length, tid=track)]
+        now += length
+  path = tmp_path / "trace.json"
+  path.write_text(json.dumps({"traceEvents": events}))
+  regions, tracks = probe.summarize_trace(str(path))
+  assert tracks == 2
+  assert regions["wait_k"]["count"] == 3
+  np.testing.assert_allclose(regions["wait_k"]["mean_ns"], 1750 / 3)
+  np.testing.assert_allclose(regions["select"]["ns_per_step"], 3500 / 3)
 
 
 def test_shared_memory_check_leaves_room_for_mosaic_padding():

@@ -166,7 +166,8 @@ def _permute_keys(k, width):
 def nm_flash_attention_fwd(q, k, v, bias=None, mask=None, q_lengths=None,
                            kv_lengths=None, *, scale: float, is_causal: bool,
                            window: tuple[int, int] | None, n: int, m: int,
-                           tuning: MosaicTuning | None = None):
+                           tuning: MosaicTuning | None = None,
+                           profile_dir: str | None = None):
   """N:M attention forward on a Hopper GPU: `(out, lse)`.
 
   Args:
@@ -177,6 +178,8 @@ def nm_flash_attention_fwd(q, k, v, bias=None, mask=None, q_lengths=None,
     q_lengths, kv_lengths: optional int32 `[B]`.
     scale, is_causal, window, n, m: as `nmattn.nm_attention`.
     tuning: `MosaicTuning`; the default when None.
+    profile_dir: write a Mosaic GPU profiler trace (named regions per
+      warpgroup, JSON) of each call into this directory; for diagnostics.
 
   Returns:
     `out [B, T, H, D]` in the dtype of `q` and `lse [B, H, T]` float32 (+inf
@@ -230,7 +233,7 @@ def nm_flash_attention_fwd(q, k, v, bias=None, mask=None, q_lengths=None,
     inputs.append(extra)
   if kv_lengths is not None:
     inputs.append(kv_lengths.astype(jnp.int32))
-  out, lse = _call(cfg, *inputs)
+  out, lse = _call(cfg, *inputs, profile_dir=profile_dir)
   out, lse = out[:, :q_len], lse[:, :, :q_len]
   if q_lengths is not None:
     rows = jnp.arange(q_len)[None, :] < q_lengths.astype(jnp.int32)[:, None]
@@ -379,7 +382,7 @@ def _make_sparse_pv(cfg: _Config):
   return sparse_pv
 
 
-def _call(cfg: _Config, q, k, v, *rest):
+def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
   bk = cfg.tuning.block_kv
   steps = cfg.tuning.max_concurrent_steps
   dtype = cfg.dtype
@@ -388,6 +391,10 @@ def _call(cfg: _Config, q, k, v, *rest):
   needs_mask = (cfg.causal or cfg.window is not None or has_extra
                 or cfg.has_kv_lengths or cfg.kv_pad != cfg.kv_len)
   units = _score_units(cfg)
+  # Profiler events a warpgroup may record: a start and an end for each of
+  # at most 7 regions per step, and a few outside the loop.
+  profile = {} if profile_dir is None else dict(
+      profile_space=16 * (cfg.kv_pad // bk + 4), profile_dir=profile_dir)
   select_full = _make_select(cfg, masked=False)
   select_masked = _make_select(cfg, masked=True) if needs_mask else None
   sparse_pv = _make_sparse_pv(cfg) if cfg.sparse else None
@@ -431,16 +438,21 @@ def _call(cfg: _Config, q, k, v, *rest):
           plgpu.Layout.WGMMA)
       pl.when(wg == 1)(schedule_barrier)
 
+      # The named scopes are the regions of the Mosaic GPU profiler's trace
+      # (`profile_dir`); they cost nothing otherwise.
       def step(kv_step, carry, masked):
         acc, m_i, l_i = carry
         slot = lax.rem(kv_step - lo, jnp.int32(steps))
-        plgpu.barrier_wait(k_full.at[slot])
+        with jax.named_scope("wait_k"):
+          plgpu.barrier_wait(k_full.at[slot])
 
         def compute_qk(acc_ref):
-          plgpu.wgmma(acc_ref, qo_smem,
-                      plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-          schedule_barrier()
-          return acc_ref[...]
+          with jax.named_scope("qk_issue_and_rendezvous"):
+            plgpu.wgmma(acc_ref, qo_smem,
+                        plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            schedule_barrier()
+          with jax.named_scope("wait_qk"):
+            return acc_ref[...]
 
         qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, bk), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
@@ -448,28 +460,32 @@ def _call(cfg: _Config, q, k, v, *rest):
         args = [qk, kv_step * bk, q_first, kv_valid, b, h]
         if masked and has_extra:
           args.append(extra_ref)
-        if cfg.sparse:
-          scores, meta = select(*args)
-        else:
-          scores, meta = select(*args), None
-        m_new = jnp.maximum(m_i, scores.max(axis=1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2((m_i - m_safe) * units)
-        p = jnp.exp2(scores * units - lax.broadcast_in_dim(
-            m_safe * units, scores.shape, [0]))
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        l_i = l_i * alpha + p.sum(axis=1)
-        p16 = p.astype(dtype)
-        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(v_full.at[slot])
-        plgpu.barrier_wait(sched)
-        if cfg.sparse:
-          acc = sparse_pv(acc, p16, meta, v_smem.at[slot])
-        else:
-          def compute_pv(acc_ref):
-            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-          acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+        with jax.named_scope("select"):
+          if cfg.sparse:
+            scores, meta = select(*args)
+          else:
+            scores, meta = select(*args), None
+        with jax.named_scope("softmax"):
+          m_new = jnp.maximum(m_i, scores.max(axis=1))
+          m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+          alpha = jnp.exp2((m_i - m_safe) * units)
+          p = jnp.exp2(scores * units - lax.broadcast_in_dim(
+              m_safe * units, scores.shape, [0]))
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+          l_i = l_i * alpha + p.sum(axis=1)
+          p16 = p.astype(dtype)
+          acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+        with jax.named_scope("rendezvous_and_wait_v"):
+          plgpu.barrier_arrive(sched)
+          plgpu.barrier_wait(v_full.at[slot])
+          plgpu.barrier_wait(sched)
+        with jax.named_scope("pv"):
+          if cfg.sparse:
+            acc = sparse_pv(acc, p16, meta, v_smem.at[slot])
+          else:
+            def compute_pv(acc_ref):
+              plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+            acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_new, l_i
 
@@ -514,9 +530,11 @@ def _call(cfg: _Config, q, k, v, *rest):
       def _refill(i):
         slot = lax.rem(i, jnp.int32(steps))
         rows = (b, pl.ds((lo + i) * bk, bk), kv_head)
-        plgpu.barrier_wait(k_free.at[slot])
+        with jax.named_scope("producer_wait_free_k"):
+          plgpu.barrier_wait(k_free.at[slot])
         plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_full.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
+        with jax.named_scope("producer_wait_free_v"):
+          plgpu.barrier_wait(v_free.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
 
   def entry(*refs):
@@ -543,5 +561,5 @@ def _call(cfg: _Config, q, k, v, *rest):
       grid=(cfg.heads, cfg.q_pad // (COMPUTE_WGS * BLOCK_Q), cfg.batch),
       grid_names=("heads", "q_seq", "batch"),
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(approx_math=True, **profile),
   )(q, k, v, *rest)

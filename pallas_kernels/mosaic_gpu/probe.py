@@ -2,6 +2,7 @@
 
   python -m pallas_kernels.mosaic_gpu.probe --out DIR [--sections micro,correct,select,time]
       [--sizes 4096,8192,16384] [--variants "2:4 sparse-pv,4:4 dense"] [--causal false,true]
+      [--rounds 2] [--head-dim 64]
 
 Sections:
   micro    one `wgmma.mma_async.sp` per selector on operands encoded on the
@@ -9,7 +10,9 @@ Sections:
   correct  relative error and log-sum-exp against `nmattn.reference`;
   select   fraction of N:M groups the kernel selects differently from the
            reference (the kernel's P read out through one-hot values);
-  time     forward milliseconds and dense-equivalent TFLOP/s against cuDNN.
+  time     forward milliseconds and dense-equivalent TFLOP/s against cuDNN;
+  profile  mean time per step of each named region of the 2:4 sparse-PV
+           kernel (Mosaic GPU profiler; trace JSON under DIR/profile).
 Writes DIR/probe.json (and DIR/micro.npz) and prints a short table last.
 """
 
@@ -215,8 +218,9 @@ def section_select(key):
 # Timed kernels: name -> (n, m, MosaicTuning fields); cuDNN is always timed first.
 TIME_VARIANTS = {
     "2:4 sparse-pv": dict(n=2, m=4),
-    "2:4 sparse-pv 3-stage bk64": dict(n=2, m=4, block_kv=64,
-                                       max_concurrent_steps=3),
+    "2:4 sparse-pv bk64 4-stage": dict(n=2, m=4, block_kv=64,
+                                       max_concurrent_steps=4),
+    "2:4 sparse-pv bk256": dict(n=2, m=4, block_kv=256),
     "2:4 dense-pv": dict(n=2, m=4, sparse_pv=False),
     "4:4 dense": dict(n=4, m=4),
 }
@@ -235,7 +239,8 @@ def _time_fn(cfg, causal):
       n=n, m=m, tuning=tuning)[0])
 
 
-def section_time(key, sizes, names, causals=(False, True), rounds=1):
+def section_time(key, sizes, names, causals=(False, True), rounds=1,
+                 head_dim=128):
   """Every variant `rounds` times in turn (cuDNN first in each round)."""
   rows = []
   variants = [("cudnn", None)] + [("mosaic " + name, TIME_VARIANTS[name])
@@ -243,9 +248,9 @@ def section_time(key, sizes, names, causals=(False, True), rounds=1):
   for seq in sizes:
     batch, heads = {4096: (4, 16), 8192: (2, 16), 16384: (1, 32)}[seq]
     key, k1 = jax.random.split(key)
-    q, k, v = _inputs(k1, batch, seq, seq, heads, heads, 128, jnp.bfloat16)
+    q, k, v = _inputs(k1, batch, seq, seq, heads, heads, head_dim, jnp.bfloat16)
     for causal in causals:
-      flops = attention_flops(batch, heads, seq, seq, 128, causal=causal)
+      flops = attention_flops(batch, heads, seq, seq, head_dim, causal=causal)
       base = None
       fns, compile_s = {}, {}
       for rnd, (name, cfg) in ((r, v) for r in range(rounds) for v in variants):
@@ -258,12 +263,49 @@ def section_time(key, sizes, names, causals=(False, True), rounds=1):
           sec = median_seconds(fns[name], q, k, v, warmup=2, iters=10)
           base = sec if cfg is None else base
           rows.append(dict(section="time", seq=seq, batch=batch, heads=heads,
-                           causal=causal, variant=name, round=rnd, ms=sec * 1e3,
+                           head_dim=head_dim, causal=causal, variant=name,
+                           round=rnd, ms=sec * 1e3,
                            tflops=flops / sec / 1e12, compile_s=compile_s[name],
                            vs_cudnn=None if base is None else base / sec))
         except Exception as e:  # pylint: disable=broad-except
           rows.append(dict(section="time", seq=seq, causal=causal, variant=name,
                            error=f"{type(e).__name__}: {e}"[:2000]))
+  return rows
+
+
+def summarize_trace(path):
+  """Mean ns per occurrence and per step of each region in a profiler trace."""
+  with open(path) as f:
+    events = json.load(f)["traceEvents"]
+  durations, open_regions, tracks = {}, {}, set()
+  for e in events:  # "B"/"E" pairs per track (one warpgroup of one CTA)
+    tracks.add(e["tid"])
+    if e["ph"] == "B":
+      open_regions.setdefault(e["tid"], []).append((e["name"], e["ts"]))
+    else:
+      name, start = open_regions[e["tid"]].pop()
+      durations.setdefault(name, []).append((e["ts"] - start) * 1e3)
+  steps = len(durations.get("wait_k", ())) or 1
+  return {name: dict(count=len(d), mean_ns=float(np.mean(d)),
+                     ns_per_step=float(np.sum(d)) / steps)
+          for name, d in durations.items()}, len(tracks)
+
+
+def section_profile(key, out_dir, seq=4096, heads=16):
+  rows = []
+  for causal in (False, True):
+    trace_dir = os.path.join(out_dir, "profile", "causal" if causal else "full")
+    os.makedirs(trace_dir, exist_ok=True)
+    q, k, v = _inputs(key, 1, seq, seq, heads, heads, 128, jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v: fw.nm_flash_attention_fwd(
+        q, k, v, scale=128 ** -0.5, is_causal=causal, window=None, n=2, m=4,
+        profile_dir=trace_dir)[0])
+    jax.block_until_ready(fn(q, k, v))
+    traces = sorted(os.listdir(trace_dir))
+    regions, tracks = summarize_trace(os.path.join(trace_dir, traces[-1]))
+    for name, stats in sorted(regions.items()):
+      rows.append(dict(section="profile", seq=seq, causal=causal, region=name,
+                       tracks=tracks, **stats))
   return rows
 
 
@@ -276,6 +318,7 @@ def main():
                       help="comma-separated keys of TIME_VARIANTS")
   parser.add_argument("--causal", default="false,true")
   parser.add_argument("--rounds", type=int, default=1)
+  parser.add_argument("--head-dim", type=int, default=128)
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   rng = np.random.default_rng()
@@ -296,7 +339,9 @@ def main():
         rows += section_time(key, [int(s) for s in args.sizes.split(",")],
                              args.variants.split(","),
                              [c == "true" for c in args.causal.split(",")],
-                             args.rounds)
+                             args.rounds, args.head_dim)
+      elif name == "profile":
+        rows += section_profile(key, args.out)
       else:
         raise ValueError(f"unknown section {name!r}")
     except Exception as e:  # pylint: disable=broad-except
