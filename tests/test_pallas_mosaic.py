@@ -88,20 +88,25 @@ def test_unsupported_reason_names_the_problem():
 def test_profile_trace_summary(tmp_path):
   from pallas_kernels.mosaic_gpu import probe
   events = []
-  for track, (t0, waits) in enumerate([(0.0, (0.5, 0.25)), (10.0, (1.0,))]):
+  # Tracks 1 and 2: the two consumer warpgroups of one CTA (track 3 would be
+  # its producer). Times in microseconds.
+  for track, (t0, waits) in ((1, (0.0, (0.5, 0.25))), (2, (0.5, (1.0,)))):
     now = t0
-    for wait in waits:  # microseconds: "wait_k" then "select" of twice as long
+    for wait in waits:  # "wait_k", then "select" twice as long
       for name, length in (("wait_k", wait), ("select", 2 * wait)):
         events += [dict(name=name, ph="B", ts=now, tid=track),
                    dict(name=name, ph="E", ts=now + length, tid=track)]
         now += length
   path = tmp_path / "trace.json"
   path.write_text(json.dumps({"traceEvents": events}))
-  regions, tracks = probe.summarize_trace(str(path))
+  regions, tracks, overlap = probe.summarize_trace(str(path))
   assert tracks == 2
   assert regions["wait_k"]["count"] == 3
   np.testing.assert_allclose(regions["wait_k"]["mean_ns"], 1750 / 3)
   np.testing.assert_allclose(regions["select"]["ns_per_step"], 3500 / 3)
+  # select intervals: track 1 [0.5, 1.5] and [1.75, 2.25], track 2 [1.5, 3.5]:
+  # both for 0.5 of the 3.0 that either is in one.
+  np.testing.assert_allclose(overlap, 0.5 / 3.0)
 
 
 def test_shared_memory_check_leaves_room_for_mosaic_padding():

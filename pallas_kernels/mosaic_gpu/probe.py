@@ -273,22 +273,56 @@ def section_time(key, sizes, names, causals=(False, True), rounds=1,
   return rows
 
 
-def summarize_trace(path):
-  """Mean ns per occurrence and per step of each region in a profiler trace."""
+ALU_REGIONS = ("select", "softmax")
+
+
+def _overlap_ns(a, b):
+  """Total length of the intersection of two sorted lists of intervals."""
+  total, i, j = 0.0, 0, 0
+  while i < len(a) and j < len(b):
+    total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+    if a[i][1] < b[j][1]:
+      i += 1
+    else:
+      j += 1
+  return total
+
+
+def summarize_trace(path, tracks_per_block=3):
+  """Per region: count, mean ns, ns per step; and how the warpgroups overlap.
+
+  Tracks are warpgroups (`tracks_per_block` per CTA, the consumers first).
+  Returns `(regions, tracks, overlap)` where `overlap` is the fraction of
+  the time some consumer warpgroup of a CTA spends in `ALU_REGIONS` during
+  which both of the first two do.
+  """
   with open(path) as f:
     events = json.load(f)["traceEvents"]
-  durations, open_regions, tracks = {}, {}, set()
+  durations, open_regions, alu = {}, {}, {}
   for e in events:  # "B"/"E" pairs per track (one warpgroup of one CTA)
-    tracks.add(e["tid"])
+    track = e["tid"]
     if e["ph"] == "B":
-      open_regions.setdefault(e["tid"], []).append((e["name"], e["ts"]))
-    else:
-      name, start = open_regions[e["tid"]].pop()
-      durations.setdefault(name, []).append((e["ts"] - start) * 1e3)
+      open_regions.setdefault(track, []).append((e["name"], e["ts"]))
+      continue
+    name, start = open_regions[track].pop()
+    durations.setdefault(name, []).append((e["ts"] - start) * 1e3)
+    if name in ALU_REGIONS:
+      alu.setdefault(track, []).append((start, e["ts"]))
   steps = len(durations.get("wait_k", ())) or 1
-  return {name: dict(count=len(d), mean_ns=float(np.mean(d)),
-                     ns_per_step=float(np.sum(d)) / steps)
-          for name, d in durations.items()}, len(tracks)
+  regions = {name: dict(count=len(d), mean_ns=float(np.mean(d)),
+                        ns_per_step=float(np.sum(d)) / steps)
+             for name, d in durations.items()}
+  both = either = 0.0
+  for track, intervals in alu.items():
+    if (track - 1) % tracks_per_block != 0:
+      continue
+    first, second = sorted(intervals), sorted(alu.get(track + 1, []))
+    common = _overlap_ns(first, second)
+    both += common
+    either += (sum(b - a for a, b in first) + sum(b - a for a, b in second)
+               - common)
+  tracks = len({e["tid"] for e in events})
+  return regions, tracks, both / either if either else 0.0
 
 
 def section_profile(key, out_dir, seq=4096, heads=16):
@@ -302,10 +336,13 @@ def section_profile(key, out_dir, seq=4096, heads=16):
         profile_dir=trace_dir)[0])
     jax.block_until_ready(fn(q, k, v))
     traces = sorted(os.listdir(trace_dir))
-    regions, tracks = summarize_trace(os.path.join(trace_dir, traces[-1]))
+    regions, tracks, overlap = summarize_trace(
+        os.path.join(trace_dir, traces[-1]))
     for name, stats in sorted(regions.items()):
       rows.append(dict(section="profile", seq=seq, causal=causal, region=name,
                        tracks=tracks, **stats))
+    rows.append(dict(section="profile", seq=seq, causal=causal,
+                     both_warpgroups_in_alu=overlap))
   return rows
 
 
