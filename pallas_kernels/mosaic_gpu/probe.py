@@ -115,12 +115,17 @@ def _inputs(key, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype):
   return q, k, v
 
 
-def _run_kernel(q, k, v, tuning, *, bias=None, mask=None, q_lengths=None,
-                kv_lengths=None, is_causal=False, window=None, n=2, m=4):
-  fn = jax.jit(lambda q, k, v, b, mk, ql, kl: fw.nm_flash_attention_fwd(
+def _kernel_fn(tuning=None, *, is_causal=False, window=None, n=2, m=4,
+               profile_dir=None):
+  """The jitted kernel: `(q, k, v, bias, mask, q_lengths, kv_lengths) -> (out, lse)`."""
+  return jax.jit(lambda q, k, v, b, mk, ql, kl: fw.nm_flash_attention_fwd(
       q, k, v, b, mk, ql, kl, scale=q.shape[-1] ** -0.5, is_causal=is_causal,
-      window=window, n=n, m=m, tuning=tuning))
-  return fn(q, k, v, bias, mask, q_lengths, kv_lengths)
+      window=window, n=n, m=m, tuning=tuning, profile_dir=profile_dir))
+
+
+def _run_kernel(q, k, v, tuning, *, bias=None, mask=None, q_lengths=None,
+                kv_lengths=None, **kwargs):
+  return _kernel_fn(tuning, **kwargs)(q, k, v, bias, mask, q_lengths, kv_lengths)
 
 
 CORRECT_CASES = [
@@ -233,10 +238,8 @@ def _time_fn(cfg, causal):
         q, k, v, is_causal=causal, implementation="cudnn"))
   cfg = dict(cfg)
   n, m = cfg.pop("n"), cfg.pop("m")
-  tuning = fw.MosaicTuning(**cfg)
-  return jax.jit(lambda q, k, v: fw.nm_flash_attention_fwd(
-      q, k, v, scale=q.shape[-1] ** -0.5, is_causal=causal, window=None,
-      n=n, m=m, tuning=tuning)[0])
+  kernel = _kernel_fn(fw.MosaicTuning(**cfg), is_causal=causal, n=n, m=m)
+  return lambda q, k, v: kernel(q, k, v, None, None, None, None)[0]
 
 
 def section_time(key, sizes, names, causals=(False, True), rounds=1,
@@ -331,10 +334,8 @@ def section_profile(key, out_dir, seq=4096, heads=16):
     trace_dir = os.path.join(out_dir, "profile", "causal" if causal else "full")
     os.makedirs(trace_dir, exist_ok=True)
     q, k, v = _inputs(key, 1, seq, seq, heads, heads, 128, jnp.bfloat16)
-    fn = jax.jit(lambda q, k, v: fw.nm_flash_attention_fwd(
-        q, k, v, scale=128 ** -0.5, is_causal=causal, window=None, n=2, m=4,
-        profile_dir=trace_dir)[0])
-    jax.block_until_ready(fn(q, k, v))
+    jax.block_until_ready(_run_kernel(q, k, v, None, is_causal=causal,
+                                      profile_dir=trace_dir))
     traces = sorted(os.listdir(trace_dir))
     regions, tracks, overlap = summarize_trace(
         os.path.join(trace_dir, traces[-1]))
