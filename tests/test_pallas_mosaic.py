@@ -217,3 +217,28 @@ def test_backend_dispatch_on_hopper(rng):
   out = nmattn.nm_attention(q, q, q, implementation="pallas_mosaic")
   ref = reference.nm_attention_reference(q, q, q)
   assert rel_err(out, ref) < 1e-2
+
+
+def test_ncu_source_summary():
+  from pallas_kernels.mosaic_gpu import probe
+  header = ("Address,Source,Warp Stall Sampling (All Samples),"
+            "Warp Stall Sampling (Not-issued Samples),Instructions Executed,"
+            "stall_barrier,stall_wait,stall_selected,stall_wait (Not Issued)")
+  report = "\n".join([
+      '"Kernel Name","first",', header,
+      '0x10,"  HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24",4,3,"1,024",0,3,1,3',
+      '0x20,"  WARPGROUP.DEPBAR.LE gsb0, 0x0","1,200",1190,"1,024",1190,0,10,0',
+      '"Kernel Name","second",', header,
+      '0x30,"  FADD R1, R2, R3",6,2,8,0,2,4,2',
+  ])
+  first, second = probe.summarize_ncu_source(report, top=1)
+  assert first["kernel"] == "first" and first["instructions"] == 2
+  assert first["samples"] == 1204
+  np.testing.assert_allclose(first["stall_shares"]["barrier"], 1190 / 1204)
+  np.testing.assert_allclose(first["stall_shares"]["selected"], 11 / 1204)
+  assert list(first["stall_shares"]) == ["barrier", "selected", "wait"]
+  (top,) = first["top"]
+  assert top["sass"] == "WARPGROUP.DEPBAR.LE gsb0, 0x0"
+  assert top["executed"] == 1024 and top["reasons"][0] == (1190.0, "barrier")
+  assert second["kernel"] == "second" and second["samples"] == 6
+  np.testing.assert_allclose(second["stall_shares"]["selected"], 4 / 6)

@@ -12,13 +12,27 @@ Sections:
            reference (the kernel's P read out through one-hot values);
   time     forward milliseconds and dense-equivalent TFLOP/s against cuDNN;
   profile  mean time per step of each named region of the 2:4 sparse-PV
-           kernel (Mosaic GPU profiler; trace JSON under DIR/profile).
+           kernel (Mosaic GPU profiler; trace JSON under DIR/profile);
+  ncu      each of cuDNN, the `--variants` and the Triton 2:4 kernel once per
+           size and causal flag inside one CUDA profiler range, for Nsight
+           Compute (measures nothing itself):
+             XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --profile-from-start off \
+                 --clock-control none --set full --import-source no -o REPORT \
+                 python -m ...probe --sections ncu
+           (without the variable ncu saves and restores JAX's whole memory
+           pool around every replay: minutes per kernel)
+           then `ncu -i REPORT.ncu-rep --page source --csv --print-source sass`
+           and `summarize_ncu_source` for the stall reasons per instruction.
 Writes DIR/probe.json (and DIR/micro.npz) and prints a short table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import ctypes
+import functools
+import io
 import json
 import math
 import os
@@ -33,6 +47,7 @@ import ml_dtypes
 import numpy as np
 
 from experiments.bench.timing import attention_flops, median_seconds
+import nmattn
 from nmattn import masking, reference
 from nmattn._validation import canonicalize
 from pallas_kernels.mosaic_gpu import forward as fw
@@ -347,6 +362,64 @@ def section_profile(key, out_dir, seq=4096, heads=16):
   return rows
 
 
+def section_ncu(key, sizes, names, causals, head_dim=128):
+  """Every kernel once per (size, causal) between cuProfilerStart and Stop."""
+  cuda = ctypes.CDLL("libcuda.so.1")
+  rows = []
+  for seq in sizes:
+    batch, heads = {4096: (4, 16), 8192: (2, 16), 16384: (1, 32)}[seq]
+    key, k1 = jax.random.split(key)
+    q, k, v = _inputs(k1, batch, seq, seq, heads, heads, head_dim, jnp.bfloat16)
+    for causal in causals:
+      fns = {"cudnn": _time_fn(None, causal)}
+      fns.update({"mosaic " + name: _time_fn(TIME_VARIANTS[name], causal)
+                  for name in names})
+      fns["triton 2:4"] = jax.jit(functools.partial(
+          nmattn.nm_attention, is_causal=causal, n=2, m=4,
+          implementation="pallas_triton"))
+      for fn in fns.values():  # compile and warm up outside the range
+        jax.block_until_ready(fn(q, k, v))
+      cuda.cuProfilerStart()
+      for fn in fns.values():
+        jax.block_until_ready(fn(q, k, v))
+      cuda.cuProfilerStop()
+      rows.append(dict(section="ncu", seq=seq, causal=causal, kernels=list(fns)))
+  return rows
+
+
+def summarize_ncu_source(csv_text, top=10):
+  """Warp-stall summary of `ncu --page source --csv --print-source sass` output.
+
+  Returns one dict per kernel in the report: its name, instruction and
+  sample counts, the share of all stall samples per reason, and the `top`
+  instructions by samples (address, SASS, samples, executions, their three
+  largest reasons).
+  """
+  number = lambda x: float(x.replace(",", "")) if x.strip() else 0.0
+  rows = list(csv.reader(io.StringIO(csv_text)))
+  starts = [i for i, r in enumerate(rows) if r and r[0] == "Kernel Name"]
+  kernels = []
+  for begin, end in zip(starts, starts[1:] + [len(rows)]):
+    header = rows[begin + 1]
+    col = {h: i for i, h in enumerate(header)}
+    reasons = [h for h in header if h.startswith("stall_") and "(" not in h]
+    body = [r for r in rows[begin + 2:end] if len(r) == len(header)]
+    samples = [number(r[col["Warp Stall Sampling (All Samples)"]]) for r in body]
+    total = sum(samples) or 1.0
+    shares = {h[len("stall_"):]: sum(number(r[col[h]]) for r in body) / total
+              for h in reasons}
+    ranked = sorted(zip(samples, body), key=lambda x: -x[0])[:top]
+    kernels.append(dict(
+        kernel=rows[begin][1], instructions=len(body), samples=sum(samples),
+        stall_shares=dict(sorted(shares.items(), key=lambda x: -x[1])),
+        top=[dict(address=r[col["Address"]], sass=r[col["Source"]].strip(),
+                  samples=n, executed=number(r[col["Instructions Executed"]]),
+                  reasons=sorted(((number(r[col[h]]), h[len("stall_"):])
+                                  for h in reasons), reverse=True)[:3])
+             for n, r in ranked]))
+  return kernels
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out", required=True)
@@ -380,6 +453,11 @@ def main():
                              args.rounds, args.head_dim)
       elif name == "profile":
         rows += section_profile(key, args.out)
+      elif name == "ncu":
+        rows += section_ncu(key, [int(s) for s in args.sizes.split(",")],
+                            args.variants.split(","),
+                            [c == "true" for c in args.causal.split(",")],
+                            args.head_dim)
       else:
         raise ValueError(f"unknown section {name!r}")
     except Exception as e:  # pylint: disable=broad-except
