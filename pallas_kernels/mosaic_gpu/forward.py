@@ -56,16 +56,11 @@ class MosaicTuning:
   max_concurrent_steps: shared-memory stages of the key/value ring (>= 2).
   sparse_pv: run `P V` on the 2:4 sparse tensor cores when the pattern fits.
   consumer_registers: registers per thread of the consumer warpgroups.
-  turn_after_pv_issue: with sparse `P V`, a consumer warpgroup ends its turn
-    (arrives on the schedule barrier) after issuing its `P V` instead of
-    before waiting for V. ptxas hoists the earlier arrive above the
-    selection, which leaves the two warpgroups selecting at the same time.
   """
   block_kv: int = 128
   max_concurrent_steps: int = 2
   sparse_pv: bool = True
   consumer_registers: int = 232
-  turn_after_pv_issue: bool = True
 
   def __post_init__(self):
     if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
@@ -371,34 +366,20 @@ def _load_extra(cfg: _Config, ops, ref, b, h, row0, thread_key, local):
   return rows
 
 
-def _acc_type(cfg: _Config):
-  return plgpu.ShapeDtypeStruct((BLOCK_Q, cfg.head_dim), jnp.float32,
-                                plgpu.Layout.WGMMA)
-
-
-def _make_sparse_pv(cfg: _Config, wait: bool):
-  """`acc + P V` on the sparse tensor cores; un-waited unless `wait`."""
+def _make_sparse_pv(cfg: _Config):
   tiling = plgpu.TilingTransform((8, SWIZZLE // 2))
   swizzle = plgpu.SwizzleTransform(SWIZZLE)
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.Layout.WGMMA,
                  plgpu.RefType(transforms=(tiling, swizzle))),
-      return_type=_acc_type(cfg))
+      return_type=plgpu.ShapeDtypeStruct((BLOCK_Q, cfg.head_dim), jnp.float32,
+                                         plgpu.Layout.WGMMA))
   def sparse_pv(ctx, acc, p, meta, v_ref):
     del ctx
-    return mlir_ops.sparse_pv(acc, p, meta, v_ref, swizzle=SWIZZLE, wait=wait)
+    return mlir_ops.sparse_pv(acc, p, meta, v_ref, swizzle=SWIZZLE)
 
   return sparse_pv
-
-
-def _make_wait_accumulator(cfg: _Config):
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=_acc_type(cfg))
-  def wait_accumulator(ctx, acc):
-    del ctx
-    return mlir_ops.wait_accumulator(acc)
-
-  return wait_accumulator
 
 
 def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
@@ -416,9 +397,7 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       profile_space=16 * (cfg.kv_pad // bk + 4), profile_dir=profile_dir)
   select_full = _make_select(cfg, masked=False)
   select_masked = _make_select(cfg, masked=True) if needs_mask else None
-  late_turn = cfg.sparse and cfg.tuning.turn_after_pv_issue
-  sparse_pv = _make_sparse_pv(cfg, wait=not late_turn) if cfg.sparse else None
-  wait_pv = _make_wait_accumulator(cfg) if late_turn else None
+  sparse_pv = _make_sparse_pv(cfg) if cfg.sparse else None
 
   def kernel(q_ref, k_ref, v_ref, *refs):
     refs = list(refs)
@@ -496,23 +475,12 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
           l_i = l_i * alpha + p.sum(axis=1)
           p16 = p.astype(dtype)
           acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-        if late_turn:
-          with jax.named_scope("wait_v"):
-            plgpu.barrier_wait(v_full.at[slot])
-          with jax.named_scope("pv_issue_and_rendezvous"):
-            acc = sparse_pv(acc, p16, meta, v_smem.at[slot])
-            schedule_barrier()
-          with jax.named_scope("wait_pv"):
-            acc = wait_pv(acc)
-        else:
-          with jax.named_scope("rendezvous_and_wait_v"):
-            plgpu.barrier_arrive(sched)
-            plgpu.barrier_wait(v_full.at[slot])
-            plgpu.barrier_wait(sched)
+        with jax.named_scope("rendezvous_and_wait_v"):
+          plgpu.barrier_arrive(sched)
+          plgpu.barrier_wait(v_full.at[slot])
+          plgpu.barrier_wait(sched)
         with jax.named_scope("pv"):
-          if late_turn:
-            pass
-          elif cfg.sparse:
+          if cfg.sparse:
             acc = sparse_pv(acc, p16, meta, v_smem.at[slot])
           else:
             def compute_pv(acc_ref):

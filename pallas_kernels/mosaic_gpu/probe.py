@@ -238,7 +238,6 @@ def section_select(key):
 # Timed kernels: name -> (n, m, MosaicTuning fields); cuDNN is always timed first.
 TIME_VARIANTS = {
     "2:4 sparse-pv": dict(n=2, m=4),
-    "2:4 sparse-pv early turn": dict(n=2, m=4, turn_after_pv_issue=False),
     "2:4 sparse-pv bk64 4-stage": dict(n=2, m=4, block_kv=64,
                                        max_concurrent_steps=4),
     "2:4 sparse-pv bk256": dict(n=2, m=4, block_kv=256),
