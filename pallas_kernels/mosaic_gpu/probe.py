@@ -235,6 +235,9 @@ def section_select(key):
   return rows
 
 
+# (batch, heads) of the timed and profiled inputs per sequence length.
+BATCH_HEADS = {4096: (4, 16), 8192: (2, 16), 16384: (1, 32)}
+
 # Timed kernels: name -> (n, m, MosaicTuning fields); cuDNN is always timed first.
 TIME_VARIANTS = {
     "2:4 sparse-pv": dict(n=2, m=4),
@@ -264,7 +267,7 @@ def section_time(key, sizes, names, causals=(False, True), rounds=1,
   variants = [("cudnn", None)] + [("mosaic " + name, TIME_VARIANTS[name])
                                   for name in names]
   for seq in sizes:
-    batch, heads = {4096: (4, 16), 8192: (2, 16), 16384: (1, 32)}[seq]
+    batch, heads = BATCH_HEADS[seq]
     key, k1 = jax.random.split(key)
     q, k, v = _inputs(k1, batch, seq, seq, heads, heads, head_dim, jnp.bfloat16)
     for causal in causals:
@@ -367,7 +370,7 @@ def section_ncu(key, sizes, names, causals, head_dim=128):
   cuda = ctypes.CDLL("libcuda.so.1")
   rows = []
   for seq in sizes:
-    batch, heads = {4096: (4, 16), 8192: (2, 16), 16384: (1, 32)}[seq]
+    batch, heads = BATCH_HEADS[seq]
     key, k1 = jax.random.split(key)
     q, k, v = _inputs(k1, batch, seq, seq, heads, heads, head_dim, jnp.bfloat16)
     for causal in causals:
