@@ -416,6 +416,10 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
     lo, hi = _tile_range(cfg, q_tile, kv_valid)
     num_steps = hi - lo
 
+    # A rendezvous of the two consumer warpgroups. It does not make them take
+    # turns: ptxas moves the arrive after the softmax above the selection (a
+    # release orders memory operations only), so both select at once, which
+    # measured faster than real turns (NOTES.md, v5).
     def schedule_barrier():
       plgpu.barrier_arrive(sched)
       plgpu.barrier_wait(sched)
