@@ -39,6 +39,7 @@ from pallas_kernels.mosaic_gpu import sparse_fragments as sf
 from pallas_kernels.mosaic_gpu import tile_select as ts
 
 BLOCK_Q = 64          # query rows per consumer warpgroup (the wgmma M)
+COMPUTE_WGS = 2       # consumer warpgroups per CTA
 SWIZZLE = 128         # bytes; 16-bit tiles of (8, 64)
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
@@ -55,17 +56,11 @@ class MosaicTuning:
   max_concurrent_steps: shared-memory stages of the key/value ring (>= 2).
   sparse_pv: run `P V` on the 2:4 sparse tensor cores when the pattern fits.
   consumer_registers: registers per thread of the consumer warpgroups.
-  compute_wgs: consumer warpgroups per CTA (64 query rows each).
-  rendezvous: EXPERIMENT
   """
   block_kv: int = 128
   max_concurrent_steps: int = 2
   sparse_pv: bool = True
   consumer_registers: int = 232
-  compute_wgs: int = 2
-  rendezvous: bool = True
-  pad_ops: str = ""
-  pad_reps: int = 2
 
   def __post_init__(self):
     if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
@@ -77,20 +72,6 @@ class MosaicTuning:
     if self.consumer_registers % 8 or not 24 <= self.consumer_registers <= 256:
       raise ValueError("consumer_registers must be a multiple of 8 in [24, 256]; "
                        f"got consumer_registers={self.consumer_registers}")
-    if self.compute_wgs not in (1, 2, 3):
-      raise ValueError("compute_wgs must be 1, 2 or 3; got "
-                       f"compute_wgs={self.compute_wgs}")
-    if self.producer_registers < 24:
-      raise ValueError(
-          f"{self.compute_wgs} consumer warpgroups of consumer_registers="
-          f"{self.consumer_registers} leave the producer "
-          f"{self.producer_registers} registers a thread (need >= 24)")
-
-  @property
-  def producer_registers(self) -> int:
-    """What the consumers leave of the 64K registers, at most 40 a thread."""
-    left = 65536 // 128 - self.compute_wgs * self.consumer_registers
-    return min(40, left - left % 8)
 
 
 class _Config(NamedTuple):
@@ -142,9 +123,9 @@ SMEM_OVERHEAD = 4096
 
 def smem_bytes(head_dim: int, tuning: MosaicTuning) -> int:
   """Shared memory the kernel needs (tiles, log-sum-exp, barriers, padding)."""
-  tiles = (tuning.compute_wgs * BLOCK_Q + 2 * tuning.max_concurrent_steps
+  tiles = (COMPUTE_WGS * BLOCK_Q + 2 * tuning.max_concurrent_steps
            * tuning.block_kv) * head_dim * 2
-  return (tiles + tuning.compute_wgs * BLOCK_Q * 4
+  return (tiles + COMPUTE_WGS * BLOCK_Q * 4
           + 8 * (4 * tuning.max_concurrent_steps + 3) + SMEM_OVERHEAD)
 
 
@@ -229,7 +210,7 @@ def nm_flash_attention_fwd(q, k, v, bias=None, mask=None, q_lengths=None,
   width = max(4, m) if n < m else 0
   sparse = tuning.sparse_pv and width == 4 and ts.sparse_pattern_fits(n, m)
   bk = tuning.block_kv
-  q_pad = _round_up(q_len, tuning.compute_wgs * BLOCK_Q)
+  q_pad = _round_up(q_len, COMPUTE_WGS * BLOCK_Q)
   kv_pad = _round_up(kv_len, max(bk, 4 * width))
   extra = _combine_extra(bias, mask, full, q_pad, kv_pad)
   cfg = _Config(
@@ -264,9 +245,8 @@ def nm_flash_attention_fwd(q, k, v, bias=None, mask=None, q_lengths=None,
 def _tile_range(cfg: _Config, q_tile, kv_valid):
   """Key tiles `[lo, hi)` that hold any valid key for this CTA's rows."""
   bk = cfg.tuning.block_kv
-  cta_rows = cfg.tuning.compute_wgs * BLOCK_Q
-  q_first = q_tile * cta_rows
-  q_last = jnp.minimum(q_first + cta_rows - 1, cfg.q_len - 1)
+  q_first = q_tile * (COMPUTE_WGS * BLOCK_Q)
+  q_last = jnp.minimum(q_first + COMPUTE_WGS * BLOCK_Q - 1, cfg.q_len - 1)
   hi_key = kv_valid
   lo_key = jnp.int32(0)
   if cfg.causal:
@@ -340,16 +320,6 @@ def _make_select(cfg: _Config, masked: bool):
       extra = _load_extra(cfg, ops, extra_ref[0], scalar(b), scalar(h), row0,
                           thread_key, len(vals[0]))
     poison = ts.nan_poison(ops, vals)
-    if cfg.tuning.pad_ops:
-      from jaxlib.mlir import ir as _ir
-      from jaxlib.mlir.dialects import arith as _arith
-      c = _arith.addf(_arith.sitofp(_ir.F32Type.get(), ops.ishr(kv_valid, ops.i32(31))), ops.f32(1.0))
-      for rep in range(cfg.tuning.pad_reps):
-        if cfg.tuning.pad_ops == "alu":
-          d = ops.fmul(ops.f32(-1e30 - 1e27 * rep), c)
-          vals = [[_arith.maxnumf(x, d) for x in row] for row in vals]
-        else:
-          vals = [[ops.fmul(x, c) for x in row] for row in vals]
     if prescale:
       vals = ts.scale_scores(ops, vals, cfg.scale * LOG2E, extra)
     if masked:
@@ -415,8 +385,6 @@ def _make_sparse_pv(cfg: _Config):
 def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
   bk = cfg.tuning.block_kv
   steps = cfg.tuning.max_concurrent_steps
-  wgs = cfg.tuning.compute_wgs
-  rendezvous = cfg.tuning.rendezvous and wgs == 2
   dtype = cfg.dtype
   groups = cfg.heads // cfg.kv_heads
   has_extra = cfg.extra_shape is not None
@@ -453,16 +421,15 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
     # release orders memory operations only), so both select at once, which
     # measured faster than real turns (NOTES.md, v5).
     def schedule_barrier():
-      if rendezvous:
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(sched)
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(sched)
 
-    @pl.when(wg < wgs)
+    @pl.when(wg < COMPUTE_WGS)
     def _consumer():
       plgpu.set_max_registers(cfg.tuning.consumer_registers, action="increase")
       qo_smem = qo_smem2.at[wg]
       lse_smem = lse_smem2.at[wg]
-      q_first = q_tile * (wgs * BLOCK_Q) + wg * BLOCK_Q
+      q_first = q_tile * (COMPUTE_WGS * BLOCK_Q) + wg * BLOCK_Q
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_first, BLOCK_Q), h], qo_smem,
                               q_full.at[wg])
       plgpu.barrier_wait(q_full.at[wg])
@@ -513,11 +480,9 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
           p16 = p.astype(dtype)
           acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
         with jax.named_scope("rendezvous_and_wait_v"):
-          if rendezvous:
-            plgpu.barrier_arrive(sched)
+          plgpu.barrier_arrive(sched)
           plgpu.barrier_wait(v_full.at[slot])
-          if rendezvous:
-            plgpu.barrier_wait(sched)
+          plgpu.barrier_wait(sched)
         with jax.named_scope("pv"):
           if cfg.sparse:
             acc = sparse_pv(acc, p16, meta, v_smem.at[slot])
@@ -552,10 +517,9 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_first, BLOCK_Q)])
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == wgs)
+    @pl.when(wg == COMPUTE_WGS)
     def _producer():
-      plgpu.set_max_registers(cfg.tuning.producer_registers,
-                              action="decrease")
+      plgpu.set_max_registers(40, action="decrease")
       kv_head = lax.div(h, jnp.int32(groups))
 
       def load(i, slot):
@@ -581,15 +545,15 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
     tiling = plgpu.TilingTransform((8, SWIZZLE // 2))
     swizzle = plgpu.SwizzleTransform(SWIZZLE)
     tile = lambda *shape: plgpu.SMEM(shape, dtype, transforms=(tiling, swizzle))
-    smem = (tile(wgs, BLOCK_Q, cfg.head_dim),
+    smem = (tile(COMPUTE_WGS, BLOCK_Q, cfg.head_dim),
             tile(steps, bk, cfg.head_dim), tile(steps, bk, cfg.head_dim),
-            plgpu.SMEM((wgs, BLOCK_Q), jnp.float32))
+            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32))
     barriers = (plgpu.Barrier(num_barriers=steps),
                 plgpu.Barrier(num_barriers=steps),
-                plgpu.Barrier(num_barriers=wgs),
-                plgpu.Barrier(num_arrivals=wgs, num_barriers=steps),
-                plgpu.Barrier(num_arrivals=wgs, num_barriers=steps),
-                plgpu.Barrier(num_arrivals=wgs))
+                plgpu.Barrier(num_barriers=COMPUTE_WGS),
+                plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=steps),
+                plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=steps),
+                plgpu.Barrier(num_arrivals=COMPUTE_WGS))
     pl.run_scoped(lambda *scratch: kernel(*refs, scratch),
                   smem, barriers, collective_axes="wg")
 
@@ -598,8 +562,8 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       jax.ShapeDtypeStruct((cfg.batch, cfg.heads, cfg.q_pad), jnp.float32))
   return plgpu.kernel(
       entry, out_type=out_types,
-      grid=(cfg.heads, cfg.q_pad // (wgs * BLOCK_Q), cfg.batch),
+      grid=(cfg.heads, cfg.q_pad // (COMPUTE_WGS * BLOCK_Q), cfg.batch),
       grid_names=("heads", "q_seq", "batch"),
-      num_threads=wgs + 1, thread_name="wg",
+      num_threads=COMPUTE_WGS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True, **profile),
   )(q, k, v, *rest)

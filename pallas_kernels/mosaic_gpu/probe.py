@@ -246,14 +246,6 @@ TIME_VARIANTS = {
     "2:4 sparse-pv bk256": dict(n=2, m=4, block_kv=256),
     "2:4 dense-pv": dict(n=2, m=4, sparse_pv=False),
     "4:4 dense": dict(n=4, m=4),
-    "2:4 no-rendezvous": dict(n=2, m=4, rendezvous=False),
-    "2:4 3wg bk64": dict(n=2, m=4, compute_wgs=3, consumer_registers=160,
-                         block_kv=64, max_concurrent_steps=4),
-    "2:4 3wg bk128": dict(n=2, m=4, compute_wgs=3, consumer_registers=160),
-    "2:4 pad alu": dict(n=2, m=4, pad_ops="alu"),
-    "2:4 pad fma": dict(n=2, m=4, pad_ops="fma"),
-    "2:4 pad alu4": dict(n=2, m=4, pad_ops="alu", pad_reps=4),
-    "2:4 pad fma4": dict(n=2, m=4, pad_ops="fma", pad_reps=4),
 }
 DEFAULT_TIME_VARIANTS = "2:4 sparse-pv,2:4 dense-pv,4:4 dense"
 
