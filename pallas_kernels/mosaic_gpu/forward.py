@@ -56,19 +56,11 @@ class MosaicTuning:
   max_concurrent_steps: shared-memory stages of the key/value ring (>= 2).
   sparse_pv: run `P V` on the 2:4 sparse tensor cores when the pattern fits.
   consumer_registers: registers per thread of the consumer warpgroups.
-  overlap_pv: with sparse `P V`, issue the previous tile's `P V` right after
-    this tile's `Q K^T` and select/exponentiate this tile while it runs
-    (the first tile peeled), instead of waiting for each `P V` in turn.
-  schedule_barrier: make the two consumer warpgroups take turns issuing
-    their matmuls (a rendezvous between them after every issue).
   """
   block_kv: int = 128
   max_concurrent_steps: int = 2
   sparse_pv: bool = True
   consumer_registers: int = 232
-  overlap_pv: bool = True
-  schedule_barrier: bool = True
-  turns: bool = False
 
   def __post_init__(self):
     if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
@@ -263,11 +255,8 @@ def _tile_range(cfg: _Config, q_tile, kv_valid):
     left, right = cfg.window
     lo_key = jnp.maximum(q_first - left, 0)
     hi_key = jnp.minimum(hi_key, q_last + right + 1)
-  # At least one tile, so that the peeled first tile always exists; a tile
-  # without a valid key only adds -inf scores (needs_mask holds whenever the
-  # range can be empty: kv_lengths or a window).
-  lo = jnp.minimum(lax.div(lo_key, jnp.int32(bk)), cfg.kv_pad // bk - 1)
-  hi = jnp.maximum(lax.div(hi_key + bk - 1, jnp.int32(bk)), lo + 1)
+  lo = lax.div(lo_key, jnp.int32(bk))
+  hi = jnp.maximum(lax.div(hi_key + bk - 1, jnp.int32(bk)), lo)
   return lo, hi
 
 
@@ -294,21 +283,6 @@ def _score_units(cfg: _Config) -> float:
   return 1.0
 
 
-def _overlaps(cfg: _Config) -> bool:
-  """Whether `P V` of a tile overlaps the selection of the next one."""
-  return cfg.sparse and cfg.tuning.overlap_pv
-
-
-def _wgmma_array(cols: int, dtype):
-  return plgpu.ShapeDtypeStruct((BLOCK_Q, cols), dtype, plgpu.Layout.WGMMA)
-
-
-def _meta_columns(cfg: _Config, split: bool) -> int:
-  """Columns of the int32 array carrying a tile's metadata (words or halves)."""
-  words = cfg.tuning.block_kv // 64
-  return mlir_ops.metadata_columns(2 * words if split else words)
-
-
 def _make_select(cfg: _Config, masked: bool):
   """The inline Mosaic GPU function: raw scores -> selected (and compressed)."""
   bk = cfg.tuning.block_kv
@@ -320,10 +294,10 @@ def _make_select(cfg: _Config, masked: bool):
   arg_types = [plgpu.Layout.WGMMA] + [splat] * 5
   if has_extra:
     arg_types.append(plgpu.RefType())
-  split = _overlaps(cfg)
   if cfg.sparse:
-    ret = (_wgmma_array(bk // 2, jnp.float32),
-           _wgmma_array(_meta_columns(cfg, split), jnp.int32))
+    ret = (plgpu.ShapeDtypeStruct((BLOCK_Q, bk // 2), jnp.float32,
+                                  plgpu.Layout.WGMMA),
+           plgpu.ShapeDtypeStruct((BLOCK_Q, 8), jnp.int32, plgpu.Layout.WGMMA))
   else:
     ret = plgpu.ShapeDtypeStruct((BLOCK_Q, bk), jnp.float32, plgpu.Layout.WGMMA)
 
@@ -353,9 +327,7 @@ def _make_select(cfg: _Config, masked: bool):
                             ops.isub(row0, thread_key),
                             ops.isub(kv_valid, thread_key))
     if cfg.sparse:
-      comp, words = ts.select_compress(ops, vals, cfg.n, cfg.m, t, split=split)
-      if split:
-        words = [half for pair in words for half in pair]
+      comp, words = ts.select_compress(ops, vals, cfg.n, cfg.m, t)
       return (mlir_ops.rows_to_array(ts.add_poison(ops, comp, poison)),
               mlir_ops.words_to_array(ops, words))
     selected = ts.select_dense(ops, vals, cfg.n, cfg.m)
@@ -394,85 +366,20 @@ def _load_extra(cfg: _Config, ops, ref, b, h, row0, thread_key, local):
   return rows
 
 
-def _acc_type(cfg: _Config):
-  return plgpu.ShapeDtypeStruct((BLOCK_Q, cfg.head_dim), jnp.float32,
-                                plgpu.Layout.WGMMA)
-
-
-def _smem_tile_type():
-  return plgpu.RefType(transforms=(plgpu.TilingTransform((8, SWIZZLE // 2)),
-                                   plgpu.SwizzleTransform(SWIZZLE)))
-
-
 def _make_sparse_pv(cfg: _Config):
-  """`acc + P V` on the sparse tensor cores, waited for."""
+  tiling = plgpu.TilingTransform((8, SWIZZLE // 2))
+  swizzle = plgpu.SwizzleTransform(SWIZZLE)
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.Layout.WGMMA,
-                 _smem_tile_type()),
-      return_type=_acc_type(cfg))
+                 plgpu.RefType(transforms=(tiling, swizzle))),
+      return_type=plgpu.ShapeDtypeStruct((BLOCK_Q, cfg.head_dim), jnp.float32,
+                                         plgpu.Layout.WGMMA))
   def sparse_pv(ctx, acc, p, meta, v_ref):
     del ctx
     return mlir_ops.sparse_pv(acc, p, meta, v_ref, swizzle=SWIZZLE)
 
   return sparse_pv
-
-
-def _make_qk_and_sparse_pv(cfg: _Config):
-  """`Q K^T` of this tile and `acc + P V` of the previous one, both un-waited."""
-  scores_type = plgpu.ShapeDtypeStruct((BLOCK_Q, cfg.tuning.block_kv),
-                                       jnp.float32, plgpu.Layout.WGMMA)
-
-  @plgpu.inline_mgpu(
-      arg_types=(_smem_tile_type(), _smem_tile_type(), plgpu.Layout.WGMMA,
-                 plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, _smem_tile_type()),
-      return_type=(scores_type, _acc_type(cfg)))
-  def qk_and_sparse_pv(ctx, q_ref, k_ref, acc, p, meta, v_ref):
-    del ctx
-    return mlir_ops.qk_and_sparse_pv(q_ref, k_ref, acc, p, meta, v_ref,
-                                     swizzle=SWIZZLE)
-
-  return qk_and_sparse_pv
-
-
-def _make_wait_scores(cfg: _Config):
-  """Waits for the older of two wgmma groups (`Q K^T`); returns its scores."""
-  scores = _wgmma_array(cfg.tuning.block_kv, jnp.float32)
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=scores)
-  def wait_scores(ctx, qk):
-    del ctx
-    (qk,) = mlir_ops.wait_accumulator(qk, pending=1)
-    return qk
-
-  return wait_scores
-
-
-def _make_join(cfg: _Config, wait: bool):
-  """`(P, metadata)` of a tile from the selection's float32 P and split words.
-
-  With `wait`, first waits for every wgmma group and returns the accumulator
-  too: `(acc, p, halves) -> (acc, P, metadata)`.
-  """
-  bk = cfg.tuning.block_kv
-  dtype_name = jnp.dtype(cfg.dtype).name
-  joined = (_wgmma_array(bk // 2, cfg.dtype),
-            _wgmma_array(_meta_columns(cfg, split=False), jnp.int32))
-  inputs = (plgpu.Layout.WGMMA,) * 2
-  if wait:
-    inputs, joined = inputs + (plgpu.Layout.WGMMA,), (_acc_type(cfg),) + joined
-
-  @plgpu.inline_mgpu(arg_types=inputs, return_type=joined)
-  def join(ctx, *arrays):
-    del ctx
-    acc = ()
-    if wait:
-      acc, *arrays = mlir_ops.wait_accumulator(*arrays, pending=0)
-      acc = (acc,)
-    return acc + mlir_ops.join_p_operands(*arrays, words=bk // 64,
-                                          dtype_name=dtype_name)
-
-  return join
 
 
 def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
@@ -490,14 +397,7 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       profile_space=16 * (cfg.kv_pad // bk + 4), profile_dir=profile_dir)
   select_full = _make_select(cfg, masked=False)
   select_masked = _make_select(cfg, masked=True) if needs_mask else None
-  overlap = _overlaps(cfg)
-  use_sched = cfg.tuning.schedule_barrier
   sparse_pv = _make_sparse_pv(cfg) if cfg.sparse else None
-  if overlap:
-    qk_and_sparse_pv = _make_qk_and_sparse_pv(cfg)
-    wait_scores = _make_wait_scores(cfg)
-    join_p = _make_join(cfg, wait=False)
-    wait_pv_join_p = _make_join(cfg, wait=True)
 
   def kernel(q_ref, k_ref, v_ref, *refs):
     refs = list(refs)
@@ -505,7 +405,7 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
     kvlen_ref = refs.pop(0) if cfg.has_kv_lengths else None
     out_ref, lse_ref, scratch = refs
     (qo_smem2, k_smem, v_smem, lse_smem2), barriers = scratch
-    (k_full, v_full, q_full, k_free, v_free, sched, turn) = barriers
+    (k_full, v_full, q_full, k_free, v_free, sched) = barriers
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
     q_tile = lax.axis_index("q_seq")
@@ -524,18 +424,6 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       plgpu.barrier_arrive(sched)
       plgpu.barrier_wait(sched)
 
-    # Turns (FA3's protocol): warpgroups issue their matmuls round robin;
-    # each waits for its turn before an issue and passes it on right after.
-    use_turns = cfg.tuning.turns and overlap
-
-    def take_turn():
-      if use_turns:
-        plgpu.barrier_wait(turn.at[wg])
-
-    def pass_turn():
-      if use_turns:
-        plgpu.barrier_arrive(turn.at[lax.rem(wg + 1, jnp.int32(COMPUTE_WGS))])
-
     @pl.when(wg < COMPUTE_WGS)
     def _consumer():
       plgpu.set_max_registers(cfg.tuning.consumer_registers, action="increase")
@@ -552,121 +440,71 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       acc = plgpu.layout_cast(
           jnp.full((BLOCK_Q, cfg.head_dim), 0.0, jnp.float32),
           plgpu.Layout.WGMMA)
-      if use_sched:
-        pl.when(wg == 1)(schedule_barrier)
-      if use_turns:
-        pl.when(wg == 0)(lambda: plgpu.barrier_arrive(turn.at[0]))
+      pl.when(wg == 1)(schedule_barrier)
 
-      def slot_of(kv_step):
-        return lax.rem(kv_step - lo, jnp.int32(steps))
+      # The named scopes are the regions of the Mosaic GPU profiler's trace
+      # (`profile_dir`); they cost nothing otherwise.
+      def step(kv_step, carry, masked):
+        acc, m_i, l_i = carry
+        slot = lax.rem(kv_step - lo, jnp.int32(steps))
+        with jax.named_scope("wait_k"):
+          plgpu.barrier_wait(k_full.at[slot])
 
-      def scores_of(kv_step):
-        """`Q K^T` of a tile, waited for."""
-        slot = slot_of(kv_step)
-        plgpu.barrier_wait(k_full.at[slot])
-
-        def compute(qk_ref):
-          take_turn()
-          plgpu.wgmma(qk_ref, qo_smem,
-                      plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-          pass_turn()
-          if use_sched:
+        def compute_qk(acc_ref):
+          with jax.named_scope("qk_issue_and_rendezvous"):
+            plgpu.wgmma(acc_ref, qo_smem,
+                        plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
             schedule_barrier()
-          return qk_ref[...]
+          with jax.named_scope("wait_qk"):
+            return acc_ref[...]
 
-        qk = pl.run_scoped(compute, plgpu.ACC((BLOCK_Q, bk), jnp.float32))
+        qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, bk), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
-        return qk
-
-      def softmax(kv_step, qk, m_i, l_i, masked):
-        """Select, then the online softmax: `(p, meta, alpha, m_new, l_new)`."""
         select = select_masked if masked else select_full
         args = [qk, kv_step * bk, q_first, kv_valid, b, h]
         if masked and has_extra:
           args.append(extra_ref)
-        if cfg.sparse:
-          scores, meta = select(*args)
-        else:
-          scores, meta = select(*args), None
-        m_new = jnp.maximum(m_i, scores.max(axis=1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2((m_i - m_safe) * units)
-        p = jnp.exp2(scores * units - lax.broadcast_in_dim(
-            m_safe * units, scores.shape, [0]))
-        l_new = l_i * alpha + p.sum(axis=1)
-        return p, meta, alpha, m_new, l_new
-
-      def rescale(acc, alpha):
-        return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-
-      def step(kv_step, carry, masked):
-        acc, m_i, l_i = carry
-        slot = slot_of(kv_step)
-        qk = scores_of(kv_step)
-        p, meta, alpha, m_new, l_i = softmax(kv_step, qk, m_i, l_i, masked)
-        p16 = p.astype(dtype)
-        acc = rescale(acc, alpha)
-        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-        if use_sched:
+        with jax.named_scope("select"):
+          if cfg.sparse:
+            scores, meta = select(*args)
+          else:
+            scores, meta = select(*args), None
+        with jax.named_scope("softmax"):
+          m_new = jnp.maximum(m_i, scores.max(axis=1))
+          m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+          alpha = jnp.exp2((m_i - m_safe) * units)
+          p = jnp.exp2(scores * units - lax.broadcast_in_dim(
+              m_safe * units, scores.shape, [0]))
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+          l_i = l_i * alpha + p.sum(axis=1)
+          p16 = p.astype(dtype)
+          acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+        with jax.named_scope("rendezvous_and_wait_v"):
           plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(v_full.at[slot])
-        if use_sched:
+          plgpu.barrier_wait(v_full.at[slot])
           plgpu.barrier_wait(sched)
-        if cfg.sparse:
-          acc = sparse_pv(acc, p16, meta, v_smem.at[slot])
-        else:
-          def compute_pv(acc_ref):
-            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-          acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+        with jax.named_scope("pv"):
+          if cfg.sparse:
+            acc = sparse_pv(acc, p16, meta, v_smem.at[slot])
+          else:
+            def compute_pv(acc_ref):
+              plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+            acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_new, l_i
 
-      def overlapped_step(kv_step, carry, masked):
-        # P V of the previous tile runs while this tile is selected.
-        acc, m_i, l_i, p_prev, meta_prev = carry
-        slot, prev_slot = slot_of(kv_step), slot_of(kv_step - 1)
-        plgpu.barrier_wait(k_full.at[slot])
-        plgpu.barrier_wait(v_full.at[prev_slot])
-        take_turn()
-        qk, acc = qk_and_sparse_pv(qo_smem, k_smem.at[slot], acc, p_prev,
-                                   meta_prev, v_smem.at[prev_slot])
-        pass_turn()
-        if use_sched:
-          schedule_barrier()
-        qk = wait_scores(qk)
-        plgpu.barrier_arrive(k_free.at[slot])
-        p, halves, alpha, m_new, l_i = softmax(kv_step, qk, m_i, l_i, masked)
-        # This tile's P and metadata are written only after the wait: the
-        # running P V reads the registers that carry them.
-        acc, p16, meta = wait_pv_join_p(acc, p, halves)
-        plgpu.barrier_arrive(v_free.at[prev_slot])
-        return rescale(acc, alpha), m_new, l_i, p16, meta
-
-      def run_loops(body, first, carry):
-        if not needs_mask:
-          return lax.fori_loop(first, hi, functools.partial(body, masked=False),
-                               carry)
-        first_masked = jnp.maximum(
-            _first_masked_tile(cfg, q_first, lo, hi, kv_valid), first)
-        carry = lax.fori_loop(first, first_masked,
-                              functools.partial(body, masked=False), carry)
-        return lax.fori_loop(first_masked, hi,
-                             functools.partial(body, masked=True), carry)
-
-      if overlap:
-        qk = scores_of(lo)
-        p, halves, _, m_i, l_i = softmax(lo, qk, m_i, l_i, needs_mask)
-        p16, meta = join_p(p, halves)
-        acc, m_i, l_i, p16, meta = run_loops(overlapped_step, lo + 1,
-                                             (acc, m_i, l_i, p16, meta))
-        last_slot = slot_of(hi - 1)
-        plgpu.barrier_wait(v_full.at[last_slot])
-        acc = sparse_pv(acc, p16, meta, v_smem.at[last_slot])
-        plgpu.barrier_arrive(v_free.at[last_slot])
+      carry = (acc, m_i, l_i)
+      if needs_mask:
+        first_masked = _first_masked_tile(cfg, q_first, lo, hi, kv_valid)
+        carry = lax.fori_loop(lo, first_masked,
+                              functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(first_masked, hi,
+                              functools.partial(step, masked=True), carry)
       else:
-        acc, m_i, l_i = run_loops(step, lo, (acc, m_i, l_i))
-      if use_sched:
-        pl.when(wg == 0)(schedule_barrier)
+        carry = lax.fori_loop(lo, hi, functools.partial(step, masked=False),
+                              carry)
+      acc, m_i, l_i = carry
+      pl.when(wg == 0)(schedule_barrier)
 
       l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
       acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
@@ -715,8 +553,7 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
                 plgpu.Barrier(num_barriers=COMPUTE_WGS),
                 plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=steps),
                 plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=steps),
-                plgpu.Barrier(num_arrivals=COMPUTE_WGS),
-                plgpu.Barrier(num_barriers=COMPUTE_WGS))
+                plgpu.Barrier(num_arrivals=COMPUTE_WGS))
     pl.run_scoped(lambda *scratch: kernel(*refs, scratch),
                   smem, barriers, collective_axes="wg")
 

@@ -138,16 +138,12 @@ def rows_to_array(rows, *, is_signed=None) -> fa.FragmentedArray:
                             _is_signed=is_signed)
 
 
-def metadata_columns(words: int) -> int:
-  """Columns of the int32 `[64, C]` array that holds `words` words a thread."""
-  return 8 * -(-words // 4)
-
-
 def words_to_array(ops: MlirOps, words) -> fa.FragmentedArray:
-  """A thread's metadata words as a `[64, metadata_columns(len(words))]` array."""
-  slots = list(words) + [ops.i32(0)] * (-len(words) % 4)
-  half = len(slots) // 2
-  return rows_to_array([slots[:half], slots[half:]], is_signed=True)
+  """Up to four metadata words of a thread as a `[64, 8]` int32 array."""
+  if len(words) > 4:
+    raise ValueError(f"at most 4 metadata words fit; got {len(words)}")
+  slots = list(words) + [ops.i32(0)] * (4 - len(words))
+  return rows_to_array([slots[:2], slots[2:]], is_signed=True)
 
 
 def array_words(arr: fa.FragmentedArray, count: int) -> list[ir.Value]:
@@ -189,63 +185,6 @@ def _v_descriptors(v_ref: ir.Value, swizzle: int, blocks: int):
   return descs, fastest != mma_utils.Dim.K
 
 
-def _pin(values: list[ir.Value]) -> list[ir.Value]:
-  """`values` through an empty side-effecting asm, so they are computed here.
-
-  Keeps LLVM from sinking the computation of wgmma operands past an earlier
-  wgmma of the same stage (ptxas then serializes every wgmma, C7513).
-  """
-  letter = {"f32": "f", "i32": "r", "i64": "l"}
-  constraints = ",".join([f"={letter[str(v.type)]}" for v in values]
-                         + [str(i) for i in range(len(values))])
-  result = llvm.inline_asm(
-      llvm.StructType.get_literal([v.type for v in values]), values, "",
-      constraints, asm_dialect=0, has_side_effects=True)
-  return [llvm.extractvalue(v.type, result, [i]) for i, v in enumerate(values)]
-
-
-class _SparseOperands:
-  """The registers of one `P V` on the sparse tensor cores, ready to issue."""
-
-  def __init__(self, acc: fa.FragmentedArray, a_regs, words, v_ref: ir.Value,
-               swizzle: int):
-    el_ty = ir.MemRefType(v_ref.type).element_type
-    self.dtype_name = "bfloat16" if el_ty == ir.BF16Type.get() else "float16"
-    self.head_dim = acc.shape[1]
-    descs, self.transpose_b = _v_descriptors(v_ref, swizzle, len(a_regs))
-    acc32 = acc.to_layout(fa.WGMMA_LAYOUT_ACC_32BIT)
-    self.acc_shape = acc32.registers.shape
-    acc_vals = [vector.extract(reg, dynamic_position=[], static_position=[0])
-                for reg in acc32.registers.flat]
-    flat = _pin([*acc_vals, *[r for regs in a_regs for r in regs], *descs,
-                 *words])
-    n_acc, n_a = len(acc_vals), 4 * len(a_regs)
-    self.acc_vals = flat[:n_acc]
-    self.a_regs = [flat[n_acc + 4 * kb:n_acc + 4 * kb + 4]
-                   for kb in range(len(a_regs))]
-    self.descs = flat[n_acc + n_a:n_acc + n_a + len(descs)]
-    self.words = flat[n_acc + n_a + len(descs):]
-
-  def issue(self) -> fa.FragmentedArray:
-    """The wgmma instructions (no fence, no commit); the accumulator they write."""
-    f32 = ir.F32Type.get()
-    acc_vals = self.acc_vals
-    for kb, (regs, desc) in enumerate(zip(self.a_regs, self.descs)):
-      asm, constraints = sf.sparse_wgmma_ptx(self.head_dim, self.dtype_name,
-                                             kb % 2, self.transpose_b)
-      result = llvm.inline_asm(
-          llvm.StructType.get_literal([f32] * len(acc_vals)),
-          [*acc_vals, *regs, desc, self.words[kb // 2]], asm, constraints,
-          asm_dialect=0, has_side_effects=True)
-      acc_vals = [llvm.extractvalue(f32, result, [i])
-                  for i in range(len(acc_vals))]
-    vec1 = ir.VectorType.get((1,), f32)
-    regs = np.array([vector.from_elements(vec1, [v]) for v in acc_vals],
-                    dtype=object).reshape(self.acc_shape)
-    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT_ACC_32BIT,
-                              _is_signed=None)
-
-
 def sparse_mma(acc: fa.FragmentedArray, a_regs, words, v_ref: ir.Value, *,
                swizzle: int) -> fa.FragmentedArray:
   """`acc + A @ V` over `len(a_regs)` 32-key blocks on the sparse tensor cores.
@@ -254,77 +193,33 @@ def sparse_mma(acc: fa.FragmentedArray, a_regs, words, v_ref: ir.Value, *,
   `words[kb // 2]`: the metadata word of blocks `2p` (selector 0) and `2p + 1`
   (selector 1); `v_ref`: the value tile in shared memory (tiled
   `(8, swizzle // 2)`, swizzled); `acc`: f32 `[64, N]` in WGMMA layout.
-  Fences the operands, issues the instructions as one wgmma group and waits
-  for it.
+  Fences the operands, issues the instructions and waits for them.
   """
-  operands = _SparseOperands(acc, a_regs, words, v_ref, swizzle)
+  el_ty = ir.MemRefType(v_ref.type).element_type
+  dtype_name = "bfloat16" if el_ty == ir.BF16Type.get() else "float16"
+  head_dim = acc.shape[1]
+  descs, transpose_b = _v_descriptors(v_ref, swizzle, len(a_regs))
+  f32 = ir.F32Type.get()
+  acc32 = mgpu.optimization_barrier(acc.to_layout(fa.WGMMA_LAYOUT_ACC_32BIT))
+  acc_vals = [vector.extract(reg, dynamic_position=[], static_position=[0])
+              for reg in acc32.registers.flat]
   nvvm.wgmma_fence_aligned()
-  out = operands.issue()
+  for kb, (regs, desc) in enumerate(zip(a_regs, descs)):
+    asm, constraints = sf.sparse_wgmma_ptx(head_dim, dtype_name, kb % 2,
+                                           transpose_b)
+    result = llvm.inline_asm(
+        llvm.StructType.get_literal([f32] * len(acc_vals)),
+        [*acc_vals, *regs, desc, words[kb // 2]], asm, constraints,
+        asm_dialect=0, has_side_effects=True)
+    acc_vals = [llvm.extractvalue(f32, result, [i]) for i in range(len(acc_vals))]
   nvvm.wgmma_commit_group_sync_aligned()
   nvvm.wgmma_wait_group_sync_aligned(0)
+  vec1 = ir.VectorType.get((1,), f32)
+  regs = np.array([vector.from_elements(vec1, [v]) for v in acc_vals],
+                  dtype=object).reshape(acc32.registers.shape)
+  out = fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT_ACC_32BIT,
+                           _is_signed=None)
   return mgpu.optimization_barrier(out).to_layout(fa.WGMMA_LAYOUT)
-
-
-def wait_accumulator(*arrays: fa.FragmentedArray, pending: int = 0):
-  """`arrays` (a list) once at most `pending` wgmma groups of this warpgroup run.
-
-  The barrier after the wait keeps every use of the registers after it, and
-  every definition of them: an array carried into the next wgmma then never
-  overwrites registers an earlier, still running wgmma reads.
-  """
-  nvvm.wgmma_wait_group_sync_aligned(pending)
-  out = mgpu.optimization_barrier(*arrays)
-  return [out] if len(arrays) == 1 else list(out)
-
-
-def join_p_operands(p: fa.FragmentedArray, halves: fa.FragmentedArray,
-                    words: int, dtype_name: str) -> tuple[fa.FragmentedArray, ...]:
-  """`(P, metadata)` for `sparse_pv` from float32 P and split metadata.
-
-  `halves` holds the `2 * words` halves that `select_compress(split=True)`
-  returns, in order; they are or-ed into `words` words and P is rounded to
-  `dtype_name` ("bfloat16" or "float16") here, so that both registers are
-  written where this is called: after a wgmma wait, never under a running
-  `P V` that reads the previous ones (else ptxas serializes, C7513).
-  """
-  flat = array_words(halves, 2 * words)
-  ops = MlirOps()
-  joined = [ops.ior(flat[2 * i], flat[2 * i + 1]) for i in range(words)]
-  el_ty = ir.BF16Type.get() if dtype_name == "bfloat16" else ir.F16Type.get()
-  return p.astype(el_ty), words_to_array(ops, joined)
-
-
-def _p_operands(p: fa.FragmentedArray, meta: fa.FragmentedArray):
-  """Sparse-A registers per K block and metadata words of a compressed P."""
-  blocks = p.shape[1] // (sf.SPARSE_K // 2)
-  p, meta = mgpu.optimization_barrier(p, meta)
-  regs = p.registers
-  a_regs = [[_as_i32(regs[0, 2 * kb + h, 0, 0, r, 0, 0, 0, 0])
-             for h in range(2) for r in range(2)] for kb in range(blocks)]
-  return a_regs, array_words(meta, -(-blocks // 2))
-
-
-def qk_and_sparse_pv(q_ref: ir.Value, k_ref: ir.Value, acc: fa.FragmentedArray,
-                     p: fa.FragmentedArray, meta: fa.FragmentedArray,
-                     v_ref: ir.Value, *, swizzle: int):
-  """Issues `Q K^T` and then `acc + P V` as two wgmma groups, waiting for neither.
-
-  `q_ref [64, D]` and `k_ref [block_kv, D]` are tiled and swizzled like
-  `v_ref`; `p`, `meta` as in `sparse_pv`. Every operand of the sparse group
-  is computed before the first wgmma is issued. Returns `(scores, acc)`, both
-  still being written: pass them to `wait_accumulator` (`pending=1` for the
-  scores alone).
-  """
-  a_regs, words = _p_operands(p, meta)
-  operands = _SparseOperands(acc, a_regs, words, v_ref, swizzle)
-  block_kv = ir.MemRefType(k_ref.type).shape[0] * ir.MemRefType(k_ref.type).shape[2]
-  scores = mgpu.WGMMAAccumulator.zero(acc.shape[0], block_kv)  # fences
-  scores = mgpu.wgmma(scores, q_ref, mgpu.memref_transpose(k_ref, (1, 0, 3, 2)),
-                      swizzle=swizzle)
-  nvvm.wgmma_commit_group_sync_aligned()
-  out = operands.issue()
-  nvvm.wgmma_commit_group_sync_aligned()
-  return scores.value, out.to_layout(fa.WGMMA_LAYOUT)
 
 
 def sparse_pv(acc: fa.FragmentedArray, p: fa.FragmentedArray,
@@ -336,5 +231,10 @@ def sparse_pv(acc: fa.FragmentedArray, p: fa.FragmentedArray,
   sparse-A register `2 * (b % 2) + r` of K block `b // 2`), `meta` the
   metadata words (`words_to_array`).
   """
-  a_regs, words = _p_operands(p, meta)
+  blocks = p.shape[1] // (sf.SPARSE_K // 2)
+  p, meta = mgpu.optimization_barrier(p, meta)
+  regs = p.registers
+  a_regs = [[_as_i32(regs[0, 2 * kb + h, 0, 0, r, 0, 0, 0, 0])
+             for h in range(2) for r in range(2)] for kb in range(blocks)]
+  words = array_words(meta, -(-blocks // 2))
   return sparse_mma(acc, a_regs, words, v_ref, swizzle=swizzle)

@@ -246,13 +246,6 @@ TIME_VARIANTS = {
     "2:4 sparse-pv bk256": dict(n=2, m=4, block_kv=256),
     "2:4 dense-pv": dict(n=2, m=4, sparse_pv=False),
     "4:4 dense": dict(n=4, m=4),
-    "main": dict(n=2, m=4, overlap_pv=False),
-    "v3 rendezvous": dict(n=2, m=4, overlap_pv=True),
-    "v3 free": dict(n=2, m=4, overlap_pv=True, schedule_barrier=False),
-    "v3 turns": dict(n=2, m=4, overlap_pv=True, schedule_barrier=False,
-                     turns=True),
-    "v3 turns bk64": dict(n=2, m=4, overlap_pv=True, schedule_barrier=False,
-                          turns=True, block_kv=64, max_concurrent_steps=4),
 }
 DEFAULT_TIME_VARIANTS = "2:4 sparse-pv,2:4 dense-pv,4:4 dense"
 

@@ -136,16 +136,14 @@ def nibble(i0, i1):
   return i0 | (i1 << 2)
 
 
-def gather_metadata(ops, partial, t, *, split: bool = False):
+def gather_metadata(ops, partial, t):
   """Metadata word of this thread for one pair of 32-key blocks.
 
   `partial[d]` (d = 2 * selector + h) is the thread's own contribution to
   the word that thread `d` of the quad supplies: block `2p + selector`,
   chunks `4h ... 4h + 3`. Round 1 exchanges with the thread whose selector
   differs (lane ^ 2), round 2 with the one whose half differs (lane ^ 1).
-  With `split`, returns the two disjoint halves whose bitwise or is the word
-  (so that the last `or` can come later). Works on kernel registers (`ops` =
-  `MlirOps`) and on the numpy twin.
+  Works on kernel registers (`ops` = `MlirOps`) and on the numpy twin.
   """
   sel_bit = ops.ine(ops.iand(t, ops.i32(2)), ops.i32(0))
   half_bit = ops.ine(ops.iand(t, ops.i32(1)), ops.i32(0))
@@ -155,8 +153,7 @@ def gather_metadata(ops, partial, t, *, split: bool = False):
   both = [ops.ior(a, b) for a, b in zip(mine, got)]
   keep = ops.sel(half_bit, both[1], both[0])
   give = ops.sel(half_bit, both[0], both[1])
-  halves = (keep, ops.shfl_xor(give, 1))
-  return halves if split else ops.ior(*halves)
+  return ops.ior(keep, ops.shfl_xor(give, 1))
 
 
 # --------------------------------------------------------------------------

@@ -199,7 +199,7 @@ def _compress_chunk(ops, chunk, n, m, consts):
   return v0, v1, nib
 
 
-def select_compress(ops, vals, n: int, m: int, t, *, split: bool = False):
+def select_compress(ops, vals, n: int, m: int, t):
   """N:M selection straight into the 2:4 sparse-A form (key width 4).
 
   Returns `(comp, words)`: `comp[r][2b + i]` is the i-th kept score of the
@@ -207,8 +207,7 @@ def select_compress(ops, vals, n: int, m: int, t, *, split: bool = False):
   valid keys), i.e. a `[64, block_kv // 2]` WGMMA-layout array whose
   register `b` is sparse-A register `2 * (b % 2) + r` of K block `b // 2`;
   `words[p]` is the thread's metadata word for K blocks `2p` (selector 0) and
-  `2p + 1` (selector 1). With `split`, `words[p]` is the pair of halves of
-  that word (`gather_metadata`).
+  `2p + 1` (selector 1).
   """
   if not sparse_pattern_fits(n, m):
     raise ValueError(f"{n}:{m} does not fit the 2:4 sparse operand")
@@ -231,5 +230,5 @@ def select_compress(ops, vals, n: int, m: int, t, *, split: bool = False):
       b = 4 * pair + d
       both_rows = ops.ior(nibbles[0][b], ops.ishl(nibbles[1][b], consts[16]))
       partial.append(ops.ishl(both_rows, shift))
-    words.append(sf.gather_metadata(ops, partial, t, split=split))
+    words.append(sf.gather_metadata(ops, partial, t))
   return comp, words
