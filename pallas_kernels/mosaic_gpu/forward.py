@@ -56,18 +56,11 @@ class MosaicTuning:
   max_concurrent_steps: shared-memory stages of the key/value ring (>= 2).
   sparse_pv: run `P V` on the 2:4 sparse tensor cores when the pattern fits.
   consumer_registers: registers per thread of the consumer warpgroups.
-  prefetch_scores: with sparse `P V`, issue the next tile's `Q K^T` before
-    selecting this one, so that the tensor cores compute it under the
-    selection and softmax (the last tile is peeled). Without it, each tile's
-    `Q K^T` is waited for right after its issue.
   """
   block_kv: int = 128
   max_concurrent_steps: int = 2
   sparse_pv: bool = True
   consumer_registers: int = 232
-  prefetch_scores: bool = True
-  prefetch_pairs: bool = True
-  prefetch_fence: bool = False
 
   def __post_init__(self):
     if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
@@ -250,12 +243,7 @@ def nm_flash_attention_fwd(q, k, v, bias=None, mask=None, q_lengths=None,
 
 
 def _tile_range(cfg: _Config, q_tile, kv_valid):
-  """Key tiles `[lo, hi)` that hold any valid key for this CTA's rows.
-
-  With `_prefetches(cfg)` the range holds at least one tile (the peeled
-  last one); a tile without a valid key only adds `-inf` scores, and masks
-  apply whenever the range can be empty (kv_lengths or a window).
-  """
+  """Key tiles `[lo, hi)` that hold any valid key for this CTA's rows."""
   bk = cfg.tuning.block_kv
   q_first = q_tile * (COMPUTE_WGS * BLOCK_Q)
   q_last = jnp.minimum(q_first + COMPUTE_WGS * BLOCK_Q - 1, cfg.q_len - 1)
@@ -268,15 +256,8 @@ def _tile_range(cfg: _Config, q_tile, kv_valid):
     lo_key = jnp.maximum(q_first - left, 0)
     hi_key = jnp.minimum(hi_key, q_last + right + 1)
   lo = lax.div(lo_key, jnp.int32(bk))
-  if _prefetches(cfg):
-    lo = jnp.minimum(lo, cfg.kv_pad // bk - 1)
-    return lo, jnp.maximum(lax.div(hi_key + bk - 1, jnp.int32(bk)), lo + 1)
-  return lo, jnp.maximum(lax.div(hi_key + bk - 1, jnp.int32(bk)), lo)
-
-
-def _prefetches(cfg: _Config) -> bool:
-  """Whether the next tile's `Q K^T` runs under this tile's selection."""
-  return cfg.sparse and cfg.tuning.prefetch_scores
+  hi = jnp.maximum(lax.div(hi_key + bk - 1, jnp.int32(bk)), lo)
+  return lo, hi
 
 
 def _first_masked_tile(cfg: _Config, q_wg_first, lo, hi, kv_valid):
@@ -385,53 +366,20 @@ def _load_extra(cfg: _Config, ops, ref, b, h, row0, thread_key, local):
   return rows
 
 
-def _smem_tile_type():
-  return plgpu.RefType(transforms=(plgpu.TilingTransform((8, SWIZZLE // 2)),
-                                   plgpu.SwizzleTransform(SWIZZLE)))
-
-
-def _wgmma_array(cols: int):
-  return plgpu.ShapeDtypeStruct((BLOCK_Q, cols), jnp.float32, plgpu.Layout.WGMMA)
-
-
-def _make_sparse_pv(cfg: _Config, wait: bool):
-  """`acc + P V` on the sparse tensor cores; un-waited unless `wait`."""
+def _make_sparse_pv(cfg: _Config):
+  tiling = plgpu.TilingTransform((8, SWIZZLE // 2))
+  swizzle = plgpu.SwizzleTransform(SWIZZLE)
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.Layout.WGMMA,
-                 _smem_tile_type()),
-      return_type=_wgmma_array(cfg.head_dim))
+                 plgpu.RefType(transforms=(tiling, swizzle))),
+      return_type=plgpu.ShapeDtypeStruct((BLOCK_Q, cfg.head_dim), jnp.float32,
+                                         plgpu.Layout.WGMMA))
   def sparse_pv(ctx, acc, p, meta, v_ref):
     del ctx
-    return mlir_ops.sparse_pv(acc, p, meta, v_ref, swizzle=SWIZZLE, wait=wait)
+    return mlir_ops.sparse_pv(acc, p, meta, v_ref, swizzle=SWIZZLE)
 
   return sparse_pv
-
-
-def _make_issue_scores(cfg: _Config):
-  """`Q K^T` of a tile, issued and not waited for."""
-
-  @plgpu.inline_mgpu(arg_types=(_smem_tile_type(), _smem_tile_type()),
-                     return_type=_wgmma_array(cfg.tuning.block_kv))
-  def issue_scores(ctx, q_ref, k_ref):
-    del ctx
-    return mlir_ops.issue_scores(q_ref, k_ref, swizzle=SWIZZLE,
-                                 fence=cfg.tuning.prefetch_fence)
-
-  return issue_scores
-
-
-def _make_wait_all(cfg: _Config):
-  """`(acc, scores)` once every wgmma group of the warpgroup has completed."""
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA),
-                     return_type=(_wgmma_array(cfg.head_dim),
-                                  _wgmma_array(cfg.tuning.block_kv)))
-  def wait_all(ctx, acc, scores):
-    del ctx
-    return tuple(mlir_ops.wait_accumulators(acc, scores))
-
-  return wait_all
 
 
 def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
@@ -449,12 +397,7 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       profile_space=16 * (cfg.kv_pad // bk + 4), profile_dir=profile_dir)
   select_full = _make_select(cfg, masked=False)
   select_masked = _make_select(cfg, masked=True) if needs_mask else None
-  prefetch = _prefetches(cfg)
-  sparse_pv = _make_sparse_pv(cfg, wait=True) if cfg.sparse else None
-  if prefetch:
-    sparse_pv_async = _make_sparse_pv(cfg, wait=False)
-    issue_scores = _make_issue_scores(cfg)
-    wait_all = _make_wait_all(cfg)
+  sparse_pv = _make_sparse_pv(cfg) if cfg.sparse else None
 
   def kernel(q_ref, k_ref, v_ref, *refs):
     refs = list(refs)
@@ -497,19 +440,13 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       acc = plgpu.layout_cast(
           jnp.full((BLOCK_Q, cfg.head_dim), 0.0, jnp.float32),
           plgpu.Layout.WGMMA)
-      # The warpgroups take turns issuing matmuls only without the prefetch.
-      use_sched = not prefetch
-      if use_sched:
-        pl.when(wg == 1)(schedule_barrier)
-
-      def slot_of(kv_step):
-        return lax.rem(kv_step - lo, jnp.int32(steps))
+      pl.when(wg == 1)(schedule_barrier)
 
       # The named scopes are the regions of the Mosaic GPU profiler's trace
       # (`profile_dir`); they cost nothing otherwise.
-      def scores_of(kv_step):
-        """`Q K^T` of a tile, waited for; its K slot released."""
-        slot = slot_of(kv_step)
+      def step(kv_step, carry, masked):
+        acc, m_i, l_i = carry
+        slot = lax.rem(kv_step - lo, jnp.int32(steps))
         with jax.named_scope("wait_k"):
           plgpu.barrier_wait(k_full.at[slot])
 
@@ -517,17 +454,12 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
           with jax.named_scope("qk_issue_and_rendezvous"):
             plgpu.wgmma(acc_ref, qo_smem,
                         plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-            if use_sched:
-              schedule_barrier()
+            schedule_barrier()
           with jax.named_scope("wait_qk"):
             return acc_ref[...]
 
         qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, bk), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
-        return qk
-
-      def softmax(kv_step, qk, acc, m_i, l_i, masked):
-        """Selection and online softmax: `(acc, m_new, l_new, p16, meta)`."""
         select = select_masked if masked else select_full
         args = [qk, kv_step * bk, q_first, kv_valid, b, h]
         if masked and has_extra:
@@ -547,93 +479,32 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
           l_i = l_i * alpha + p.sum(axis=1)
           p16 = p.astype(dtype)
           acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-        return acc, m_new, l_i, p16, meta
-
-      def pv(acc, p16, meta, slot):
-        """`acc + P V`, waited for."""
-        with jax.named_scope("pv"):
-          if cfg.sparse:
-            return sparse_pv(acc, p16, meta, v_smem.at[slot])
-
-          def compute_pv(acc_ref):
-            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-          return pl.run_state(compute_pv)(plgpu.ACC.init(acc))
-
-      def step(kv_step, carry, masked):
-        acc, m_i, l_i = carry
-        slot = slot_of(kv_step)
-        qk = scores_of(kv_step)
-        acc, m_new, l_i, p16, meta = softmax(kv_step, qk, acc, m_i, l_i, masked)
         with jax.named_scope("rendezvous_and_wait_v"):
           plgpu.barrier_arrive(sched)
           plgpu.barrier_wait(v_full.at[slot])
           plgpu.barrier_wait(sched)
-        acc = pv(acc, p16, meta, slot)
+        with jax.named_scope("pv"):
+          if cfg.sparse:
+            acc = sparse_pv(acc, p16, meta, v_smem.at[slot])
+          else:
+            def compute_pv(acc_ref):
+              plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+            acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_new, l_i
 
-      def prefetch_step(kv_step, carry, masked):
-        # The next tile's scores compute while this tile is selected; both
-        # matmul groups are waited for together, so none runs across the
-        # loop's back edge.
-        acc, m_i, l_i, qk = carry
-        slot, next_slot = slot_of(kv_step), slot_of(kv_step + 1)
-        with jax.named_scope("wait_k"):
-          plgpu.barrier_wait(k_full.at[next_slot])
-        with jax.named_scope("qk_issue"):
-          qk_next = issue_scores(qo_smem, k_smem.at[next_slot])
-        acc, m_new, l_i, p16, meta = softmax(kv_step, qk, acc, m_i, l_i, masked)
-        with jax.named_scope("wait_v"):
-          plgpu.barrier_wait(v_full.at[slot])
-        with jax.named_scope("pv"):
-          acc = sparse_pv_async(acc, p16, meta, v_smem.at[slot])
-        with jax.named_scope("wait_qk_and_pv"):
-          acc, qk_next = wait_all(acc, qk_next)
-        plgpu.barrier_arrive(k_free.at[next_slot])
-        plgpu.barrier_arrive(v_free.at[slot])
-        return acc, m_new, l_i, qk_next
-
-      def loop(body, first, last, carry, masked):
-        if not (prefetch and cfg.tuning.prefetch_pairs):
-          return lax.fori_loop(first, last,
-                               functools.partial(body, masked=masked), carry)
-        # Two tiles per iteration: the scores issued in one step are selected
-        # in the next, so ptxas cannot give the prefetched scores the
-        # registers of the scores being selected (the loop-carried value);
-        # with one tile per iteration it did, and issued the prefetch only
-        # after the selection.
-        pairs = lax.div(last - first, jnp.int32(2))
-
-        def pair(i, carry):
-          carry = body(first + 2 * i, carry, masked=masked)
-          return body(first + 2 * i + 1, carry, masked=masked)
-
-        carry = lax.fori_loop(0, pairs, pair, carry)
-        return lax.fori_loop(first + 2 * pairs, last,
-                             functools.partial(body, masked=masked), carry)
-
-      def run_loops(body, first, last, carry):
-        """`body` over tiles `[first, last)`, the masked variant where needed."""
-        if not needs_mask:
-          return loop(body, first, last, carry, False)
-        first_masked = jnp.clip(
-            _first_masked_tile(cfg, q_first, lo, hi, kv_valid), first, last)
-        carry = loop(body, first, first_masked, carry, False)
-        return loop(body, first_masked, last, carry, True)
-
-      if prefetch:
-        carry = run_loops(prefetch_step, lo, hi - 1,
-                          (acc, m_i, l_i, scores_of(lo)))
-        acc, m_i, l_i, qk = carry
-        last_slot = slot_of(hi - 1)
-        acc, m_i, l_i, p16, meta = softmax(hi - 1, qk, acc, m_i, l_i,
-                                           needs_mask)
-        plgpu.barrier_wait(v_full.at[last_slot])
-        acc = pv(acc, p16, meta, last_slot)
-        plgpu.barrier_arrive(v_free.at[last_slot])
+      carry = (acc, m_i, l_i)
+      if needs_mask:
+        first_masked = _first_masked_tile(cfg, q_first, lo, hi, kv_valid)
+        carry = lax.fori_loop(lo, first_masked,
+                              functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(first_masked, hi,
+                              functools.partial(step, masked=True), carry)
       else:
-        acc, m_i, l_i = run_loops(step, lo, hi, (acc, m_i, l_i))
-        pl.when(wg == 0)(schedule_barrier)
+        carry = lax.fori_loop(lo, hi, functools.partial(step, masked=False),
+                              carry)
+      acc, m_i, l_i = carry
+      pl.when(wg == 0)(schedule_barrier)
 
       l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
       acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])

@@ -241,16 +241,6 @@ BATCH_HEADS = {4096: (4, 16), 8192: (2, 16), 16384: (1, 32)}
 # Timed kernels: name -> (n, m, MosaicTuning fields); cuDNN is always timed first.
 TIME_VARIANTS = {
     "2:4 sparse-pv": dict(n=2, m=4),
-    "2:4 sparse-pv no-prefetch": dict(n=2, m=4, prefetch_scores=False),
-    "pf fence": dict(n=2, m=4, prefetch_fence=True, prefetch_pairs=False),
-    "pf fence pairs": dict(n=2, m=4, prefetch_fence=True),
-    "pf fence bk64": dict(n=2, m=4, prefetch_fence=True, prefetch_pairs=False,
-                          block_kv=64, max_concurrent_steps=4),
-    "pf fence bk64 pairs": dict(n=2, m=4, prefetch_fence=True, block_kv=64,
-                                max_concurrent_steps=4),
-    "2:4 sparse-pv bk64": dict(n=2, m=4, block_kv=64),
-    "2:4 sparse-pv bk64 3-stage": dict(n=2, m=4, block_kv=64,
-                                       max_concurrent_steps=3),
     "2:4 sparse-pv bk64 4-stage": dict(n=2, m=4, block_kv=64,
                                        max_concurrent_steps=4),
     "2:4 sparse-pv bk256": dict(n=2, m=4, block_kv=256),
