@@ -61,8 +61,6 @@ class MosaicTuning:
   max_concurrent_steps: int = 2
   sparse_pv: bool = True
   consumer_registers: int = 232
-  pad_ops: str = ""
-  pad_reps: int = 2
 
   def __post_init__(self):
     if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
@@ -322,21 +320,6 @@ def _make_select(cfg: _Config, masked: bool):
       extra = _load_extra(cfg, ops, extra_ref[0], scalar(b), scalar(h), row0,
                           thread_key, len(vals[0]))
     poison = ts.nan_poison(ops, vals)
-    for rep in range(cfg.tuning.pad_reps if cfg.tuning.pad_ops else 0):
-      # Opaque constants from %clock: -1.7e38-ish (max is a no-op on scores)
-      # or 1 + a few ulps (a multiply ptxas cannot drop).
-      from jaxlib.mlir import ir as _ir
-      from jaxlib.mlir.dialects import arith as _arith, llvm as _llvm
-      clk = _llvm.inline_asm(_ir.IntegerType.get_signless(32), [],
-                             "mov.u32 $0, %clock;", "=r", has_side_effects=True)
-      if cfg.tuning.pad_ops == "alu":
-        bits = ops.ior(ops.iand(clk, ops.i32(0x7FFFFF)), ops.i32(-16777216))
-        d = _arith.bitcast(_ir.F32Type.get(), bits)
-        vals = [[_arith.maxnumf(x, d) for x in row] for row in vals]
-      else:
-        bits = ops.ior(ops.iand(clk, ops.i32(7)), ops.i32(0x3F800000))
-        c = _arith.bitcast(_ir.F32Type.get(), bits)
-        vals = [[ops.fmul(x, c) for x in row] for row in vals]
     if prescale:
       vals = ts.scale_scores(ops, vals, cfg.scale * LOG2E, extra)
     if masked:

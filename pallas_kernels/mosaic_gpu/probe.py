@@ -246,10 +246,6 @@ TIME_VARIANTS = {
     "2:4 sparse-pv bk256": dict(n=2, m=4, block_kv=256),
     "2:4 dense-pv": dict(n=2, m=4, sparse_pv=False),
     "4:4 dense": dict(n=4, m=4),
-    "pad alu2": dict(n=2, m=4, pad_ops="alu", pad_reps=2),
-    "pad fma2": dict(n=2, m=4, pad_ops="fma", pad_reps=2),
-    "pad alu4": dict(n=2, m=4, pad_ops="alu", pad_reps=4),
-    "pad fma4": dict(n=2, m=4, pad_ops="fma", pad_reps=4),
 }
 DEFAULT_TIME_VARIANTS = "2:4 sparse-pv,2:4 dense-pv,4:4 dense"
 
