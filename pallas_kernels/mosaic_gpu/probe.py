@@ -448,6 +448,9 @@ def main():
   rows = [dict(section="env", jax=jax.__version__,
                device=jax.devices()[0].device_kind)]
   sections = args.sections.split(",")
+  sizes = [int(s) for s in args.sizes.split(",")]
+  variants = args.variants.split(",")
+  causals = [c == "true" for c in args.causal.split(",")]
   for name in sections:
     t0 = time.perf_counter()
     try:
@@ -458,17 +461,12 @@ def main():
       elif name == "select":
         rows += section_select(key)
       elif name == "time":
-        rows += section_time(key, [int(s) for s in args.sizes.split(",")],
-                             args.variants.split(","),
-                             [c == "true" for c in args.causal.split(",")],
-                             args.rounds, args.head_dim, args.calls)
+        rows += section_time(key, sizes, variants, causals, args.rounds,
+                             args.head_dim, args.calls)
       elif name == "profile":
         rows += section_profile(key, args.out)
       elif name == "ncu":
-        rows += section_ncu(key, [int(s) for s in args.sizes.split(",")],
-                            args.variants.split(","),
-                            [c == "true" for c in args.causal.split(",")],
-                            args.head_dim)
+        rows += section_ncu(key, sizes, variants, causals, args.head_dim)
       else:
         raise ValueError(f"unknown section {name!r}")
     except Exception as e:  # pylint: disable=broad-except
