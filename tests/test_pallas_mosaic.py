@@ -120,6 +120,57 @@ def test_shared_memory_check_leaves_room_for_mosaic_padding():
       jnp.bfloat16, 128, 4, fw.MosaicTuning()) is None
 
 
+# Every static variant of the kernel body: the selection (2:4 compressed or
+# dense-PV, 1:2, 1:4, general n:m, dense), the masks (causal, window, key
+# lengths and padding, tiled bias + mask), GQA and float16 at head_dim 64.
+LOWERING_CASES = {
+    "2:4 sparse": dict(),
+    "2:4 dense-pv": dict(tuning=fw.MosaicTuning(sparse_pv=False)),
+    "4:4": dict(n=4, m=4),
+    "1:2 causal": dict(n=1, m=2, is_causal=True),
+    "1:4 window": dict(n=1, m=4, window=(100, 20)),
+    "3:8 causal": dict(n=3, m=8, is_causal=True),
+    "d64 fp16 gqa": dict(head_dim=64, dtype=jnp.float16, kv_heads=1),
+    "ragged lengths": dict(q_len=300, kv_len=333, lengths=True),
+    "bias mask bk64": dict(extras=True, tuning=fw.MosaicTuning(block_kv=64)),
+}
+
+
+@pytest.mark.parametrize("case", list(LOWERING_CASES))
+def test_kernel_lowers_for_cuda(case):
+  """Builds the kernel's Mosaic GPU IR (every inline register function) on the CPU.
+
+  `jax.export` for the "cuda" platform runs the Pallas lowering, so a
+  mistake in the kernel body's IR construction fails here, without a GPU.
+  """
+  kw = dict(LOWERING_CASES[case])
+  dtype = kw.pop("dtype", jnp.bfloat16)
+  head_dim, kv_heads = kw.pop("head_dim", 128), kw.pop("kv_heads", 2)
+  q_len, kv_len = kw.pop("q_len", 256), kw.pop("kv_len", 256)
+  lengths, extras = kw.pop("lengths", False), kw.pop("extras", False)
+  kw = dict(dict(n=2, m=4, is_causal=False, window=None), **kw)
+  spec = jax.ShapeDtypeStruct
+  args = [spec((2, q_len, 4, head_dim), dtype),
+          spec((2, kv_len, kv_heads, head_dim), dtype),
+          spec((2, kv_len, kv_heads, head_dim), dtype),
+          spec((1, 4, q_len, kv_len), jnp.float32) if extras else None,
+          spec((2, 1, q_len, kv_len), jnp.bool_) if extras else None,
+          spec((2,), jnp.int32) if lengths else None,
+          spec((2,), jnp.int32) if lengths else None]
+  present = [a for a in args if a is not None]
+
+  def kernel(*xs):
+    it = iter(xs)
+    full = [None if a is None else next(it) for a in args]
+    return fw.nm_flash_attention_fwd(*full, scale=head_dim ** -0.5, **kw)
+
+  exported = jax.export.export(jax.jit(kernel), platforms=["cuda"])(*present)
+  out, lse = exported.out_avals
+  assert out.shape == (2, q_len, 4, head_dim) and out.dtype == dtype
+  assert lse.shape == (2, 4, q_len) and lse.dtype == jnp.float32
+  assert "mosaic_gpu" in exported.mlir_module()
+
+
 # --------------------------------------------------------------------------
 # GPU.
 
