@@ -88,7 +88,7 @@ def test_sparse_operand_rejects_three_in_a_chunk():
     sf.encode_sparse_a(dense, 0)
 
 
-def _kernel_sparse_tile(raw_nat, s_nat, n, m):
+def _kernel_sparse_tile(s_nat, n, m):
   """Runs the kernel's selection+compression on a natural-order score tile.
 
   Returns the dense `[64, K]` matrix (natural key order) that the sparse
@@ -100,7 +100,6 @@ def _kernel_sparse_tile(raw_nat, s_nat, n, m):
   vals = _thread_lists(sf.to_thread_registers(acc))
   t = OPS.thread_id() % 4
   comp, words = ts.select_compress(OPS, vals, n, m, t)
-  comp = ts.add_poison(OPS, comp, _poison(raw_nat, 4))
   comp_regs = _from_lists(comp)  # [128, 2, K // 8]
   table = comp_regs.reshape(-1)
   codes = np.arange(1, table.size + 1, dtype=np.uint32).reshape(comp_regs.shape)
@@ -122,7 +121,7 @@ def _kernel_sparse_tile(raw_nat, s_nat, n, m):
 def test_kernel_compression_matches_reference_selection(rng, n, m, kind):
   raw, s = _scores(rng, 128, ties=kind == "ties",
                    neg_inf=0.3 * (kind == "masked"), nan=0.02 * (kind == "nan"))
-  got = _kernel_sparse_tile(raw, s, n, m)
+  got = _kernel_sparse_tile(s, n, m)
   keep = np.asarray(masking.nm_mask(s, n, m))
   want = np.where(keep, s, 0.0)
   # The compressed operand holds -inf where a chunk has fewer than two kept
@@ -130,10 +129,36 @@ def test_kernel_compression_matches_reference_selection(rng, n, m, kind):
   got = np.where(got == -np.inf, 0.0, got)
   nan_rows = np.isnan(s).any(axis=1)
   np.testing.assert_array_equal(got[~nan_rows], want[~nan_rows])
-  # NaN compares false in the kernel's selection, but every row holding a
-  # NaN gets a NaN kept score (`nan_poison`), so its output is NaN as the
-  # reference's.
+  # NaN compares false in the kernel's selection, but its min/max carry every
+  # NaN into a kept score, so the row's output is NaN as the reference's.
   assert np.all(np.isnan(got[nan_rows]).any(axis=1))
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (1, 2)])
+def test_kernel_compression_is_exact_on_every_small_chunk(n, m):
+  """All 5^4 chunks over {-inf, -1, 0, 1, 2}: ties and -inf in every position."""
+  values = np.array([-np.inf, -1.0, 0.0, 1.0, 2.0], np.float32)
+  chunks = np.stack(np.meshgrid(*[values] * 4, indexing="ij"), -1).reshape(-1, 4)
+  tiles = []
+  for start in range(0, len(chunks), 64 * 32):
+    part = chunks[start:start + 64 * 32]
+    part = np.concatenate([part, np.repeat(part[:1], 64 * 32 - len(part), 0)])
+    tiles.append(part.reshape(64, 128))
+  for s in tiles:
+    got = _kernel_sparse_tile(s, n, m)
+    want = np.where(np.asarray(masking.nm_mask(s, n, m)), s, 0.0)
+    np.testing.assert_array_equal(np.where(got == -np.inf, 0.0, got), want)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (1, 2)])
+def test_kernel_compression_keeps_a_nan_in_any_position(n, m):
+  """One NaN in one chunk, in each of its four places, among finite scores."""
+  for pos in range(4):
+    s = np.random.default_rng(pos).standard_normal((64, 128)).astype(np.float32)
+    s[7, 40 + pos] = np.nan
+    got = _kernel_sparse_tile(s, n, m)
+    assert np.isnan(got[7]).any()
+    assert not np.isnan(np.delete(got, 7, axis=0)).any()
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 2), (3, 8), (5, 16), (1, 8), (3, 4)])

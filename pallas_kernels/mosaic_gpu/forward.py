@@ -319,7 +319,8 @@ def _make_select(cfg: _Config, masked: bool):
     if has_extra:
       extra = _load_extra(cfg, ops, extra_ref[0], scalar(b), scalar(h), row0,
                           thread_key, len(vals[0]))
-    poison = ts.nan_poison(ops, vals)
+    # The compressed path keeps NaN by itself; the dense one needs the poison.
+    poison = None if cfg.sparse else ts.nan_poison(ops, vals)
     if prescale:
       vals = ts.scale_scores(ops, vals, cfg.scale * LOG2E, extra)
     if masked:
@@ -328,8 +329,7 @@ def _make_select(cfg: _Config, masked: bool):
                             ops.isub(kv_valid, thread_key))
     if cfg.sparse:
       comp, words = ts.select_compress(ops, vals, cfg.n, cfg.m, t)
-      return (mlir_ops.rows_to_array(ts.add_poison(ops, comp, poison)),
-              mlir_ops.words_to_array(ops, words))
+      return (mlir_ops.rows_to_array(comp), mlir_ops.words_to_array(ops, words))
     selected = ts.select_dense(ops, vals, cfg.n, cfg.m)
     return mlir_ops.rows_to_array(ts.add_poison(ops, selected, poison))
 

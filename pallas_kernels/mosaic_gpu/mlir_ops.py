@@ -52,6 +52,15 @@ class MlirOps:
   def fadd(self, a, b):
     return arith.addf(a, b)
 
+  # NaN-propagating min/max as the one PTX instruction each; `arith.maximumf`
+  # also orders -0 below +0, which the NVPTX backend may expand into several
+  # (Mosaic GPU emits its own f32 max the same way).
+  def fmax(self, a, b):
+    return _f32_asm("max.NaN.f32 $0, $1, $2;", a, b)
+
+  def fmin(self, a, b):
+    return _f32_asm("min.NaN.f32 $0, $1, $2;", a, b)
+
   def fgt(self, a, b):
     return arith.cmpf(arith.CmpFPredicate.OGT, a, b)
 
@@ -105,6 +114,12 @@ class MlirOps:
 
   def shfl_xor(self, x, mask):
     return mgpu_utils.shfl_bfly(x, mask)
+
+
+def _f32_asm(asm: str, *args: ir.Value) -> ir.Value:
+  """One f32 result of inline PTX over f32 operands (free to reorder or drop)."""
+  return llvm.inline_asm(ir.F32Type.get(), list(args), asm,
+                         "=f" + ",f" * len(args))
 
 
 def thread_rows(arr: fa.FragmentedArray) -> list[list[ir.Value]]:

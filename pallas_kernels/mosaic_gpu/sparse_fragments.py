@@ -268,6 +268,12 @@ class NumpyOps:
   def fadd(self, a, b):
     return (a + b).astype(np.float32)
 
+  def fmax(self, a, b):  # NaN-propagating, as `max.NaN.f32`
+    return np.maximum(a, b).astype(np.float32)
+
+  def fmin(self, a, b):
+    return np.minimum(a, b).astype(np.float32)
+
   def fgt(self, a, b):
     return a > b
 

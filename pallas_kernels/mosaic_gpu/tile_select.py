@@ -111,27 +111,41 @@ def _beaten_by(ops, group):
   return beaten
 
 
-def _top2_of_4(ops, a, b, c, d):
-  """The two best of four keys (higher first, ties to the lower index).
+class _TopTwo(NamedTuple):
+  """The two best of four keys `(a, b, c, d)` (higher first, ties to the lower index).
 
-  Returns `(ab, cd, x, both, hi1, hi2)`: `ab` = b beats a, `cd` = d beats c,
-  `hi1`/`hi2` the pair winners, `x` = the best is in (c, d), and `both` =
-  the two best are the pair winners (else they are (a, b), or (c, d) if x).
+  `ab`: b beats a; `cd`: d beats c; `hi1`/`hi2`: the pair winners' values;
+  `first`: a and b both beat c and d; `second`: c and d both beat a and b.
+  Otherwise the two best are the pair winners. `first` and `second` exclude
+  each other.
   """
-  ab = ops.fgt(b, a)
-  cd = ops.fgt(d, c)
-  hi1, lo1 = ops.sel(ab, b, a), ops.sel(ab, a, b)
-  hi2, lo2 = ops.sel(cd, d, c), ops.sel(cd, c, d)
-  x = ops.fgt(hi2, hi1)
-  both = ops.sel(x, ops.fge(hi1, lo2), ops.fgt(hi2, lo1))
-  return ab, cd, x, both, hi1, hi2
+  ab: object
+  cd: object
+  hi1: object
+  hi2: object
+  first: object
+  second: object
+
+
+def _top2_of_4(ops, a, b, c, d) -> _TopTwo:
+  """Four comparisons and four min/max: no select on the way to the decision.
+
+  The min/max propagate NaN, so a NaN makes both `first` and `second` false
+  and is kept as (or in) its pair winner's value.
+  """
+  hi1, lo1 = ops.fmax(a, b), ops.fmin(a, b)
+  hi2, lo2 = ops.fmax(c, d), ops.fmin(c, d)
+  # Ties between pairs go to (a, b), the lower keys.
+  return _TopTwo(ab=ops.fgt(b, a), cd=ops.fgt(d, c), hi1=hi1, hi2=hi2,
+                 first=ops.fge(lo1, hi2), second=ops.fgt(lo2, hi1))
 
 
 def nan_poison(ops, vals):
   """Per row half: 0, or NaN when a raw score of the thread's row is NaN/inf.
 
   Adding it to one kept score per row makes such rows NaN, as the reference
-  makes them, whatever the comparisons (NaN compares false) selected.
+  makes them, whatever the comparisons (NaN compares false) selected. Only
+  `select_dense` needs it: `select_compress` keeps NaN by itself.
   """
   zero = ops.f32(0.0)
   out = []
@@ -162,10 +176,12 @@ def select_dense(ops, vals, n: int, m: int):
     for g0 in range(0, len(row), m):
       group = row[g0:g0 + m]
       if (n, m) == (2, 4):
-        ab, cd, x, both, _, _ = _top2_of_4(ops, *group)
-        not_x = ops.not_(x)
-        keep = [ops.sel(both, ops.not_(ab), not_x), ops.sel(both, ab, not_x),
-                ops.sel(both, ops.not_(cd), x), ops.sel(both, cd, x)]
+        top = _top2_of_4(ops, *group)
+        not_first, not_second = ops.not_(top.first), ops.not_(top.second)
+        keep = [ops.or_(top.first, ops.and_(not_second, ops.not_(top.ab))),
+                ops.or_(top.first, ops.and_(not_second, top.ab)),
+                ops.or_(top.second, ops.and_(not_first, ops.not_(top.cd))),
+                ops.or_(top.second, ops.and_(not_first, top.cd))]
       else:
         keep = [_fewer_than(ops, beaten, n) for beaten in _beaten_by(ops, group)]
       new_row += [ops.sel(k, v, neg) for k, v in zip(keep, group)]
@@ -179,23 +195,31 @@ def sparse_pattern_fits(n: int, m: int) -> bool:
 
 
 def _compress_chunk(ops, chunk, n, m, consts):
-  """(first kept, second kept, nibble) of one 4-key chunk: `i0 | i1 << 2`."""
+  """(first kept, second kept, nibble) of one 4-key chunk: `i0 | i1 << 2`.
+
+  A NaN in the chunk always reaches a kept value (min/max propagate it), so
+  a row with a NaN score outputs NaN, as the reference's does.
+  """
   a, b, c, d = chunk
   if m == 2:  # one of (a, b) and one of (c, d)
     ab, cd = ops.fgt(b, a), ops.fgt(d, c)
     nib = ops.iadd(ops.sel(ab, consts[1], consts[0]),
                    ops.sel(cd, consts[12], consts[8]))
-    return ops.sel(ab, b, a), ops.sel(cd, d, c), nib
-  ab, cd, x, both, hi1, hi2 = _top2_of_4(ops, a, b, c, d)
-  v0 = ops.sel(both, hi1, ops.sel(x, c, a))
-  v1 = ops.sel(both, hi2, ops.sel(x, d, b))
-  nib_both = ops.iadd(ops.sel(ab, consts[1], consts[0]),
-                      ops.sel(cd, consts[12], consts[8]))
-  nib = ops.sel(both, nib_both, ops.sel(x, consts[14], consts[4]))
-  if n == 1:  # keep the best only; the other slot is a -inf filler
-    v0_best = ops.not_(ops.sel(both, x, ops.sel(x, cd, ab)))
+    return ops.fmax(a, b), ops.fmax(c, d), nib
+  top = _top2_of_4(ops, a, b, c, d)
+  if n == 1:  # the best in its pair's slots; the other slot a -inf filler
+    x = ops.fgt(top.hi2, top.hi1)
+    best = ops.fmax(top.hi1, top.hi2)
+    in_slot1 = ops.sel(x, top.cd, top.ab)
     neg = ops.f32(NEG_INF)
-    v0, v1 = ops.sel(v0_best, v0, neg), ops.sel(v0_best, neg, v1)
+    return (ops.sel(in_slot1, neg, best), ops.sel(in_slot1, best, neg),
+            ops.sel(x, consts[14], consts[4]))
+  nib_winners = ops.iadd(ops.sel(top.ab, consts[1], consts[0]),
+                         ops.sel(top.cd, consts[12], consts[8]))
+  v0 = ops.sel(top.first, a, ops.sel(top.second, c, top.hi1))
+  v1 = ops.sel(top.first, b, ops.sel(top.second, d, top.hi2))
+  nib = ops.sel(top.first, consts[4],
+                ops.sel(top.second, consts[14], nib_winners))
   return v0, v1, nib
 
 
@@ -207,7 +231,7 @@ def select_compress(ops, vals, n: int, m: int, t):
   valid keys), i.e. a `[64, block_kv // 2]` WGMMA-layout array whose
   register `b` is sparse-A register `2 * (b % 2) + r` of K block `b // 2`;
   `words[p]` is the thread's metadata word for K blocks `2p` (selector 0) and
-  `2p + 1` (selector 1).
+  `2p + 1` (selector 1). A NaN score always lands in a kept value.
   """
   if not sparse_pattern_fits(n, m):
     raise ValueError(f"{n}:{m} does not fit the 2:4 sparse operand")
