@@ -109,6 +109,33 @@ def test_profile_trace_summary(tmp_path):
   np.testing.assert_allclose(overlap, 0.5 / 3.0)
 
 
+def test_ir_op_counts():
+  from pallas_kernels.mosaic_gpu import probe
+  text = """
+    %3 = arith.cmpf ogt, %1, %2 : f32
+    %4 = arith.select %3, %1, %2 : f32
+    %5 = llvm.inline_asm "max.NaN.f32 $0, $1, $2;", "=f,f,f" %1, %2 : (f32, f32) -> f32
+    %6 = llvm.inline_asm has_side_effects "bar.sync $0, 128;", "r" %7 : (i32) -> !llvm.void
+    %8 = arith.cmpf oge, %4, %5 : f32
+  """
+  counts = probe.count_ir_ops(text)
+  assert counts["arith.cmpf"] == 2 and counts["arith.select"] == 1
+  assert counts["max.NaN.f32"] == 1 and counts["bar.sync"] == 1
+  assert counts["llvm.inline_asm"] == 2
+
+
+def test_ir_section_counts_the_selection():
+  from pallas_kernels.mosaic_gpu import probe
+  rows = {r["variant"]: r for r in probe.section_ir(["2:4 sparse-pv", "4:4 dense"])}
+  sparse, dense = rows["2:4 sparse-pv"], rows["4:4 dense"]
+  # Four min/max per 4-key group, 16 groups per thread and 128-key tile; the
+  # dense kernel selects nothing.
+  assert sparse["min/max"] >= 64
+  assert sparse["compare"] > dense["compare"] and sparse["select"] > dense["select"]
+  # No NaN poison on the compressed path, and sums over the kept half only.
+  assert sparse["fadd"] < dense["fadd"]
+
+
 def test_shared_memory_check_leaves_room_for_mosaic_padding():
   # Three 128-key stages at head_dim 128 allocate 230008 bytes of our own,
   # which Mosaic GPU pads to 232568 > 232448: the check must refuse them.

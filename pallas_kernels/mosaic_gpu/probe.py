@@ -13,6 +13,9 @@ Sections:
   time     forward milliseconds and dense-equivalent TFLOP/s against cuDNN;
   profile  mean time per step of each named region of the 2:4 sparse-PV
            kernel (Mosaic GPU profiler; trace JSON under DIR/profile);
+  ir       (CPU is enough) op counts of each `--variants` kernel's Mosaic GPU
+           IR at head_dim 128, non-causal: comparisons, selects, min/max,
+           float adds and multiplies, shuffles, inline PTX by mnemonic;
   ncu      each of cuDNN, the `--variants` and the Triton 2:4 kernel once per
            size and causal flag inside one CUDA profiler range, for Nsight
            Compute (measures nothing itself):
@@ -29,6 +32,7 @@ Writes DIR/probe.json (and DIR/micro.npz) and prints a short table last.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import ctypes
 import functools
@@ -36,6 +40,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 import traceback
 
@@ -48,6 +53,7 @@ import numpy as np
 
 from experiments.bench.timing import attention_flops, median_seconds
 import nmattn
+from pallas_kernels import _compat
 from nmattn import masking, reference
 from nmattn._validation import canonicalize
 from pallas_kernels.mosaic_gpu import forward as fw
@@ -300,6 +306,47 @@ def section_time(key, sizes, names, causals=(False, True), rounds=1,
   return rows
 
 
+# IR op names (or inline-PTX mnemonics) counted by the ir section, by kind.
+IR_KINDS = {
+    "compare": ("arith.cmpf", "arith.cmpi"),
+    "select": ("arith.select",),
+    "min/max": ("max.NaN.f32", "min.NaN.f32", "arith.maximumf", "arith.minimumf"),
+    "fadd": ("arith.addf", "arith.subf"),
+    "fmul": ("arith.mulf",),
+    "int": ("arith.addi", "arith.subi", "arith.muli", "arith.andi", "arith.ori",
+            "arith.xori", "arith.shli", "arith.shrui"),
+    "shuffle": ("gpu.shuffle", "nvvm.shfl.sync"),
+}
+
+
+def count_ir_ops(text: str) -> dict[str, int]:
+  """Op names and inline-PTX mnemonics of an MLIR module's text, with counts."""
+  counts = collections.Counter(re.findall(r"= ([a-z_]+\.[a-z_.0-9]+)[ (<]", text))
+  counts.update(re.findall(
+      r'llvm\.inline_asm (?:has_side_effects )?"([a-z][a-zA-Z0-9_.]*)', text))
+  return dict(counts)
+
+
+def section_ir(names, head_dim=128, seq=1024):
+  """Per variant: its kernel IR's op counts by `IR_KINDS`, and the total."""
+  rows = []
+  q = jax.ShapeDtypeStruct((1, seq, 2, head_dim), jnp.bfloat16)
+  for name in names:
+    cfg = dict(TIME_VARIANTS[name])
+    n, m = cfg.pop("n"), cfg.pop("m")
+    kernel = _kernel_fn(fw.MosaicTuning(**cfg), n=n, m=m)
+    with _compat.captured_mosaic_gpu_modules() as texts:
+      jax.export.export(kernel, platforms=["cuda"])(q, q, q, None, None, None,
+                                                    None)
+    counts = count_ir_ops(texts[-1])
+    row = dict(section="ir", variant=name, head_dim=head_dim,
+               total=sum(counts.values()))
+    row.update({kind: sum(counts.get(op, 0) for op in ops)
+                for kind, ops in IR_KINDS.items()})
+    rows.append(row)
+  return rows
+
+
 ALU_REGIONS = ("select", "softmax")
 
 
@@ -465,6 +512,8 @@ def main():
                              args.head_dim, args.calls)
       elif name == "profile":
         rows += section_profile(key, args.out)
+      elif name == "ir":
+        rows += section_ir(variants, args.head_dim)
       elif name == "ncu":
         rows += section_ncu(key, sizes, variants, causals, args.head_dim)
       else:
