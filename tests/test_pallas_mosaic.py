@@ -127,7 +127,7 @@ def test_ir_op_counts():
 def test_ir_section_counts_the_selection():
   from pallas_kernels.mosaic_gpu import probe
   rows = {r["variant"]: r for r in probe.section_ir(["2:4 sparse-pv", "4:4 dense"])}
-  sparse, dense = rows["2:4 sparse-pv"], rows["4:4 dense"]
+  sparse, dense = rows["mosaic 2:4 sparse-pv"], rows["mosaic 4:4 dense"]
   # Four min/max per 4-key group, 16 groups per thread and 128-key tile; the
   # dense kernel selects nothing.
   assert sparse["min/max"] >= 64

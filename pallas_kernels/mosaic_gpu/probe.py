@@ -2,7 +2,7 @@
 
   python -m pallas_kernels.mosaic_gpu.probe --out DIR [--sections micro,correct,select,time]
       [--sizes 4096,8192,16384] [--variants "2:4 sparse-pv,4:4 dense"] [--causal false,true]
-      [--rounds 2] [--head-dim 64] [--calls 20]
+      [--rounds 2] [--head-dim 64] [--calls 20] [--baseline DIR]
 
 Sections:
   micro    one `wgmma.mma_async.sp` per selector on operands encoded on the
@@ -137,9 +137,12 @@ def _inputs(key, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype):
 
 
 def _kernel_fn(tuning=None, *, is_causal=False, window=None, n=2, m=4,
-               profile_dir=None):
-  """The jitted kernel: `(q, k, v, bias, mask, q_lengths, kv_lengths) -> (out, lse)`."""
-  return jax.jit(lambda q, k, v, b, mk, ql, kl: fw.nm_flash_attention_fwd(
+               profile_dir=None, forward=fw):
+  """The jitted kernel: `(q, k, v, bias, mask, q_lengths, kv_lengths) -> (out, lse)`.
+
+  `forward`: the kernel module (this tree's, or a `--baseline` copy's).
+  """
+  return jax.jit(lambda q, k, v, b, mk, ql, kl: forward.nm_flash_attention_fwd(
       q, k, v, b, mk, ql, kl, scale=q.shape[-1] ** -0.5, is_causal=is_causal,
       window=window, n=n, m=m, tuning=tuning, profile_dir=profile_dir))
 
@@ -256,18 +259,29 @@ TIME_VARIANTS = {
 DEFAULT_TIME_VARIANTS = "2:4 sparse-pv,2:4 dense-pv,4:4 dense"
 
 
-def _time_fn(cfg, causal):
+# (label, kernel module) pairs whose variants the time, ir and ncu sections run.
+TREE = (("mosaic", fw),)
+
+
+def _time_fn(cfg, causal, forward=fw):
   if cfg is None:
     return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation="cudnn"))
   cfg = dict(cfg)
   n, m = cfg.pop("n"), cfg.pop("m")
-  kernel = _kernel_fn(fw.MosaicTuning(**cfg), is_causal=causal, n=n, m=m)
+  kernel = _kernel_fn(forward.MosaicTuning(**cfg), is_causal=causal, n=n, m=m,
+                      forward=forward)
   return lambda q, k, v: kernel(q, k, v, None, None, None, None)[0]
 
 
+def _variants(names, forwards):
+  """`(row label, TIME_VARIANTS entry, kernel module)` for each name and module."""
+  return [(f"{label} {name}", TIME_VARIANTS[name], forward)
+          for name in names for label, forward in forwards]
+
+
 def section_time(key, sizes, names, causals=(False, True), rounds=1,
-                 head_dim=128, calls=1):
+                 head_dim=128, calls=1, forwards=TREE):
   """Every variant `rounds` times in turn (cuDNN first in each round).
 
   `calls`: calls per synchronisation (`median_seconds`); 1 gives the
@@ -275,8 +289,7 @@ def section_time(key, sizes, names, causals=(False, True), rounds=1,
   overlapped (closer to the kernels' own, and less noisy).
   """
   rows = []
-  variants = [("cudnn", None)] + [("mosaic " + name, TIME_VARIANTS[name])
-                                  for name in names]
+  variants = [("cudnn", None, None)] + _variants(names, forwards)
   for seq in sizes:
     batch, heads = BATCH_HEADS[seq]
     key, k1 = jax.random.split(key)
@@ -285,10 +298,11 @@ def section_time(key, sizes, names, causals=(False, True), rounds=1,
       flops = attention_flops(batch, heads, seq, seq, head_dim, causal=causal)
       base = None
       fns, compile_s = {}, {}
-      for rnd, (name, cfg) in ((r, v) for r in range(rounds) for v in variants):
+      for rnd, (name, cfg, forward) in ((r, v) for r in range(rounds)
+                                        for v in variants):
         try:
           if name not in fns:
-            fns[name] = _time_fn(cfg, causal)
+            fns[name] = _time_fn(cfg, causal, forward)
             t0 = time.perf_counter()
             jax.block_until_ready(fns[name](q, k, v))
             compile_s[name] = time.perf_counter() - t0
@@ -327,14 +341,14 @@ def count_ir_ops(text: str) -> dict[str, int]:
   return dict(counts)
 
 
-def section_ir(names, head_dim=128, seq=1024):
+def section_ir(names, head_dim=128, seq=1024, forwards=TREE):
   """Per variant: its kernel IR's op counts by `IR_KINDS`, and the total."""
   rows = []
   q = jax.ShapeDtypeStruct((1, seq, 2, head_dim), jnp.bfloat16)
-  for name in names:
-    cfg = dict(TIME_VARIANTS[name])
+  for name, cfg, forward in _variants(names, forwards):
+    cfg = dict(cfg)
     n, m = cfg.pop("n"), cfg.pop("m")
-    kernel = _kernel_fn(fw.MosaicTuning(**cfg), n=n, m=m)
+    kernel = _kernel_fn(forward.MosaicTuning(**cfg), n=n, m=m, forward=forward)
     with _compat.captured_mosaic_gpu_modules() as texts:
       jax.export.export(kernel, platforms=["cuda"])(q, q, q, None, None, None,
                                                     None)
@@ -418,7 +432,7 @@ def section_profile(key, out_dir, seq=4096, heads=16):
   return rows
 
 
-def section_ncu(key, sizes, names, causals, head_dim=128):
+def section_ncu(key, sizes, names, causals, head_dim=128, forwards=TREE):
   """Every kernel once per (size, causal) between cuProfilerStart and Stop."""
   cuda = ctypes.CDLL("libcuda.so.1")
   rows = []
@@ -428,8 +442,8 @@ def section_ncu(key, sizes, names, causals, head_dim=128):
     q, k, v = _inputs(k1, batch, seq, seq, heads, heads, head_dim, jnp.bfloat16)
     for causal in causals:
       fns = {"cudnn": _time_fn(None, causal)}
-      fns.update({"mosaic " + name: _time_fn(TIME_VARIANTS[name], causal)
-                  for name in names})
+      fns.update({name: _time_fn(cfg, causal, forward)
+                  for name, cfg, forward in _variants(names, forwards)})
       fns["triton 2:4"] = jax.jit(functools.partial(
           nmattn.nm_attention, is_causal=causal, n=2, m=4,
           implementation="pallas_triton"))
@@ -488,6 +502,9 @@ def main():
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--calls", type=int, default=1,
                       help="calls per synchronisation in the time section")
+  parser.add_argument("--baseline", default=None,
+                      help="directory from `python -m experiments.bench.baseline"
+                           " COMMIT DIR`: time, ir and ncu also run its kernels")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   rng = np.random.default_rng()
@@ -498,6 +515,10 @@ def main():
   sizes = [int(s) for s in args.sizes.split(",")]
   variants = args.variants.split(",")
   causals = [c == "true" for c in args.causal.split(",")]
+  forwards = TREE
+  if args.baseline:
+    from experiments.bench import baseline  # pylint: disable=g-import-not-at-top
+    forwards += (("base", baseline.load(args.baseline)),)
   for name in sections:
     t0 = time.perf_counter()
     try:
@@ -509,13 +530,14 @@ def main():
         rows += section_select(key)
       elif name == "time":
         rows += section_time(key, sizes, variants, causals, args.rounds,
-                             args.head_dim, args.calls)
+                             args.head_dim, args.calls, forwards)
       elif name == "profile":
         rows += section_profile(key, args.out)
       elif name == "ir":
-        rows += section_ir(variants, args.head_dim)
+        rows += section_ir(variants, args.head_dim, forwards=forwards)
       elif name == "ncu":
-        rows += section_ncu(key, sizes, variants, causals, args.head_dim)
+        rows += section_ncu(key, sizes, variants, causals, args.head_dim,
+                            forwards)
       else:
         raise ValueError(f"unknown section {name!r}")
     except Exception as e:  # pylint: disable=broad-except

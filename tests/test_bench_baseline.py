@@ -1,0 +1,49 @@
+"""experiments.bench.baseline: an older commit's kernels beside the tree's, on the CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from experiments.bench import baseline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _has_git_history():
+  return subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"],
+                        capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _has_git_history(), reason="needs the git checkout")
+def test_copy_of_head_builds_the_same_kernel_ir(tmp_path):
+  from pallas_kernels.mosaic_gpu import probe
+  if subprocess.run(["git", "-C", REPO, "diff", "--quiet", "HEAD", "--",
+                     "pallas_kernels"]).returncode:
+    pytest.skip("pallas_kernels has uncommitted changes: HEAD is not the tree")
+  name = baseline.make("HEAD", str(tmp_path), repo=REPO)
+  assert name.startswith("pallas_kernels_") and len(name) == len("pallas_kernels_") + 7
+  copy = tmp_path / name
+  sources = [p.read_text() for p in copy.rglob("*.py")]
+  assert sources and not any("pallas_kernels." in s.replace(name, "") for s in sources)
+  forward = baseline.load(str(tmp_path))
+  assert forward.__name__ == f"{name}.mosaic_gpu.forward"
+  assert forward.__file__.startswith(str(copy))
+  rows = probe.section_ir(["2:4 sparse-pv"], forwards=probe.TREE + (("base", forward),))
+  tree, base = (dict(r) for r in rows)
+  assert (tree.pop("variant"), base.pop("variant")) == (
+      "mosaic 2:4 sparse-pv", "base 2:4 sparse-pv")
+  assert tree == base and tree["select"] > 0
+
+
+def test_errors_name_the_argument(tmp_path):
+  with pytest.raises(ValueError, match="commit='no-such-rev' is not a commit"):
+    baseline.make("no-such-rev", str(tmp_path), repo=REPO)
+  with pytest.raises(ValueError, match="must hold exactly one pallas_kernels_<hash> copy; found \\[\\]"):
+    baseline.load(str(tmp_path))
+  (tmp_path / "pallas_kernels_aaaaaaa").mkdir()
+  (tmp_path / "pallas_kernels_bbbbbbb").mkdir()
+  with pytest.raises(ValueError, match="found \\['pallas_kernels_aaaaaaa', 'pallas_kernels_bbbbbbb'\\]"):
+    baseline.load(str(tmp_path))
