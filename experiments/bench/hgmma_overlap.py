@@ -197,26 +197,21 @@ __device__ float run_ss(int rounds, uint32_t base) {
   for (int it = 0; it < rounds; ++it) { issue_ss(d, base); wg_wait0(); }
   return sum(d);
 }
-__device__ float run_rs(int rounds, uint32_t base) {
+// A from registers: RS = 8 dense k16 steps over 4 KB of B each, SP = 4 sparse
+// k32 steps over 8 KB each (metadata: every 4-chunk keeps positions 0 and 1).
+template <int KIND> __device__ float run_register_a(int rounds, uint32_t base) {
+  constexpr int kSteps = KIND == SP ? 4 : 8;
+  constexpr uint32_t kStepBytes = KIND == SP ? 8192 : 4096;
   float d[64] = {}; uint32_t a[4]; a_regs(a);
-  const uint64_t db = smem_desc(base + kBOffset, 128, 256);
+  const uint64_t db = smem_desc(base + kBOffset, 128, kStepBytes / 16);
 #pragma unroll 1
   for (int it = 0; it < rounds; ++it) {
     wg_fence();
 #pragma unroll
-    for (int k = 0; k < 8; ++k) wgmma_rs(d, a, db + k * (4096 >> 4));
-    wg_commit(); wg_wait0();
-  }
-  return sum(d);
-}
-__device__ float run_sp(int rounds, uint32_t base) {
-  float d[64] = {}; uint32_t a[4]; a_regs(a);
-  const uint64_t db = smem_desc(base + kBOffset, 128, 512);
-#pragma unroll 1
-  for (int it = 0; it < rounds; ++it) {
-    wg_fence();
-#pragma unroll
-    for (int k = 0; k < 4; ++k) wgmma_sp(d, a, db + k * (8192 >> 4), 0x44444444u);
+    for (int k = 0; k < kSteps; ++k) {
+      if (KIND == SP) wgmma_sp(d, a, db + k * (kStepBytes >> 4), 0x44444444u);
+      else wgmma_rs(d, a, db + k * (kStepBytes >> 4));
+    }
     wg_commit(); wg_wait0();
   }
   return sum(d);
@@ -254,8 +249,8 @@ __device__ __forceinline__ void bench_body(const Params& p, long long* rec, int*
   const long long g0 = gtimer_now(), t0 = clock_now();
   float out = 0.f;
   if (K == SS && role == SS) out = run_ss(p.r, base);
-  else if (K == SP && role == SP) out = run_sp(p.r, base);
-  else if (K == RS && role == RS) out = run_rs(p.r, base);
+  else if (K == SP && role == SP) out = run_register_a<SP>(p.r, base);
+  else if (K == RS && role == RS) out = run_register_a<RS>(p.r, base);
   else if (K == INTRA && role == INTRA) out = run_intra<true>(p, base, pa, pb);
   else if (K == INTRA && role == SERIAL) out = run_intra<false>(p, base, pa, pb);
   else if (role == MINMAX) out = run_alu<MINMAX>(p.l, p.a, p.b);
