@@ -65,8 +65,9 @@ def test_thread_registers_round_trip(rng):
   assert regs[37, 0, 0] == mat[17, 2] and regs[37, 1, 3] == mat[25, 11]
 
 
+@pytest.mark.parametrize("descending", [False, True])
 @pytest.mark.parametrize("selector", [0, 1])
-def test_sparse_operand_encode_decode_round_trip(rng, selector):
+def test_sparse_operand_encode_decode_round_trip(rng, selector, descending):
   dense = rng.standard_normal((64, 32)).astype(ml_dtypes.bfloat16)
   keep = np.zeros((64, 32), bool)
   for row in range(64):
@@ -74,11 +75,24 @@ def test_sparse_operand_encode_decode_round_trip(rng, selector):
       kept = rng.choice(4, size=rng.integers(0, 3), replace=False)
       keep[row, 4 * chunk + kept] = True
   dense = np.where(keep, dense, 0).astype(ml_dtypes.bfloat16)
-  a_regs, meta = sf.encode_sparse_a(dense, selector)
+  a_regs, meta = sf.encode_sparse_a(dense, selector, descending=descending)
   other = np.arange(sf.WARPGROUP) % 4 // 2 != selector
   assert not meta[other].any(), "only the selected quad threads carry metadata"
   decoded = sf.decode_sparse_a(a_regs, meta, selector, ml_dtypes.bfloat16)
   np.testing.assert_array_equal(decoded.view(np.uint16), dense.view(np.uint16))
+
+
+def test_sparse_operand_orders_and_invalid_nibbles():
+  dense = np.zeros((64, 32), ml_dtypes.bfloat16)
+  dense[0, 1], dense[0, 3] = 2.0, 5.0  # thread 0's chunk 0, positions 1 and 3
+  up, meta_up = sf.encode_sparse_a(dense, 0)
+  down, meta_down = sf.encode_sparse_a(dense, 0, descending=True)
+  assert meta_up[0] & 0xF == sf.nibble(1, 3) and meta_down[0] & 0xF == sf.nibble(3, 1)
+  assert up[0, 0] == (down[0, 0] >> 16 | (down[0, 0] & 0xFFFF) << 16)
+  bad = meta_up.copy()
+  bad[0] = (bad[0] & ~np.uint32(0xF)) | np.uint32(sf.nibble(2, 2))
+  with pytest.raises(ValueError, match="invalid metadata nibble 0xa"):
+    sf.decode_sparse_a(up, bad, 0, ml_dtypes.bfloat16)
 
 
 def test_sparse_operand_rejects_three_in_a_chunk():
@@ -100,6 +114,10 @@ def _kernel_sparse_tile(s_nat, n, m):
   vals = _thread_lists(sf.to_thread_registers(acc))
   t = OPS.thread_id() % 4
   comp, words = ts.select_compress(OPS, vals, n, m, t)
+  # Positions in ascending order, the form the device tests have run.
+  nibbles = np.stack([(np.asarray(w).view(np.uint32) >> (4 * c)) & 0xF
+                      for w in words for c in range(8)])
+  assert ((nibbles & 3) < (nibbles >> 2)).all()
   comp_regs = _from_lists(comp)  # [128, 2, K // 8]
   table = comp_regs.reshape(-1)
   codes = np.arange(1, table.size + 1, dtype=np.uint32).reshape(comp_regs.shape)

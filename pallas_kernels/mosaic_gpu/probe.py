@@ -106,8 +106,9 @@ def _micro_call(n_cols: int):
 
 
 def section_micro(rng, out_dir):
+  """Both selectors, head widths 64 and 128, metadata positions either way round."""
   rows = []
-  for n_cols in (64, 128):
+  for n_cols, descending in ((64, False), (128, False), (128, True)):
     dense = rng.standard_normal((64, 64)).astype(ml_dtypes.bfloat16)
     keep = np.zeros((64, 64), bool)
     for row in range(64):
@@ -115,16 +116,18 @@ def section_micro(rng, out_dir):
         keep[row, 4 * chunk + rng.choice(4, size=2, replace=False)] = True
     dense = np.where(keep, dense, 0).astype(ml_dtypes.bfloat16)
     v = rng.standard_normal((64, n_cols)).astype(ml_dtypes.bfloat16)
-    a0, m0 = sf.encode_sparse_a(dense[:, :32], 0)
-    a1, m1 = sf.encode_sparse_a(dense[:, 32:], 1)
+    a0, m0 = sf.encode_sparse_a(dense[:, :32], 0, descending=descending)
+    a1, m1 = sf.encode_sparse_a(dense[:, 32:], 1, descending=descending)
     a_regs = np.stack([a0, a1], axis=1).view(np.int32)
     meta = (m0 | m1).view(np.int32)
     got = np.asarray(jax.jit(_micro_call(n_cols))(a_regs, meta, jnp.asarray(v)))
     want = dense.astype(np.float64) @ v.astype(np.float64)
     err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-    np.savez(os.path.join(out_dir, f"micro_{n_cols}.npz"), dense=dense.view(np.uint16),
-             v=v.view(np.uint16), a_regs=a_regs, meta=meta, got=got)
-    rows.append(dict(section="micro", n=n_cols, rel_err=err))
+    order = "descending" if descending else "ascending"
+    np.savez(os.path.join(out_dir, f"micro_{n_cols}_{order}.npz"),
+             dense=dense.view(np.uint16), v=v.view(np.uint16), a_regs=a_regs,
+             meta=meta, got=got)
+    rows.append(dict(section="micro", n=n_cols, positions=order, rel_err=err))
   return rows
 
 

@@ -22,7 +22,10 @@ Facts used (PTX ISA 8.x, "Asynchronous Warpgroup Level Matrix ..."):
   thread; with sparsity selector `s`, thread `4g + 2s + h` of each quad supplies
   the word for chunks `4h ... 4h + 3`: the nibble of chunk `4h + c` of row
   `16w + g + 8r` sits at bit `4c + 16r`, holding the two kept positions
-  `i0 < i1` (0..3) as `i0 | i1 << 2`. Equal positions are invalid encodings.
+  `i0, i1` (0..3) as `i0 | i1 << 2`, the value of `i0` in the register's low
+  half. Only equal positions are invalid (0b0000, 0b0101, 0b1010, 0b1111);
+  the kernel writes `i0 < i1`, and whether the hardware also takes
+  `i0 > i1` is what the probe's `micro` section checks with `descending`.
 
 The kernel permutes keys so that every N:M group is thread-local: the key
 matrix row that produces accumulator column `c` of a block of `4 * width`
@@ -132,7 +135,7 @@ def metadata_bit(t, r):
 
 
 def nibble(i0, i1):
-  """Metadata nibble of kept positions `i0 < i1` of a 4-wide chunk."""
+  """Metadata nibble of kept positions `i0 != i1` of a 4-wide chunk."""
   return i0 | (i1 << 2)
 
 
@@ -195,12 +198,14 @@ def _bits16(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x).view(np.uint16).astype(np.uint32)
 
 
-def encode_sparse_a(dense: np.ndarray, selector: int):
+def encode_sparse_a(dense: np.ndarray, selector: int, *, descending=False):
   """One 64x32 block with <= 2 non-zeros per 4-chunk, as the hardware reads it.
 
   Returns `(a_regs [128, 4] uint32, meta [128] uint32)`. Only the quad
   threads named by `selector` get metadata; the others hold 0. Chunks with
-  fewer than two non-zeros are padded with zero-valued positions.
+  fewer than two non-zeros are padded with zero-valued positions. Each
+  chunk's two positions go in ascending order, or descending with
+  `descending=True` (the values swapped with them).
   """
   if dense.shape != (64, SPARSE_K):
     raise ValueError(f"expected a 64x32 block; got shape={dense.shape}")
@@ -216,7 +221,8 @@ def encode_sparse_a(dense: np.ndarray, selector: int):
         nz = [i for i in range(4) if vals[i] != 0]
         if len(nz) > 2:
           raise ValueError(f"row {row} chunk {chunk} has {len(nz)} non-zeros")
-        pos = sorted(nz + [i for i in range(4) if i not in nz][:2 - len(nz)])
+        pos = sorted(nz + [i for i in range(4) if i not in nz][:2 - len(nz)],
+                     reverse=descending)
         cb = bits[row, 4 * chunk:4 * chunk + 4]
         a_regs[tid, 2 * h + r] = cb[pos[0]] | (cb[pos[1]] << 16)
         supplier = 4 * (tid // 4) + 2 * selector + h
@@ -237,7 +243,7 @@ def decode_sparse_a(a_regs: np.ndarray, meta: np.ndarray, selector: int,
         row, chunk = 16 * w + g + 8 * r, t + 4 * h
         nib = (word >> metadata_bit(t, r)) & 0xF
         i0, i1 = nib & 3, nib >> 2
-        if i0 >= i1:
+        if i0 == i1:
           raise ValueError(f"invalid metadata nibble {nib:#x} (thread {tid})")
         reg = int(a_regs[tid, 2 * h + r])
         out_bits[row, 4 * chunk + i0] = reg & 0xFFFF
