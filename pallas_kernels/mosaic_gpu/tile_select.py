@@ -127,16 +127,24 @@ class _TopTwo(NamedTuple):
   second: object
 
 
+def _pair_winner(ops, x, y):
+  """(y beats x, the winner's value) of two keys, x first: ties go to x.
+
+  The max propagates NaN, so a NaN in the pair is the winner's value.
+  """
+  return ops.fgt(y, x), ops.fmax(x, y)
+
+
 def _top2_of_4(ops, a, b, c, d) -> _TopTwo:
   """Four comparisons and four min/max: no select on the way to the decision.
 
   The min/max propagate NaN, so a NaN makes both `first` and `second` false
   and is kept as (or in) its pair winner's value.
   """
-  hi1, lo1 = ops.fmax(a, b), ops.fmin(a, b)
-  hi2, lo2 = ops.fmax(c, d), ops.fmin(c, d)
+  (ab, hi1), (cd, hi2) = _pair_winner(ops, a, b), _pair_winner(ops, c, d)
+  lo1, lo2 = ops.fmin(a, b), ops.fmin(c, d)
   # Ties between pairs go to (a, b), the lower keys.
-  return _TopTwo(ab=ops.fgt(b, a), cd=ops.fgt(d, c), hi1=hi1, hi2=hi2,
+  return _TopTwo(ab=ab, cd=cd, hi1=hi1, hi2=hi2,
                  first=ops.fge(lo1, hi2), second=ops.fgt(lo2, hi1))
 
 
@@ -194,6 +202,12 @@ def sparse_pattern_fits(n: int, m: int) -> bool:
   return m in (2, 4) and n <= m // 2
 
 
+def _winners_nibble(ops, ab, cd, consts):
+  """Nibble of the two pair winners: `ab` (0 or 1) and `2 + cd` (2 or 3)."""
+  return ops.iadd(ops.sel(ab, consts[1], consts[0]),
+                  ops.sel(cd, consts[12], consts[8]))
+
+
 def _compress_chunk(ops, chunk, n, m, consts):
   """(first kept, second kept, nibble) of one 4-key chunk: `i0 | i1 << 2`.
 
@@ -201,26 +215,23 @@ def _compress_chunk(ops, chunk, n, m, consts):
   a row with a NaN score outputs NaN, as the reference's does.
   """
   a, b, c, d = chunk
+  if (n, m) == (2, 4):
+    top = _top2_of_4(ops, a, b, c, d)
+    v0 = ops.sel(top.first, a, ops.sel(top.second, c, top.hi1))
+    v1 = ops.sel(top.first, b, ops.sel(top.second, d, top.hi2))
+    nib = ops.sel(top.first, consts[4],
+                  ops.sel(top.second, consts[14],
+                          _winners_nibble(ops, top.ab, top.cd, consts)))
+    return v0, v1, nib
+  (ab, hi1), (cd, hi2) = _pair_winner(ops, a, b), _pair_winner(ops, c, d)
   if m == 2:  # one of (a, b) and one of (c, d)
-    ab, cd = ops.fgt(b, a), ops.fgt(d, c)
-    nib = ops.iadd(ops.sel(ab, consts[1], consts[0]),
-                   ops.sel(cd, consts[12], consts[8]))
-    return ops.fmax(a, b), ops.fmax(c, d), nib
-  top = _top2_of_4(ops, a, b, c, d)
-  if n == 1:  # the best in its pair's slots; the other slot a -inf filler
-    x = ops.fgt(top.hi2, top.hi1)
-    best = ops.fmax(top.hi1, top.hi2)
-    in_slot1 = ops.sel(x, top.cd, top.ab)
-    neg = ops.f32(NEG_INF)
-    return (ops.sel(in_slot1, neg, best), ops.sel(in_slot1, best, neg),
-            ops.sel(x, consts[14], consts[4]))
-  nib_winners = ops.iadd(ops.sel(top.ab, consts[1], consts[0]),
-                         ops.sel(top.cd, consts[12], consts[8]))
-  v0 = ops.sel(top.first, a, ops.sel(top.second, c, top.hi1))
-  v1 = ops.sel(top.first, b, ops.sel(top.second, d, top.hi2))
-  nib = ops.sel(top.first, consts[4],
-                ops.sel(top.second, consts[14], nib_winners))
-  return v0, v1, nib
+    return hi1, hi2, _winners_nibble(ops, ab, cd, consts)
+  # 1:4: the best in its pair's slots; the other slot a -inf filler
+  x, best = _pair_winner(ops, hi1, hi2)
+  in_slot1 = ops.sel(x, cd, ab)
+  neg = ops.f32(NEG_INF)
+  return (ops.sel(in_slot1, neg, best), ops.sel(in_slot1, best, neg),
+          ops.sel(x, consts[14], consts[4]))
 
 
 def select_compress(ops, vals, n: int, m: int, t):
