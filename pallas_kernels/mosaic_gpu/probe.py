@@ -266,14 +266,18 @@ DEFAULT_TIME_VARIANTS = "2:4 sparse-pv,2:4 dense-pv,4:4 dense"
 TREE = (("mosaic", fw),)
 
 
+def _variant_kernel(cfg, forward, is_causal=False):
+  """`_kernel_fn` of a TIME_VARIANTS entry (n, m and MosaicTuning fields)."""
+  tuning = {k: v for k, v in cfg.items() if k not in ("n", "m")}
+  return _kernel_fn(forward.MosaicTuning(**tuning), is_causal=is_causal,
+                    n=cfg["n"], m=cfg["m"], forward=forward)
+
+
 def _time_fn(cfg, causal, forward=fw):
   if cfg is None:
     return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation="cudnn"))
-  cfg = dict(cfg)
-  n, m = cfg.pop("n"), cfg.pop("m")
-  kernel = _kernel_fn(forward.MosaicTuning(**cfg), is_causal=causal, n=n, m=m,
-                      forward=forward)
+  kernel = _variant_kernel(cfg, forward, causal)
   return lambda q, k, v: kernel(q, k, v, None, None, None, None)[0]
 
 
@@ -349,9 +353,7 @@ def section_ir(names, head_dim=128, seq=1024, forwards=TREE):
   rows = []
   q = jax.ShapeDtypeStruct((1, seq, 2, head_dim), jnp.bfloat16)
   for name, cfg, forward in _variants(names, forwards):
-    cfg = dict(cfg)
-    n, m = cfg.pop("n"), cfg.pop("m")
-    kernel = _kernel_fn(forward.MosaicTuning(**cfg), n=n, m=m, forward=forward)
+    kernel = _variant_kernel(cfg, forward)
     with _compat.captured_mosaic_gpu_modules() as texts:
       jax.export.export(kernel, platforms=["cuda"])(q, q, q, None, None, None,
                                                     None)
