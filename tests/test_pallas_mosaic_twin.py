@@ -157,15 +157,11 @@ def test_kernel_compression_is_exact_on_every_small_chunk(n, m):
   """All 5^4 chunks over {-inf, -1, 0, 1, 2}: ties and -inf in every position."""
   values = np.array([-np.inf, -1.0, 0.0, 1.0, 2.0], np.float32)
   chunks = np.stack(np.meshgrid(*[values] * 4, indexing="ij"), -1).reshape(-1, 4)
-  tiles = []
-  for start in range(0, len(chunks), 64 * 32):
-    part = chunks[start:start + 64 * 32]
-    part = np.concatenate([part, np.repeat(part[:1], 64 * 32 - len(part), 0)])
-    tiles.append(part.reshape(64, 128))
-  for s in tiles:
-    got = _kernel_sparse_tile(s, n, m)
-    want = np.where(np.asarray(masking.nm_mask(s, n, m)), s, 0.0)
-    np.testing.assert_array_equal(np.where(got == -np.inf, 0.0, got), want)
+  # 625 chunks fit one 64x128 tile (2048 groups); repeat them to fill it.
+  s = np.resize(chunks, (64 * 32, 4)).reshape(64, 128)
+  got = _kernel_sparse_tile(s, n, m)
+  want = np.where(np.asarray(masking.nm_mask(s, n, m)), s, 0.0)
+  np.testing.assert_array_equal(np.where(got == -np.inf, 0.0, got), want)
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (1, 2)])
