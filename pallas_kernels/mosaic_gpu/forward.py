@@ -56,16 +56,11 @@ class MosaicTuning:
   max_concurrent_steps: shared-memory stages of the key/value ring (>= 2).
   sparse_pv: run `P V` on the 2:4 sparse tensor cores when the pattern fits.
   consumer_registers: registers per thread of the consumer warpgroups.
-  rescale_slack: the running row max (base-2 units) moves only when a tile's
-    max exceeds it by more than this, so most tiles skip the `acc *= alpha`
-    rescale (a warp skips when none of its rows moved); kept probabilities
-    stay below `2**rescale_slack`. None: move the max and rescale every tile.
   """
   block_kv: int = 128
   max_concurrent_steps: int = 2
   sparse_pv: bool = True
   consumer_registers: int = 232
-  rescale_slack: float | None = 8.0
 
   def __post_init__(self):
     if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
@@ -77,10 +72,6 @@ class MosaicTuning:
     if self.consumer_registers % 8 or not 24 <= self.consumer_registers <= 256:
       raise ValueError("consumer_registers must be a multiple of 8 in [24, 256]; "
                        f"got consumer_registers={self.consumer_registers}")
-    # 2**15 is the largest power of two a float16 probability holds with room.
-    if self.rescale_slack is not None and not 0 <= self.rescale_slack <= 15:
-      raise ValueError("rescale_slack must be None or in [0, 15]; got "
-                       f"rescale_slack={self.rescale_slack}")
 
 
 class _Config(NamedTuple):
@@ -391,24 +382,6 @@ def _make_sparse_pv(cfg: _Config):
   return sparse_pv
 
 
-def _make_lazy_rescale(cfg: _Config):
-  """`acc * alpha` per row, skipped by the warps none of whose rows `grew`."""
-  layout = plgpu.Layout.WGMMA
-
-  @plgpu.inline_mgpu(
-      arg_types=(layout, layout, layout),
-      return_type=plgpu.ShapeDtypeStruct((BLOCK_Q, cfg.head_dim), jnp.float32,
-                                         layout))
-  def rescale(ctx, acc, alpha, grew):
-    del ctx
-    ops = mlir_ops.MlirOps()
-    factors = [row[0] for row in mlir_ops.thread_rows(alpha)]
-    g0, g1 = (ops.fgt(row[0], ops.f32(0.0)) for row in mlir_ops.thread_rows(grew))
-    return mlir_ops.scale_rows_if(mlir_ops.warp_any(ops.or_(g0, g1)), acc, factors)
-
-  return rescale
-
-
 def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
   bk = cfg.tuning.block_kv
   steps = cfg.tuning.max_concurrent_steps
@@ -425,8 +398,6 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
   select_full = _make_select(cfg, masked=False)
   select_masked = _make_select(cfg, masked=True) if needs_mask else None
   sparse_pv = _make_sparse_pv(cfg) if cfg.sparse else None
-  slack = cfg.tuning.rescale_slack
-  lazy_rescale = None if slack is None else _make_lazy_rescale(cfg)
 
   def kernel(q_ref, k_ref, v_ref, *refs):
     refs = list(refs)
@@ -499,23 +470,12 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
           else:
             scores, meta = select(*args), None
         with jax.named_scope("softmax"):
-          row_max = scores.max(axis=1)
-          if lazy_rescale is None:
-            m_new = jnp.maximum(m_i, row_max)
-          else:  # NaN never grows the max: NaN rows stay NaN through p
-            grew = row_max > m_i + slack / units
-            m_new = jnp.where(grew, row_max, m_i)
+          m_new = jnp.maximum(m_i, scores.max(axis=1))
           m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
           alpha = jnp.exp2((m_i - m_safe) * units)
           p = jnp.exp2(scores * units - lax.broadcast_in_dim(
               m_safe * units, scores.shape, [0]))
-          if lazy_rescale is None:
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-          else:
-            alpha = jnp.where(grew, alpha, 1.0)  # what a skipping warp applies
-            rows = lambda x: lax.broadcast_in_dim(x, (BLOCK_Q, 8), [0])
-            acc = lazy_rescale(acc, rows(alpha),
-                               rows(jnp.where(grew, 1.0, 0.0)))
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
           l_i = l_i * alpha + p.sum(axis=1)
           p16 = p.astype(dtype)
           acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))

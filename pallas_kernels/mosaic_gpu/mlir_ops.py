@@ -16,7 +16,7 @@ from jax.experimental.mosaic.gpu import fragmented_array as fa
 from jax.experimental.mosaic.gpu import mma_utils
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import arith, llvm, nvvm, scf, vector
+from jaxlib.mlir.dialects import arith, llvm, nvvm, vector
 
 from pallas_kernels.mosaic_gpu import sparse_fragments as sf
 
@@ -151,38 +151,6 @@ def rows_to_array(rows, *, is_signed=None) -> fa.FragmentedArray:
           vec_ty, [rows[r][2 * j], rows[r][2 * j + 1]])
   return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT,
                             _is_signed=is_signed)
-
-
-def warp_any(flag: ir.Value) -> ir.Value:
-  """Whether the i1 `flag` holds on any lane of the thread's warp (warp-uniform)."""
-  asm = ("{ .reg .pred p, q; setp.ne.b32 p, $1, 0; "
-         "vote.sync.any.pred q, p, 0xffffffff; selp.b32 $0, 1, 0, q; }")
-  word = llvm.inline_asm(_i32(), [arith.extui(_i32(), flag)], asm, "=r,r",
-                         has_side_effects=True)
-  return arith.cmpi(arith.CmpIPredicate.ne, word, mgpu_utils.c(0, _i32()))
-
-
-def scale_rows_if(pred: ir.Value, arr: fa.FragmentedArray,
-                  factors) -> fa.FragmentedArray:
-  """`arr * factors[r]` (row half r of the thread) where `pred`, else `arr`.
-
-  One `scf.if` around the multiplies, so a warp whose `pred` is false (use
-  `warp_any`) skips them; `arr` is f32 `[64, N]` in WGMMA layout.
-  """
-  if arr.layout != fa.WGMMA_LAYOUT:
-    raise ValueError(f"expected WGMMA_LAYOUT; got {arr.layout}")
-  regs = arr.registers
-  if_op = scf.IfOp(pred, [reg.type for reg in regs.flat])
-  if_op.regions[1].blocks.append()  # the else block (its keyword's spelling varies)
-  with ir.InsertionPoint(if_op.then_block):
-    splats = [vector.broadcast(regs.flat[0].type, f) for f in factors]
-    scf.yield_([arith.mulf(regs[idx], splats[idx[4]])
-                for idx in np.ndindex(regs.shape)])
-  with ir.InsertionPoint(if_op.regions[1].blocks[0]):
-    scf.yield_(list(regs.flat))
-  out = np.array(list(if_op.results), dtype=object).reshape(regs.shape)
-  return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT,
-                            _is_signed=None)
 
 
 def words_to_array(ops: MlirOps, words) -> fa.FragmentedArray:
