@@ -9,7 +9,7 @@ import pytest
 from experiments.bench import hgmma_overlap as hb
 
 RESULT = ("RESULT name=SS+MINMAX roles=SS,MINMAX,MINMAX r=10 l=20 l2=0 total=1500 "
-          "c0=1000 pa0=0 pb0=0 c1=1200 pa1=0 pb1=0 c2=1100 pa2=0 pb2=0 "
+          "c0=1000 pa0=0 pb0=0 pi0=0 c1=1200 pa1=0 pb1=0 pi1=0 c2=1100 pa2=0 pb2=0 pi2=0 "
           "mhz=1755.500 sms=132")
 DEVICE = "DEVICE name=NVIDIA_H200 sms=132 clock_khz=1980000"
 
@@ -83,6 +83,7 @@ def test_parse_result_and_device_lines():
     RESULT.replace("total=1500", "total=15x0"),
     RESULT.replace(" sms=132", ""),
     RESULT.replace("c2=1100", "c2 1100"),
+    RESULT.replace(" pi1=0", ""),
     RESULT + " extra=1",
     RESULT.replace("roles=SS,MINMAX,MINMAX", "roles=SS,BOGUS,NONE"),
     RESULT.replace("roles=SS,MINMAX,MINMAX", "roles=SS,NONE"),
@@ -100,7 +101,7 @@ def test_parse_output_needs_a_device_line():
 
 def _rec(**kw):
   base = {"r": 0, "l": 0, "l2": 0, "total": 0, "mhz": 1500.0, "sms": 132}
-  base.update({f"{k}{w}": 0 for w in range(3) for k in ("c", "pa", "pb")})
+  base.update({f"{k}{w}": 0 for w in range(3) for k in ("c", "pa", "pb", "pi")})
   base.update(kw)
   return base
 
@@ -116,11 +117,16 @@ def test_overlap_arithmetic():
   assert p["overlap"] == pytest.approx(500 / 900)
   assert p["alu_slowdown"] == pytest.approx(1.5)
   assert p["tensor_slowdown"] == pytest.approx(1.1)
-  res = {"SERIAL@1": _rec(c1=2000, pa1=1000, pb1=1000),
-         "INTRA@1": _rec(c1=1250, pa1=1150, pb1=100)}
+  res = {"SERIAL@1": _rec(c1=2000, pa1=1000, pb1=1000, pi1=40, r=4),
+         "INTRA@1": _rec(c1=1250, pa1=1150, pb1=100, pi1=600, pi2=200, r=4)}
   q = hb.intra_record(res, "@1")
   assert (q["serial"], q["wait_left"]) == (2000, 100)
   assert q["overlap"] == pytest.approx(0.75)
+  assert q["issue_per_round"] == [150, 50] and q["serial_issue_per_round"] == [10, 0]
+  res["SERIAL"], res["LATE"] = _rec(c1=2400, pa1=1200, pb1=1200), _rec(c1=1500, c2=1800)
+  late = hb.intra_record(res, "", "LATE")
+  assert (late["pair"], late["together"]) == ("LATE", 1800)  # the later warpgroup
+  assert late["overlap"] == pytest.approx(0.5)
 
 
 def test_tensor_throughput_uses_dense_equivalent_flops():
@@ -148,10 +154,12 @@ def test_variant_specs_cover_every_pair_and_pick_kernels():
                            {n: 2 for a in hb.ALU_KINDS for n in (a, f"{a}@1")},
                            {"@1": (3, 4), "": (5, 6)})
   by_name = {s.name: s for s in specs}
-  assert len(by_name) == len(specs) == 3 + 6 + 9 + 3 + 4
+  assert len(by_name) == len(specs) == 3 + 6 + 9 + 3 + 4 + 1
   assert by_name["SP+SELECT"].roles == ("SP", "SELECT", "SELECT")
   assert by_name["SS+FMA@1"].roles == ("SS", "FMA", "NONE")
   assert by_name["INTRA"].line() == "INTRA NONE INTRA INTRA 5 0 6"
+  assert by_name["LATE"].line() == "LATE NONE INTRA LATE 5 0 6"
+  assert hb.kernel_name(("NONE", "INTRA", "LATE")) == "bench_intra"
   assert hb.kernel_name(("NONE", "SERIAL", "NONE")) == "bench_intra"
   assert hb.kernel_name(("NONE", "FMA", "FMA")) == "bench_alu"
 
