@@ -114,7 +114,7 @@ def _kernel_sparse_tile(s_nat, n, m):
   vals = _thread_lists(sf.to_thread_registers(acc))
   t = OPS.thread_id() % 4
   comp, words = ts.select_compress(OPS, vals, n, m, t)
-  # Positions in ascending order, the form the device tests have run.
+  # The kernel writes each chunk's positions in ascending order.
   nibbles = np.stack([(np.asarray(w).view(np.uint32) >> (4 * c)) & 0xF
                       for w in words for c in range(8)])
   assert ((nibbles & 3) < (nibbles >> 2)).all()

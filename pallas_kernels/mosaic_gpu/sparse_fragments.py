@@ -24,8 +24,8 @@ Facts used (PTX ISA 8.x, "Asynchronous Warpgroup Level Matrix ..."):
   `16w + g + 8r` sits at bit `4c + 16r`, holding the two kept positions
   `i0, i1` (0..3) as `i0 | i1 << 2`, the value of `i0` in the register's low
   half. Only equal positions are invalid (0b0000, 0b0101, 0b1010, 0b1111);
-  the kernel writes `i0 < i1`, and whether the hardware also takes
-  `i0 > i1` is what the probe's `micro` section checks with `descending`.
+  the kernel writes `i0 < i1`; `i0 > i1` works too (the probe's `micro`
+  section with `descending`, exact on an H200).
 
 The kernel permutes keys so that every N:M group is thread-local: the key
 matrix row that produces accumulator column `c` of a block of `4 * width`
