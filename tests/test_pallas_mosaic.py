@@ -160,20 +160,6 @@ LOWERING_CASES = {
     "d64 fp16 gqa": dict(head_dim=64, dtype=jnp.float16, kv_heads=1),
     "ragged lengths": dict(q_len=300, kv_len=333, lengths=True),
     "bias mask bk64": dict(extras=True, tuning=fw.MosaicTuning(block_kv=64)),
-    "one warpgroup": dict(tuning=fw.MosaicTuning(compute_wgs=1)),
-    "prefetch causal": dict(is_causal=True,
-                            tuning=fw.MosaicTuning(prefetch_scores=True)),
-    "one warpgroup prefetch ragged": dict(
-        q_len=300, kv_len=333, lengths=True,
-        tuning=fw.MosaicTuning(compute_wgs=1, prefetch_scores=True)),
-    "cluster of two, one warpgroup prefetch causal": dict(
-        is_causal=True, tuning=fw.MosaicTuning(compute_wgs=1, cluster=2,
-                                               prefetch_scores=True)),
-    "query in registers causal": dict(
-        is_causal=True, tuning=fw.MosaicTuning(q_in_registers=True)),
-    "cluster of two window lengths": dict(
-        window=(100, 20), lengths=True, q_len=300, kv_len=333,
-        tuning=fw.MosaicTuning(cluster=2)),
 }
 
 

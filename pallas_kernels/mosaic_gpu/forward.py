@@ -39,6 +39,7 @@ from pallas_kernels.mosaic_gpu import sparse_fragments as sf
 from pallas_kernels.mosaic_gpu import tile_select as ts
 
 BLOCK_Q = 64          # query rows per consumer warpgroup (the wgmma M)
+COMPUTE_WGS = 2       # consumer warpgroups per CTA
 SWIZZLE = 128         # bytes; 16-bit tiles of (8, 64)
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
@@ -55,26 +56,11 @@ class MosaicTuning:
   max_concurrent_steps: shared-memory stages of the key/value ring (>= 2).
   sparse_pv: run `P V` on the 2:4 sparse tensor cores when the pattern fits.
   consumer_registers: registers per thread of the consumer warpgroups.
-  compute_wgs: consumer warpgroups per CTA (64 query rows each), 1 or 2.
-  cluster: CTAs of consecutive query tiles in one cluster (1 or 2); they
-    share each key/value tile, every CTA loading a part by TMA multicast.
-  q_in_registers: keep the query tile in registers for `Q K^T` (wgmma with
-    A from registers: 32 more registers a thread, and the tensor cores read
-    only K from shared memory).
-  prefetch_scores: with sparse `P V`, issue the next tile's `Q K^T` before
-    selecting this one, so that the tensor cores compute it under the
-    selection and softmax (the last tile is peeled). Without it, each tile's
-    `Q K^T` is waited for right after its issue.
   """
   block_kv: int = 128
   max_concurrent_steps: int = 2
   sparse_pv: bool = True
   consumer_registers: int = 232
-  compute_wgs: int = 2
-  cluster: int = 1
-  q_in_registers: bool = False
-  prefetch_scores: bool = False
-  diagnostic_no_reload: bool = False  # EXPERIMENT: wrong results, no K/V traffic
 
   def __post_init__(self):
     if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
@@ -86,19 +72,6 @@ class MosaicTuning:
     if self.consumer_registers % 8 or not 24 <= self.consumer_registers <= 256:
       raise ValueError("consumer_registers must be a multiple of 8 in [24, 256]; "
                        f"got consumer_registers={self.consumer_registers}")
-    if self.compute_wgs not in (1, 2):
-      raise ValueError(f"compute_wgs must be 1 or 2; got "
-                       f"compute_wgs={self.compute_wgs}")
-    if self.cluster not in (1, 2):
-      raise ValueError(f"cluster must be 1 or 2; got cluster={self.cluster}")
-    if self.q_in_registers and self.prefetch_scores:
-      raise ValueError("q_in_registers=True does not combine with "
-                       "prefetch_scores=True")
-
-  @property
-  def block_q(self) -> int:
-    """Query rows per CTA."""
-    return self.compute_wgs * BLOCK_Q
 
 
 class _Config(NamedTuple):
@@ -150,9 +123,9 @@ SMEM_OVERHEAD = 4096
 
 def smem_bytes(head_dim: int, tuning: MosaicTuning) -> int:
   """Shared memory the kernel needs (tiles, log-sum-exp, barriers, padding)."""
-  tiles = (tuning.block_q + 2 * tuning.max_concurrent_steps
+  tiles = (COMPUTE_WGS * BLOCK_Q + 2 * tuning.max_concurrent_steps
            * tuning.block_kv) * head_dim * 2
-  return (tiles + tuning.block_q * 4
+  return (tiles + COMPUTE_WGS * BLOCK_Q * 4
           + 8 * (4 * tuning.max_concurrent_steps + 3) + SMEM_OVERHEAD)
 
 
@@ -237,7 +210,7 @@ def nm_flash_attention_fwd(q, k, v, bias=None, mask=None, q_lengths=None,
   width = max(4, m) if n < m else 0
   sparse = tuning.sparse_pv and width == 4 and ts.sparse_pattern_fits(n, m)
   bk = tuning.block_kv
-  q_pad = _round_up(q_len, tuning.block_q * tuning.cluster)
+  q_pad = _round_up(q_len, COMPUTE_WGS * BLOCK_Q)
   kv_pad = _round_up(kv_len, max(bk, 4 * width))
   extra = _combine_extra(bias, mask, full, q_pad, kv_pad)
   cfg = _Config(
@@ -269,17 +242,11 @@ def nm_flash_attention_fwd(q, k, v, bias=None, mask=None, q_lengths=None,
   return out, lse
 
 
-def _tile_range(cfg: _Config, q_cluster, kv_valid):
-  """Key tiles `[lo, hi)` that hold any valid key for this CTA's rows.
-
-  With `_prefetches(cfg)` the range holds at least one tile (the peeled
-  last one); a tile without a valid key only adds `-inf` scores, and masks
-  apply whenever the range can be empty (kv_lengths or a window).
-  """
+def _tile_range(cfg: _Config, q_tile, kv_valid):
+  """Key tiles `[lo, hi)` that hold any valid key for this CTA's rows."""
   bk = cfg.tuning.block_kv
-  rows = cfg.tuning.block_q * cfg.tuning.cluster
-  q_first = q_cluster * rows
-  q_last = jnp.minimum(q_first + rows - 1, cfg.q_len - 1)
+  q_first = q_tile * (COMPUTE_WGS * BLOCK_Q)
+  q_last = jnp.minimum(q_first + COMPUTE_WGS * BLOCK_Q - 1, cfg.q_len - 1)
   hi_key = kv_valid
   lo_key = jnp.int32(0)
   if cfg.causal:
@@ -289,15 +256,8 @@ def _tile_range(cfg: _Config, q_cluster, kv_valid):
     lo_key = jnp.maximum(q_first - left, 0)
     hi_key = jnp.minimum(hi_key, q_last + right + 1)
   lo = lax.div(lo_key, jnp.int32(bk))
-  if _prefetches(cfg):
-    lo = jnp.minimum(lo, cfg.kv_pad // bk - 1)
-    return lo, jnp.maximum(lax.div(hi_key + bk - 1, jnp.int32(bk)), lo + 1)
-  return lo, jnp.maximum(lax.div(hi_key + bk - 1, jnp.int32(bk)), lo)
-
-
-def _prefetches(cfg: _Config) -> bool:
-  """Whether the next tile's `Q K^T` runs under this tile's selection."""
-  return cfg.sparse and cfg.tuning.prefetch_scores
+  hi = jnp.maximum(lax.div(hi_key + bk - 1, jnp.int32(bk)), lo)
+  return lo, hi
 
 
 def _first_masked_tile(cfg: _Config, q_wg_first, lo, hi, kv_valid):
@@ -406,58 +366,25 @@ def _load_extra(cfg: _Config, ops, ref, b, h, row0, thread_key, local):
   return rows
 
 
-def _smem_tile_type():
-  return plgpu.RefType(transforms=(plgpu.TilingTransform((8, SWIZZLE // 2)),
-                                   plgpu.SwizzleTransform(SWIZZLE)))
-
-
-def _wgmma_array(cols: int):
-  return plgpu.ShapeDtypeStruct((BLOCK_Q, cols), jnp.float32, plgpu.Layout.WGMMA)
-
-
-def _make_sparse_pv(cfg: _Config, wait: bool):
-  """`acc + P V` on the sparse tensor cores; un-waited unless `wait`."""
+def _make_sparse_pv(cfg: _Config):
+  tiling = plgpu.TilingTransform((8, SWIZZLE // 2))
+  swizzle = plgpu.SwizzleTransform(SWIZZLE)
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.Layout.WGMMA,
-                 _smem_tile_type()),
-      return_type=_wgmma_array(cfg.head_dim))
+                 plgpu.RefType(transforms=(tiling, swizzle))),
+      return_type=plgpu.ShapeDtypeStruct((BLOCK_Q, cfg.head_dim), jnp.float32,
+                                         plgpu.Layout.WGMMA))
   def sparse_pv(ctx, acc, p, meta, v_ref):
     del ctx
-    return mlir_ops.sparse_pv(acc, p, meta, v_ref, swizzle=SWIZZLE, wait=wait)
+    return mlir_ops.sparse_pv(acc, p, meta, v_ref, swizzle=SWIZZLE)
 
   return sparse_pv
-
-
-def _make_issue_scores(cfg: _Config):
-  """`Q K^T` of a tile, issued and not waited for."""
-
-  @plgpu.inline_mgpu(arg_types=(_smem_tile_type(), _smem_tile_type()),
-                     return_type=_wgmma_array(cfg.tuning.block_kv))
-  def issue_scores(ctx, q_ref, k_ref):
-    del ctx
-    return mlir_ops.issue_scores(q_ref, k_ref, swizzle=SWIZZLE)
-
-  return issue_scores
-
-
-def _make_wait_all(cfg: _Config):
-  """`(acc, scores)` once every wgmma group of the warpgroup has completed."""
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA),
-                     return_type=(_wgmma_array(cfg.head_dim),
-                                  _wgmma_array(cfg.tuning.block_kv)))
-  def wait_all(ctx, acc, scores):
-    del ctx
-    return tuple(mlir_ops.wait_accumulators(acc, scores))
-
-  return wait_all
 
 
 def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
   bk = cfg.tuning.block_kv
   steps = cfg.tuning.max_concurrent_steps
-  wgs = cfg.tuning.compute_wgs
   dtype = cfg.dtype
   groups = cfg.heads // cfg.kv_heads
   has_extra = cfg.extra_shape is not None
@@ -470,12 +397,7 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       profile_space=16 * (cfg.kv_pad // bk + 4), profile_dir=profile_dir)
   select_full = _make_select(cfg, masked=False)
   select_masked = _make_select(cfg, masked=True) if needs_mask else None
-  prefetch = _prefetches(cfg)
-  sparse_pv = _make_sparse_pv(cfg, wait=True) if cfg.sparse else None
-  if prefetch:
-    sparse_pv_async = _make_sparse_pv(cfg, wait=False)
-    issue_scores = _make_issue_scores(cfg)
-    wait_all = _make_wait_all(cfg)
+  sparse_pv = _make_sparse_pv(cfg) if cfg.sparse else None
 
   def kernel(q_ref, k_ref, v_ref, *refs):
     refs = list(refs)
@@ -486,15 +408,12 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
     (k_full, v_full, q_full, k_free, v_free, sched) = barriers
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
-    q_cluster = lax.axis_index("q_seq")
-    q_tile = q_cluster * cfg.tuning.cluster
-    if cfg.tuning.cluster > 1:
-      q_tile += lax.axis_index("cluster")
+    q_tile = lax.axis_index("q_seq")
     wg = lax.axis_index("wg")
     kv_valid = jnp.int32(cfg.kv_len)
     if kvlen_ref is not None:
       kv_valid = jnp.clip(kvlen_ref[b], 0, cfg.kv_len)
-    lo, hi = _tile_range(cfg, q_cluster, kv_valid)
+    lo, hi = _tile_range(cfg, q_tile, kv_valid)
     num_steps = hi - lo
 
     # A rendezvous of the two consumer warpgroups. It does not make them take
@@ -505,18 +424,15 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       plgpu.barrier_arrive(sched)
       plgpu.barrier_wait(sched)
 
-    @pl.when(wg < wgs)
+    @pl.when(wg < COMPUTE_WGS)
     def _consumer():
       plgpu.set_max_registers(cfg.tuning.consumer_registers, action="increase")
       qo_smem = qo_smem2.at[wg]
       lse_smem = lse_smem2.at[wg]
-      q_first = q_tile * cfg.tuning.block_q + wg * BLOCK_Q
+      q_first = q_tile * (COMPUTE_WGS * BLOCK_Q) + wg * BLOCK_Q
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_first, BLOCK_Q), h], qo_smem,
                               q_full.at[wg])
       plgpu.barrier_wait(q_full.at[wg])
-      q_operand = qo_smem
-      if cfg.tuning.q_in_registers:
-        q_operand = plgpu.load(qo_smem, (), layout=plgpu.Layout.WGMMA)
       row_layout = plgpu.Layout.WGMMA.reduce(1)
       m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
                               row_layout)
@@ -524,37 +440,26 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       acc = plgpu.layout_cast(
           jnp.full((BLOCK_Q, cfg.head_dim), 0.0, jnp.float32),
           plgpu.Layout.WGMMA)
-      # Two warpgroups meet at the rendezvous only without the prefetch.
-      use_sched = wgs == 2 and not prefetch
-      if use_sched:
-        pl.when(wg == 1)(schedule_barrier)
-
-      def slot_of(kv_step):
-        return lax.rem(kv_step - lo, jnp.int32(steps))
+      pl.when(wg == 1)(schedule_barrier)
 
       # The named scopes are the regions of the Mosaic GPU profiler's trace
       # (`profile_dir`); they cost nothing otherwise.
-      def scores_of(kv_step):
-        """`Q K^T` of a tile, waited for; its K slot released."""
-        slot = slot_of(kv_step)
+      def step(kv_step, carry, masked):
+        acc, m_i, l_i = carry
+        slot = lax.rem(kv_step - lo, jnp.int32(steps))
         with jax.named_scope("wait_k"):
           plgpu.barrier_wait(k_full.at[slot])
 
         def compute_qk(acc_ref):
           with jax.named_scope("qk_issue_and_rendezvous"):
-            plgpu.wgmma(acc_ref, q_operand,
+            plgpu.wgmma(acc_ref, qo_smem,
                         plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-            if use_sched:
-              schedule_barrier()
+            schedule_barrier()
           with jax.named_scope("wait_qk"):
             return acc_ref[...]
 
         qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, bk), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
-        return qk
-
-      def softmax(kv_step, qk, acc, m_i, l_i, masked):
-        """Selection and online softmax: `(acc, m_new, l_new, p16, meta)`."""
         select = select_masked if masked else select_full
         args = [qk, kv_step * bk, q_first, kv_valid, b, h]
         if masked and has_extra:
@@ -574,81 +479,32 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
           l_i = l_i * alpha + p.sum(axis=1)
           p16 = p.astype(dtype)
           acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-        return acc, m_new, l_i, p16, meta
-
-      def pv(acc, p16, meta, slot):
-        """`acc + P V`, waited for."""
+        with jax.named_scope("rendezvous_and_wait_v"):
+          plgpu.barrier_arrive(sched)
+          plgpu.barrier_wait(v_full.at[slot])
+          plgpu.barrier_wait(sched)
         with jax.named_scope("pv"):
           if cfg.sparse:
-            return sparse_pv(acc, p16, meta, v_smem.at[slot])
-
-          def compute_pv(acc_ref):
-            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-          return pl.run_state(compute_pv)(plgpu.ACC.init(acc))
-
-      def step(kv_step, carry, masked):
-        acc, m_i, l_i = carry
-        slot = slot_of(kv_step)
-        qk = scores_of(kv_step)
-        acc, m_new, l_i, p16, meta = softmax(kv_step, qk, acc, m_i, l_i, masked)
-        with jax.named_scope("rendezvous_and_wait_v"):
-          if use_sched:
-            plgpu.barrier_arrive(sched)
-          plgpu.barrier_wait(v_full.at[slot])
-          if use_sched:
-            plgpu.barrier_wait(sched)
-        acc = pv(acc, p16, meta, slot)
+            acc = sparse_pv(acc, p16, meta, v_smem.at[slot])
+          else:
+            def compute_pv(acc_ref):
+              plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+            acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_new, l_i
 
-      def prefetch_step(kv_step, carry, masked):
-        # The next tile's scores compute while this tile is selected; both
-        # matmul groups are waited for together, so none runs across the
-        # loop's back edge.
-        acc, m_i, l_i, qk = carry
-        slot, next_slot = slot_of(kv_step), slot_of(kv_step + 1)
-        with jax.named_scope("wait_k"):
-          plgpu.barrier_wait(k_full.at[next_slot])
-        with jax.named_scope("qk_issue"):
-          qk_next = issue_scores(qo_smem, k_smem.at[next_slot])
-        acc, m_new, l_i, p16, meta = softmax(kv_step, qk, acc, m_i, l_i, masked)
-        with jax.named_scope("wait_v"):
-          plgpu.barrier_wait(v_full.at[slot])
-        with jax.named_scope("pv"):
-          acc = sparse_pv_async(acc, p16, meta, v_smem.at[slot])
-        with jax.named_scope("wait_qk_and_pv"):
-          acc, qk_next = wait_all(acc, qk_next)
-        plgpu.barrier_arrive(k_free.at[next_slot])
-        plgpu.barrier_arrive(v_free.at[slot])
-        return acc, m_new, l_i, qk_next
-
-      def loop(body, first, last, carry, masked):
-        return lax.fori_loop(first, last, functools.partial(body, masked=masked),
-                             carry)
-
-      def run_loops(body, first, last, carry):
-        """`body` over tiles `[first, last)`, the masked variant where needed."""
-        if not needs_mask:
-          return loop(body, first, last, carry, False)
-        first_masked = jnp.clip(
-            _first_masked_tile(cfg, q_first, lo, hi, kv_valid), first, last)
-        carry = loop(body, first, first_masked, carry, False)
-        return loop(body, first_masked, last, carry, True)
-
-      if prefetch:
-        carry = run_loops(prefetch_step, lo, hi - 1,
-                          (acc, m_i, l_i, scores_of(lo)))
-        acc, m_i, l_i, qk = carry
-        last_slot = slot_of(hi - 1)
-        acc, m_i, l_i, p16, meta = softmax(hi - 1, qk, acc, m_i, l_i,
-                                           needs_mask)
-        plgpu.barrier_wait(v_full.at[last_slot])
-        acc = pv(acc, p16, meta, last_slot)
-        plgpu.barrier_arrive(v_free.at[last_slot])
+      carry = (acc, m_i, l_i)
+      if needs_mask:
+        first_masked = _first_masked_tile(cfg, q_first, lo, hi, kv_valid)
+        carry = lax.fori_loop(lo, first_masked,
+                              functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(first_masked, hi,
+                              functools.partial(step, masked=True), carry)
       else:
-        acc, m_i, l_i = run_loops(step, lo, hi, (acc, m_i, l_i))
-        if use_sched:
-          pl.when(wg == 0)(schedule_barrier)
+        carry = lax.fori_loop(lo, hi, functools.partial(step, masked=False),
+                              carry)
+      acc, m_i, l_i = carry
+      pl.when(wg == 0)(schedule_barrier)
 
       l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
       acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
@@ -661,77 +517,53 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_first, BLOCK_Q)])
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == wgs)
+    @pl.when(wg == COMPUTE_WGS)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
       kv_head = lax.div(h, jnp.int32(groups))
 
-      multicast = dict(collective_axes="cluster") if cfg.tuning.cluster > 1 else {}
-
-      def load(i, x_ref, smem, full):
-        slot = lax.rem(i, jnp.int32(steps))
-        if cfg.tuning.diagnostic_no_reload and not isinstance(i, int):
-          plgpu.barrier_arrive(full.at[slot])
-          return
+      def load(i, slot):
         rows = (b, pl.ds((lo + i) * bk, bk), kv_head)
-        plgpu.copy_gmem_to_smem(x_ref.at[rows], smem.at[slot], full.at[slot],
-                                **multicast)
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_full.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
 
       for i in range(steps):
-        @pl.when(i < num_steps)
-        def _first_loads():
-          load(i, k_ref, k_smem, k_full)
-          load(i, v_ref, v_smem, v_full)
+        pl.when(i < num_steps)(functools.partial(load, i, i))
 
       @pl.loop(steps, jnp.maximum(num_steps, steps))
       def _refill(i):
         slot = lax.rem(i, jnp.int32(steps))
+        rows = (b, pl.ds((lo + i) * bk, bk), kv_head)
         with jax.named_scope("producer_wait_free_k"):
           plgpu.barrier_wait(k_free.at[slot])
-        load(i, k_ref, k_smem, k_full)
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_full.at[slot])
         with jax.named_scope("producer_wait_free_v"):
           plgpu.barrier_wait(v_free.at[slot])
-        load(i, v_ref, v_smem, v_full)
-
-      if cfg.tuning.cluster > 1:
-        # The other CTA's consumers arrive on this CTA's barriers: wait for
-        # the arrivals on the last tiles before this CTA may exit.
-        @pl.loop(jnp.maximum(num_steps, steps), num_steps + steps)
-        def _drain(i):
-          slot = lax.rem(i, jnp.int32(steps))
-          plgpu.barrier_wait(k_free.at[slot])
-          plgpu.barrier_wait(v_free.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
 
   def entry(*refs):
     tiling = plgpu.TilingTransform((8, SWIZZLE // 2))
     swizzle = plgpu.SwizzleTransform(SWIZZLE)
     tile = lambda *shape: plgpu.SMEM(shape, dtype, transforms=(tiling, swizzle))
-    smem = (tile(wgs, BLOCK_Q, cfg.head_dim),
+    smem = (tile(COMPUTE_WGS, BLOCK_Q, cfg.head_dim),
             tile(steps, bk, cfg.head_dim), tile(steps, bk, cfg.head_dim),
-            plgpu.SMEM((wgs, BLOCK_Q), jnp.float32))
-    if cfg.tuning.cluster > 1:
-      free = functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",))
-    else:
-      free = plgpu.Barrier
+            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32))
     barriers = (plgpu.Barrier(num_barriers=steps),
                 plgpu.Barrier(num_barriers=steps),
-                plgpu.Barrier(num_barriers=wgs),
-                free(num_arrivals=wgs, num_barriers=steps),
-                free(num_arrivals=wgs, num_barriers=steps),
-                plgpu.Barrier(num_arrivals=wgs))
+                plgpu.Barrier(num_barriers=COMPUTE_WGS),
+                plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=steps),
+                plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=steps),
+                plgpu.Barrier(num_arrivals=COMPUTE_WGS))
     pl.run_scoped(lambda *scratch: kernel(*refs, scratch),
                   smem, barriers, collective_axes="wg")
 
   out_types = (
       jax.ShapeDtypeStruct((cfg.batch, cfg.q_pad, cfg.heads, cfg.head_dim), dtype),
       jax.ShapeDtypeStruct((cfg.batch, cfg.heads, cfg.q_pad), jnp.float32))
-  cluster = cfg.tuning.cluster
   return plgpu.kernel(
       entry, out_type=out_types,
-      grid=(cfg.heads, cfg.q_pad // (cfg.tuning.block_q * cluster), cfg.batch),
+      grid=(cfg.heads, cfg.q_pad // (COMPUTE_WGS * BLOCK_Q), cfg.batch),
       grid_names=("heads", "q_seq", "batch"),
-      cluster=(cluster,) if cluster > 1 else (),
-      cluster_names=("cluster",) if cluster > 1 else (),
-      num_threads=wgs + 1, thread_name="wg",
+      num_threads=COMPUTE_WGS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True, **profile),
   )(q, k, v, *rest)

@@ -9,8 +9,6 @@ Mosaic GPU `FragmentedArray`s and per-thread scalar lists, and issue
 
 from __future__ import annotations
 
-import itertools
-
 
 import numpy as np
 from jax.experimental.mosaic import gpu as mgpu
@@ -203,16 +201,14 @@ def _v_descriptors(v_ref: ir.Value, swizzle: int, blocks: int):
 
 
 def sparse_mma(acc: fa.FragmentedArray, a_regs, words, v_ref: ir.Value, *,
-               swizzle: int, wait: bool = True) -> fa.FragmentedArray:
+               swizzle: int) -> fa.FragmentedArray:
   """`acc + A @ V` over `len(a_regs)` 32-key blocks on the sparse tensor cores.
 
   `a_regs[kb]`: the four b32 sparse-A registers of K block `kb`;
   `words[kb // 2]`: the metadata word of blocks `2p` (selector 0) and `2p + 1`
   (selector 1); `v_ref`: the value tile in shared memory (tiled
   `(8, swizzle // 2)`, swizzled); `acc`: f32 `[64, N]` in WGMMA layout.
-  Fences the operands, issues the instructions as one wgmma group and, with
-  `wait`, waits for it; without, the result must pass `wait_accumulators`
-  before it is read (and `v_ref` stays in use until then).
+  Fences the operands, issues the instructions and waits for them.
   """
   el_ty = ir.MemRefType(v_ref.type).element_type
   dtype_name = "bfloat16" if el_ty == ir.BF16Type.get() else "float16"
@@ -232,8 +228,7 @@ def sparse_mma(acc: fa.FragmentedArray, a_regs, words, v_ref: ir.Value, *,
         asm_dialect=0, has_side_effects=True)
     acc_vals = [llvm.extractvalue(f32, result, [i]) for i in range(len(acc_vals))]
   nvvm.wgmma_commit_group_sync_aligned()
-  if wait:
-    nvvm.wgmma_wait_group_sync_aligned(0)
+  nvvm.wgmma_wait_group_sync_aligned(0)
   vec1 = ir.VectorType.get((1,), f32)
   regs = np.array([vector.from_elements(vec1, [v]) for v in acc_vals],
                   dtype=object).reshape(acc32.registers.shape)
@@ -242,54 +237,9 @@ def sparse_mma(acc: fa.FragmentedArray, a_regs, words, v_ref: ir.Value, *,
   return mgpu.optimization_barrier(out).to_layout(fa.WGMMA_LAYOUT)
 
 
-_FENCE_LABELS = itertools.count()
-
-
-def scheduling_fence():
-  """A loop ptxas cannot remove (it spins while `%clock` reads all ones).
-
-  ptxas schedules within basic blocks, so code after the fence stays after
-  it: wgmma issued before it cannot sink below the code that follows.
-  """
-  label = f"NM_FENCE_{next(_FENCE_LABELS)}"
-  asm = ("{ .reg .pred fp; .reg .b32 fc; " + label + ": mov.u32 fc, %clock; "
-         "setp.eq.u32 fp, fc, -1; @fp bra " + label + "; }")
-  llvm.inline_asm(ir.Type.parse("!llvm.void"), [], asm, "", asm_dialect=0,
-                  has_side_effects=True)
-
-
-def issue_scores(q_ref: ir.Value, k_ref: ir.Value, *,
-                 swizzle: int) -> fa.FragmentedArray:
-  """Issues `Q K^T` as one wgmma group and returns its accumulator un-waited.
-
-  `q_ref [M, D]` and `k_ref [block_kv, D]` are tiled `(8, swizzle // 2)` and
-  swizzled. The result is being written until `wait_accumulators`. A
-  `scheduling_fence` follows the issue: without it ptxas moved the HGMMAs
-  below the independent code the caller runs meanwhile (NOTES.md, v4/v8).
-  """
-  q_shape, k_shape = ir.MemRefType(q_ref.type).shape, ir.MemRefType(k_ref.type).shape
-  scores = mgpu.WGMMAAccumulator.zero(q_shape[0] * q_shape[2],
-                                      k_shape[0] * k_shape[2])
-  scores = mgpu.wgmma(scores, q_ref, mgpu.memref_transpose(k_ref, (1, 0, 3, 2)),
-                      swizzle=swizzle)
-  nvvm.wgmma_commit_group_sync_aligned()
-  scheduling_fence()
-  return scores.value
-
-
-def wait_accumulators(*arrays: fa.FragmentedArray) -> list[fa.FragmentedArray]:
-  """`arrays` once every wgmma group of this warpgroup has completed.
-
-  The barrier after the wait keeps every use of the registers after it.
-  """
-  nvvm.wgmma_wait_group_sync_aligned(0)
-  out = mgpu.optimization_barrier(*arrays)
-  return [out] if len(arrays) == 1 else list(out)
-
-
 def sparse_pv(acc: fa.FragmentedArray, p: fa.FragmentedArray,
               meta: fa.FragmentedArray, v_ref: ir.Value, *,
-              swizzle: int, wait: bool = True) -> fa.FragmentedArray:
+              swizzle: int) -> fa.FragmentedArray:
   """`acc + P @ V` with P as `tile_select.select_compress` leaves it.
 
   `p` is the compressed `[64, block_kv // 2]` 16-bit array (register `b` is
@@ -302,4 +252,4 @@ def sparse_pv(acc: fa.FragmentedArray, p: fa.FragmentedArray,
   a_regs = [[_as_i32(regs[0, 2 * kb + h, 0, 0, r, 0, 0, 0, 0])
              for h in range(2) for r in range(2)] for kb in range(blocks)]
   words = array_words(meta, -(-blocks // 2))
-  return sparse_mma(acc, a_regs, words, v_ref, swizzle=swizzle, wait=wait)
+  return sparse_mma(acc, a_regs, words, v_ref, swizzle=swizzle)

@@ -167,11 +167,10 @@ CORRECT_CASES = [
 ]
 
 
-def section_correct(key, tune_all=None):
-  """`CORRECT_CASES`, each with its tuning updated by `tune_all`."""
+def section_correct(key):
   rows = []
   for name, case, tune in CORRECT_CASES:
-    case, tune = dict(case), {**tune, **(tune_all or {})}
+    case = dict(case)
     shape = dict(batch=2, q_len=case.pop("q_len", 512), kv_len=case.pop("kv_len", 512),
                  heads=4, kv_heads=case.pop("kv_heads", 4),
                  head_dim=case.pop("head_dim", 128),
@@ -207,7 +206,7 @@ def section_correct(key, tune_all=None):
                   / jnp.linalg.norm(ref.astype(jnp.float32)))
       lse_err = float(jnp.max(jnp.where(finite, jnp.abs(lse - ref_lse), 0.0)))
       empty_ok = bool(jnp.all(jnp.where(finite, True, lse == jnp.inf)))
-      rows.append(dict(section="correct", case=name, tune=tune, rel_err=err,
+      rows.append(dict(section="correct", case=name, rel_err=err,
                        lse_max_abs_err=lse_err, empty_rows_inf=empty_ok,
                        finite=bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))))
     except Exception as e:  # pylint: disable=broad-except
@@ -254,41 +253,6 @@ BATCH_HEADS = {4096: (4, 16), 8192: (2, 16), 16384: (1, 32)}
 # Timed kernels: name -> (n, m, MosaicTuning fields); cuDNN is always timed first.
 TIME_VARIANTS = {
     "2:4 sparse-pv": dict(n=2, m=4),
-    "2:4 1wg": dict(n=2, m=4, compute_wgs=1),
-    "2:4 1wg prefetch": dict(n=2, m=4, compute_wgs=1, prefetch_scores=True),
-    "2:4 1wg prefetch r256": dict(n=2, m=4, compute_wgs=1, prefetch_scores=True,
-                                  consumer_registers=256),
-    "2:4 2wg prefetch": dict(n=2, m=4, prefetch_scores=True),
-    "2:4 1wg 3-stage": dict(n=2, m=4, compute_wgs=1, max_concurrent_steps=3,
-                            consumer_registers=256),
-    "2:4 1wg prefetch 3-stage": dict(n=2, m=4, compute_wgs=1,
-                                     prefetch_scores=True,
-                                     max_concurrent_steps=3,
-                                     consumer_registers=256),
-    "2:4 1wg prefetch bk64 6-stage": dict(n=2, m=4, compute_wgs=1,
-                                          prefetch_scores=True, block_kv=64,
-                                          max_concurrent_steps=6,
-                                          consumer_registers=256),
-    "2:4 1wg prefetch no-reload": dict(n=2, m=4, compute_wgs=1,
-                                       prefetch_scores=True,
-                                       consumer_registers=256,
-                                       diagnostic_no_reload=True),
-    "2:4 no-reload": dict(n=2, m=4, diagnostic_no_reload=True),
-    "2:4 c2": dict(n=2, m=4, cluster=2),
-    "2:4 q-regs": dict(n=2, m=4, q_in_registers=True),
-    "2:4 q-regs c2": dict(n=2, m=4, q_in_registers=True, cluster=2),
-    "2:4 q-regs 1wg": dict(n=2, m=4, q_in_registers=True, compute_wgs=1,
-                           consumer_registers=256),
-    "2:4 c2 1wg prefetch": dict(n=2, m=4, compute_wgs=1, cluster=2,
-                                prefetch_scores=True, consumer_registers=256),
-    "2:4 c2 1wg prefetch 3-stage": dict(n=2, m=4, compute_wgs=1, cluster=2,
-                                        prefetch_scores=True,
-                                        max_concurrent_steps=3,
-                                        consumer_registers=256),
-    "2:4 c2 1wg 3-stage": dict(n=2, m=4, compute_wgs=1, cluster=2,
-                               max_concurrent_steps=3, consumer_registers=256),
-    "2:4 1wg prefetch bk64": dict(n=2, m=4, compute_wgs=1, prefetch_scores=True,
-                                  block_kv=64, max_concurrent_steps=4),
     "2:4 sparse-pv bk64 4-stage": dict(n=2, m=4, block_kv=64,
                                        max_concurrent_steps=4),
     "2:4 sparse-pv bk256": dict(n=2, m=4, block_kv=256),
@@ -454,18 +418,17 @@ def summarize_trace(path, tracks_per_block=3):
   return regions, tracks, both / either if either else 0.0
 
 
-def section_profile(key, out_dir, seq=4096, heads=16, tune_all=None):
+def section_profile(key, out_dir, seq=4096, heads=16):
   rows = []
-  tuning = fw.MosaicTuning(**(tune_all or {}))
   for causal in (False, True):
     trace_dir = os.path.join(out_dir, "profile", "causal" if causal else "full")
     os.makedirs(trace_dir, exist_ok=True)
     q, k, v = _inputs(key, 1, seq, seq, heads, heads, 128, jnp.bfloat16)
-    jax.block_until_ready(_run_kernel(q, k, v, tuning, is_causal=causal,
+    jax.block_until_ready(_run_kernel(q, k, v, None, is_causal=causal,
                                       profile_dir=trace_dir))
     traces = sorted(os.listdir(trace_dir))
     regions, tracks, overlap = summarize_trace(
-        os.path.join(trace_dir, traces[-1]), tracks_per_block=tuning.compute_wgs + 1)
+        os.path.join(trace_dir, traces[-1]))
     for name, stats in sorted(regions.items()):
       rows.append(dict(section="profile", seq=seq, causal=causal, region=name,
                        tracks=tracks, **stats))
@@ -544,8 +507,6 @@ def main():
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--calls", type=int, default=1,
                       help="calls per synchronisation in the time section")
-  parser.add_argument("--tune", default="{}",
-                      help="JSON MosaicTuning fields for the correct and profile sections")
   parser.add_argument("--baseline", default=None,
                       help="directory from `python -m experiments.bench.baseline"
                            " COMMIT DIR`: time, ir and ncu also run its kernels")
@@ -569,14 +530,14 @@ def main():
       if name == "micro":
         rows += section_micro(rng, args.out)
       elif name == "correct":
-        rows += section_correct(key, json.loads(args.tune))
+        rows += section_correct(key)
       elif name == "select":
         rows += section_select(key)
       elif name == "time":
         rows += section_time(key, sizes, variants, causals, args.rounds,
                              args.head_dim, args.calls, forwards)
       elif name == "profile":
-        rows += section_profile(key, args.out, tune_all=json.loads(args.tune))
+        rows += section_profile(key, args.out)
       elif name == "ir":
         rows += section_ir(variants, args.head_dim, forwards=forwards)
       elif name == "ncu":
