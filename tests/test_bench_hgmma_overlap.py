@@ -118,15 +118,20 @@ def test_overlap_arithmetic():
   assert p["alu_slowdown"] == pytest.approx(1.5)
   assert p["tensor_slowdown"] == pytest.approx(1.1)
   res = {"SERIAL@1": _rec(c1=2000, pa1=1000, pb1=1000, pi1=40, r=4),
-         "INTRA@1": _rec(c1=1250, pa1=1150, pb1=100, pi1=600, pi2=200, r=4)}
+         "INTRA@1": _rec(c1=1250, pa1=1150, pb1=100, pi1=600, pi2=200, r=4),
+         "SS": _rec(c0=2500, r=10)}  # 250 cycles a round
   q = hb.intra_record(res, "@1")
   assert (q["serial"], q["wait_left"]) == (2000, 100)
   assert q["overlap"] == pytest.approx(0.75)
+  assert q["tensor_floor"] == 1000 and q["vs_tensor_floor"] == pytest.approx(1.25)
   assert q["issue_per_round"] == [150, 50] and q["serial_issue_per_round"] == [10, 0]
-  res["SERIAL"], res["LATE"] = _rec(c1=2400, pa1=1200, pb1=1200), _rec(c1=1500, c2=1800)
+  res["SERIAL"], res["LATE"] = (_rec(c1=2400, pa1=1200, pb1=1200),
+                                _rec(c1=1500, c2=1800, r=4))
   late = hb.intra_record(res, "", "LATE")
   assert (late["pair"], late["together"]) == ("LATE", 1800)  # the later warpgroup
   assert late["overlap"] == pytest.approx(0.5)
+  # Two issuing warpgroups: both rounds' matmuls are the floor.
+  assert late["tensor_floor"] == 2000 and late["vs_tensor_floor"] == pytest.approx(0.9)
 
 
 def test_tensor_throughput_uses_dense_equivalent_flops():

@@ -29,6 +29,11 @@ every role alone and every tensor x ALU pair, and reports
                                               0 = the two serialise,
 
 with the ALU and tensor slowdowns A_together / A and T_together / T.
+INTRA, SERIAL and LATE on two warpgroups share one tensor pipe: there the
+floor is both warpgroups' matmuls back to back (`tensor_floor`, from SS
+alone), and `vs_tensor_floor` = together / tensor_floor says how close a
+schedule comes to it (1 = tensor-bound, the ALU work fully hidden); their
+`overlap` against one warpgroup's T and A says nothing about hiding.
 
 Run on the GPU machine:  python3 -m experiments.bench.hgmma_overlap --out $OUT
 (`--sass` also dumps cuobjdump's SASS; `--emit-only F.cu` writes the source.)
@@ -546,9 +551,13 @@ def intra_record(res: dict, suffix: str, name: str = "INTRA") -> dict:
   serial, intra = res["SERIAL" + suffix], res[name + suffix]
   t, a, together = serial["pa1"], serial["pb1"], alu_cycles(intra)
   rounds = max(intra["r"], 1)
+  issuing = 1 if suffix == "@1" else 2
+  ss = res["SS"]
+  tensor_floor = issuing * rounds * ss["c0"] / max(ss["r"], 1)
   return {"pair": name + suffix, "T": t, "A": a, "serial": alu_cycles(serial),
           "together": together, "wait_left": intra["pb1"],
           "overlap": overlap(t, a, together),
+          "tensor_floor": tensor_floor, "vs_tensor_floor": together / tensor_floor,
           # Cycles a round's 8 wgmmas take to issue, per issuing warpgroup:
           # near 0 if issue never waits for the tensor core.
           "issue_per_round": [intra[f"pi{w}"] / rounds for w in (1, 2)],
@@ -572,10 +581,11 @@ def print_table(pairs: list[dict], intra: list[dict], tput: list[dict]) -> None:
           f"{p['A_together']:>10}{p['total']:>10}{p['overlap']:>9.3f}"
           f"{p['alu_slowdown']:>8.3f}{p['tensor_slowdown']:>8.3f}")
   print(f"{'intra':<16}{'T':>10}{'A':>10}{'serial':>10}{'together':>10}"
-        f"{'wait_left':>10}{'overlap':>9}  issue/round (WG1, WG2; serial)")
+        f"{'wait_left':>10}{'overlap':>9}{'/floor':>8}  issue/round (WG1, WG2; serial)")
   for p in intra:
     print(f"{p['pair']:<16}{p['T']:>10}{p['A']:>10}{p['serial']:>10}"
-          f"{p['together']:>10}{p['wait_left']:>10}{p['overlap']:>9.3f}  "
+          f"{p['together']:>10}{p['wait_left']:>10}{p['overlap']:>9.3f}"
+          f"{p['vs_tensor_floor']:>8.3f}  "
           f"{p['issue_per_round'][0]:.0f}, {p['issue_per_round'][1]:.0f}; "
           f"{p['serial_issue_per_round'][0]:.0f}, {p['serial_issue_per_round'][1]:.0f}")
   for t in tput:
