@@ -220,6 +220,23 @@ BACKWARD_SWEEP = (
          num_warps_bwd=8, num_stages_bwd=3),
     dict(block_q_dq=64, block_k_dq=128, block_q_dkv=32, block_k_dkv=64,
          num_warps_bwd=4, num_stages_bwd=3),
+    # Around the best of the above (64x64 tiles, 4 warps, 2 stages).
+    dict(block_q_dq=64, block_k_dq=64, block_q_dkv=64, block_k_dkv=64,
+         num_warps_bwd=4, num_stages_bwd=3),
+    dict(block_q_dq=64, block_k_dq=64, block_q_dkv=64, block_k_dkv=64,
+         num_warps_bwd=8, num_stages_bwd=2),
+    dict(block_q_dq=64, block_k_dq=64, block_q_dkv=64, block_k_dkv=64,
+         num_warps_bwd=2, num_stages_bwd=2),
+    dict(block_q_dq=32, block_k_dq=64, block_q_dkv=64, block_k_dkv=64,
+         num_warps_bwd=4, num_stages_bwd=2),
+    dict(block_q_dq=64, block_k_dq=64, block_q_dkv=32, block_k_dkv=64,
+         num_warps_bwd=4, num_stages_bwd=2),
+    dict(block_q_dq=128, block_k_dq=64, block_q_dkv=64, block_k_dkv=64,
+         num_warps_bwd=4, num_stages_bwd=2),
+    dict(block_q_dq=64, block_k_dq=128, block_q_dkv=64, block_k_dkv=64,
+         num_warps_bwd=4, num_stages_bwd=2),
+    dict(block_q_dq=64, block_k_dq=64, block_q_dkv=128, block_k_dkv=64,
+         num_warps_bwd=4, num_stages_bwd=2),
 )
 
 
@@ -238,6 +255,8 @@ def run_sweep(args) -> list[dict]:
                                              **kwargs))(q, k, v)
         batch = q.shape[0]
         for part, sweep in (("fwd", FORWARD_SWEEP), ("bwd", BACKWARD_SWEEP)):
+          if part not in args.sweep_parts:
+            continue
           flops = attention_flops(batch, args.heads, seq, seq, head_dim,
                                   causal=causal) * (2.5 if part == "bwd" else 1.0)
           for fields in sweep:
@@ -304,6 +323,8 @@ def main(argv=None):
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--sweep", action="store_true",
                       help="time TuningConfigs of the Triton kernel instead")
+  parser.add_argument("--sweep-parts", nargs="+", choices=("fwd", "bwd"),
+                      default=["fwd", "bwd"], help="kernels --sweep times")
   parser.add_argument("--json", default=None, help="output path (default $OUT/...)")
   parser.add_argument("--verbose", action="store_true")
   args = parser.parse_args(argv)

@@ -167,10 +167,11 @@ CORRECT_CASES = [
 ]
 
 
-def section_correct(key):
+def section_correct(key, tune_all=None):
+  """`CORRECT_CASES`, each with its tuning updated by `tune_all`."""
   rows = []
   for name, case, tune in CORRECT_CASES:
-    case = dict(case)
+    case, tune = dict(case), {**tune, **(tune_all or {})}
     shape = dict(batch=2, q_len=case.pop("q_len", 512), kv_len=case.pop("kv_len", 512),
                  heads=4, kv_heads=case.pop("kv_heads", 4),
                  head_dim=case.pop("head_dim", 128),
@@ -206,7 +207,7 @@ def section_correct(key):
                   / jnp.linalg.norm(ref.astype(jnp.float32)))
       lse_err = float(jnp.max(jnp.where(finite, jnp.abs(lse - ref_lse), 0.0)))
       empty_ok = bool(jnp.all(jnp.where(finite, True, lse == jnp.inf)))
-      rows.append(dict(section="correct", case=name, rel_err=err,
+      rows.append(dict(section="correct", case=name, tune=tune, rel_err=err,
                        lse_max_abs_err=lse_err, empty_rows_inf=empty_ok,
                        finite=bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))))
     except Exception as e:  # pylint: disable=broad-except
@@ -418,13 +419,14 @@ def summarize_trace(path, tracks_per_block=3):
   return regions, tracks, both / either if either else 0.0
 
 
-def section_profile(key, out_dir, seq=4096, heads=16):
+def section_profile(key, out_dir, seq=4096, heads=16, tune_all=None):
   rows = []
+  tuning = fw.MosaicTuning(**(tune_all or {}))
   for causal in (False, True):
     trace_dir = os.path.join(out_dir, "profile", "causal" if causal else "full")
     os.makedirs(trace_dir, exist_ok=True)
     q, k, v = _inputs(key, 1, seq, seq, heads, heads, 128, jnp.bfloat16)
-    jax.block_until_ready(_run_kernel(q, k, v, None, is_causal=causal,
+    jax.block_until_ready(_run_kernel(q, k, v, tuning, is_causal=causal,
                                       profile_dir=trace_dir))
     traces = sorted(os.listdir(trace_dir))
     regions, tracks, overlap = summarize_trace(
@@ -507,6 +509,9 @@ def main():
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--calls", type=int, default=1,
                       help="calls per synchronisation in the time section")
+  parser.add_argument("--tune", default="{}",
+                      help="JSON MosaicTuning fields for the correct and profile "
+                           "sections")
   parser.add_argument("--baseline", default=None,
                       help="directory from `python -m experiments.bench.baseline"
                            " COMMIT DIR`: time, ir and ncu also run its kernels")
@@ -530,14 +535,14 @@ def main():
       if name == "micro":
         rows += section_micro(rng, args.out)
       elif name == "correct":
-        rows += section_correct(key)
+        rows += section_correct(key, json.loads(args.tune))
       elif name == "select":
         rows += section_select(key)
       elif name == "time":
         rows += section_time(key, sizes, variants, causals, args.rounds,
                              args.head_dim, args.calls, forwards)
       elif name == "profile":
-        rows += section_profile(key, args.out)
+        rows += section_profile(key, args.out, tune_all=json.loads(args.tune))
       elif name == "ir":
         rows += section_ir(variants, args.head_dim, forwards=forwards)
       elif name == "ncu":
