@@ -97,3 +97,39 @@ def test_compiled_loop_waits_on_mufu(tmp_path):
   records = ss.report(ss.parse_sass(ss.read_sass(str(cubin))))
   assert records and all(r["stall_cycles"] > 0 for r in records)
   assert any(r["waits"].get("MUFU", 0) > 0 for r in records)
+
+
+def test_ptxas_resources():
+  log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+         "    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+         "ptxas info    : Used 168 registers, used 16 barriers, 1 bytes smem\n")
+  assert ss.ptxas_resources(log) == dict(registers=168, spill_stores=8,
+                                         spill_loads=4, stack_frame=0,
+                                         serialized_wgmma=False)
+  assert ss.ptxas_resources("warning : C7514 wgmma serialized")["serialized_wgmma"]
+
+
+def test_assemble_without_ptxas_is_an_error(monkeypatch):
+  monkeypatch.setattr(shutil, "which", lambda name: None)
+  with pytest.raises(ValueError, match="k.ptx: no ptxas"):
+    ss.assemble("k.ptx")
+
+
+@pytest.mark.skipif(not (shutil.which("nvcc") and shutil.which("ptxas")
+                         and shutil.which("cuobjdump")),
+                    reason="needs nvcc, ptxas and cuobjdump")
+def test_assemble_ptx_and_schedule(tmp_path):
+  src = tmp_path / "k.cu"
+  src.write_text("__global__ void k(float* x, int n) { float a = x[threadIdx.x];"
+                 " for (int i = 0; i < n; ++i) a = fmaxf(a * a, 1.0f);"
+                 " x[threadIdx.x] = a; }")
+  ptx = tmp_path / "k.ptx"
+  subprocess.run(["nvcc", "-ptx", "-arch=sm_90a", "-o", str(ptx), str(src)],
+                 check=True)
+  cubin, log = ss.assemble(str(ptx))
+  assert ss.ptxas_resources(log)["registers"] > 0
+  assert ss.report(ss.parse_sass(ss.read_sass(cubin)))
+  bad = tmp_path / "bad.ptx"
+  bad.write_text("not ptx")
+  with pytest.raises(ValueError, match="ptxas failed"):
+    ss.assemble(str(bad))

@@ -22,6 +22,10 @@ the same warp cannot.
 
   python -m experiments.bench.sass_schedule KERNEL.cubin [--json OUT.json]
   python -m experiments.bench.sass_schedule KERNEL.sass   # cuobjdump -sass text
+  python -m experiments.bench.sass_schedule KERNEL.ptx    # assembled by ptxas
+
+The Hopper kernel's probe has a `sass` section that does this for its
+variants (PTX from Mosaic GPU's `MOSAIC_GPU_DUMP_TO`).
 
 `--cuobjdump` (or $CUOBJDUMP) names the tool when it is not on PATH.
 """
@@ -157,6 +161,38 @@ def report(functions: dict[str, list[Instruction]]) -> list[dict]:
   return sorted(records, key=lambda r: (r["function"], r["instructions"]))
 
 
+_RESOURCES = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "stack_frame": re.compile(r"(\d+) bytes stack frame"),
+}
+
+
+def ptxas_resources(log: str) -> dict:
+  """Registers, spills and stack of `ptxas -v` output (the last function's)."""
+  found = {}
+  for name, pattern in _RESOURCES.items():
+    values = pattern.findall(log)
+    if values:
+      found[name] = int(values[-1])
+  found["serialized_wgmma"] = "C7514" in log or "C7513" in log or "C7515" in log
+  return found
+
+
+def assemble(ptx_path: str, arch: str = "sm_90a") -> tuple[str, str]:
+  """`ptxas -v` on a PTX file: `(cubin path, ptxas log)`."""
+  tool = shutil.which("ptxas")
+  if tool is None:
+    raise ValueError(f"cannot assemble {ptx_path}: no ptxas on PATH")
+  cubin = os.path.splitext(ptx_path)[0] + ".cubin"
+  done = subprocess.run([tool, f"-arch={arch}", "-v", ptx_path, "-o", cubin],
+                        capture_output=True, text=True)
+  if done.returncode:
+    raise ValueError(f"ptxas failed on {ptx_path}: {done.stderr[-2000:]}")
+  return cubin, done.stderr + done.stdout
+
+
 def read_sass(path: str, cuobjdump: str | None = None) -> str:
   """SASS text of a cubin (through cuobjdump) or of a saved `cuobjdump -sass` dump."""
   with open(path, "rb") as f:
@@ -174,11 +210,15 @@ def read_sass(path: str, cuobjdump: str | None = None) -> str:
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("path", help="a cubin, or the text of `cuobjdump -sass`")
+  ap.add_argument("path", help="a cubin, a .ptx, or the text of `cuobjdump -sass`")
   ap.add_argument("--cuobjdump", default=None)
   ap.add_argument("--json", default=None, help="write the records here")
   args = ap.parse_args(argv)
-  records = report(parse_sass(read_sass(args.path, args.cuobjdump)))
+  path = args.path
+  if path.endswith(".ptx"):
+    path, log = assemble(path)
+    print(ptxas_resources(log))
+  records = report(parse_sass(read_sass(path, args.cuobjdump)))
   if not records:
     raise SystemExit(f"no loops found in {args.path}")
   for r in records:

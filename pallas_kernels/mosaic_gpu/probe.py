@@ -13,6 +13,10 @@ Sections:
   time     forward milliseconds and dense-equivalent TFLOP/s against cuDNN;
   profile  mean time per step of each named region of the 2:4 sparse-PV
            kernel (Mosaic GPU profiler; trace JSON under DIR/profile);
+  sass     per `--variants` kernel: ptxas registers and spills, and every
+           loop's static schedule from the SASS control bits (stall cycles,
+           scoreboard waits by producer; `experiments.bench.sass_schedule`);
+           needs ptxas and cuobjdump on PATH; PTX and cubins under DIR/sass;
   ir       (CPU is enough) op counts of each `--variants` kernel's Mosaic GPU
            IR at head_dim 128, non-causal: comparisons, selects, min/max,
            float adds and multiplies, shuffles, inline PTX by mnemonic;
@@ -263,7 +267,7 @@ TIME_VARIANTS = {
 DEFAULT_TIME_VARIANTS = "2:4 sparse-pv,2:4 dense-pv,4:4 dense"
 
 
-# (label, kernel module) pairs whose variants the time, ir and ncu sections run.
+# (label, kernel module) pairs whose variants the time, sass, ir and ncu sections run.
 TREE = (("mosaic", fw),)
 
 
@@ -364,6 +368,41 @@ def section_ir(names, head_dim=128, seq=1024, forwards=TREE):
     row.update({kind: sum(counts.get(op, 0) for op in ops)
                 for kind, ops in IR_KINDS.items()})
     rows.append(row)
+  return rows
+
+
+def section_sass(names, out_dir, head_dim=128, seq=1024, forwards=TREE):
+  """Per variant: ptxas resources and the static schedule of every loop.
+
+  Compiles each kernel with its PTX dumped (`MOSAIC_GPU_DUMP_TO`, read at
+  every compilation), assembles it with the local ptxas and reads the SASS
+  control bits (`experiments.bench.sass_schedule`).
+  """
+  from experiments.bench import sass_schedule  # pylint: disable=g-import-not-at-top
+  rows = []
+  q = jnp.ones((1, seq, 2, head_dim), jnp.bfloat16)
+  for name, cfg, forward in _variants(names, forwards):
+    dump = os.path.join(out_dir, "sass", re.sub(r"\W+", "_", name))
+    os.makedirs(dump, exist_ok=True)
+    before = os.environ.get("MOSAIC_GPU_DUMP_TO")
+    os.environ["MOSAIC_GPU_DUMP_TO"] = dump
+    try:
+      jax.block_until_ready(_variant_kernel(cfg, forward)(q, q, q, None, None,
+                                                          None, None))
+    finally:
+      if before is None:
+        del os.environ["MOSAIC_GPU_DUMP_TO"]
+      else:
+        os.environ["MOSAIC_GPU_DUMP_TO"] = before
+    ptx = sorted(f for f in os.listdir(dump) if f.endswith(".ptx"))
+    if not ptx:
+      raise ValueError(f"no PTX was dumped into {dump} for {name}")
+    for f in ptx:
+      cubin, log = sass_schedule.assemble(os.path.join(dump, f))
+      loops = sass_schedule.report(sass_schedule.parse_sass(
+          sass_schedule.read_sass(cubin)))
+      rows.append(dict(section="sass", variant=name, ptx=f,
+                       **sass_schedule.ptxas_resources(log), loops=loops))
   return rows
 
 
@@ -543,6 +582,8 @@ def main():
                              args.head_dim, args.calls, forwards)
       elif name == "profile":
         rows += section_profile(key, args.out, tune_all=json.loads(args.tune))
+      elif name == "sass":
+        rows += section_sass(variants, args.out, args.head_dim, forwards=forwards)
       elif name == "ir":
         rows += section_ir(variants, args.head_dim, forwards=forwards)
       elif name == "ncu":
