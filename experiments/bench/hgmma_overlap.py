@@ -51,6 +51,8 @@ import sys
 import tempfile
 from typing import NamedTuple
 
+from experiments.bench import sass_schedule
+
 ROLES = ("NONE", "SS", "SP", "RS", "MINMAX", "SELECT", "FMA", "INTRA", "SERIAL",
          "LATE")
 TENSOR_KINDS = ("SS", "SP", "RS")
@@ -596,12 +598,13 @@ def print_table(pairs: list[dict], intra: list[dict], tput: list[dict]) -> None:
 
 
 def dump_sass(binary: str, path: str) -> None:
-  tool = shutil.which("cuobjdump")
-  if tool is None:
-    print("cuobjdump not on PATH: no SASS dump", file=sys.stderr)
+  try:
+    sass = sass_schedule.read_sass(binary)
+  except ValueError as e:
+    print(f"{e}: no SASS dump", file=sys.stderr)
     return
   with open(path, "w") as f:
-    subprocess.run([tool, "--dump-sass", binary], stdout=f, check=True)
+    f.write(sass)
 
 
 def main(argv=None) -> None:

@@ -76,9 +76,9 @@ class Instruction(NamedTuple):
   def opcode(self) -> str:
     """The mnemonic without its predicate and modifiers (`FMNMX`, `HGMMA`)."""
     words = self.text.split()
-    word = words[1] if words and words[0].startswith("@") and len(words) > 1 \
-        else (words[0] if words else "")
-    return word.split(".")[0]
+    if words and words[0].startswith("@"):  # the predicate
+      words = words[1:]
+    return words[0].split(".")[0] if words else ""
 
   def branch_target(self) -> int | None:
     m = _BRANCH.search(self.text)
@@ -176,7 +176,7 @@ def ptxas_resources(log: str) -> dict:
     values = pattern.findall(log)
     if values:
       found[name] = int(values[-1])
-  found["serialized_wgmma"] = "C7514" in log or "C7513" in log or "C7515" in log
+  found["serialized_wgmma"] = "C75" in log  # ptxas's C75xx wgmma notes
   return found
 
 

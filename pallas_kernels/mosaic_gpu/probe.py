@@ -47,6 +47,7 @@ import os
 import re
 import time
 import traceback
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -384,16 +385,9 @@ def section_sass(names, out_dir, head_dim=128, seq=1024, forwards=TREE):
   for name, cfg, forward in _variants(names, forwards):
     dump = os.path.join(out_dir, "sass", re.sub(r"\W+", "_", name))
     os.makedirs(dump, exist_ok=True)
-    before = os.environ.get("MOSAIC_GPU_DUMP_TO")
-    os.environ["MOSAIC_GPU_DUMP_TO"] = dump
-    try:
+    with mock.patch.dict(os.environ, MOSAIC_GPU_DUMP_TO=dump):
       jax.block_until_ready(_variant_kernel(cfg, forward)(q, q, q, None, None,
                                                           None, None))
-    finally:
-      if before is None:
-        del os.environ["MOSAIC_GPU_DUMP_TO"]
-      else:
-        os.environ["MOSAIC_GPU_DUMP_TO"] = before
     ptx = sorted(f for f in os.listdir(dump) if f.endswith(".ptx"))
     if not ptx:
       raise ValueError(f"no PTX was dumped into {dump} for {name}")
