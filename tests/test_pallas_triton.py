@@ -100,6 +100,45 @@ def test_several_tiles_match_reference(rng, name):
     assert rel_err(g, w) < GRAD_TOL.get(dtype, 1e-2), grad_name
 
 
+@pytest.mark.parametrize("scale,with_bias", [(0.37, False), (0.37, True),
+                                             (-0.5, False), (0.0, False)])
+def test_explicit_scales_match_reference(rng, scale, with_bias):
+  """Tiles hold `q.k` unscaled only for a positive scale without a bias
+  (`Plan.selects_unscaled`); a negative scale reverses the selection's order
+  and zero makes every group a tie, which both paths must get right."""
+  q, k, v = random_inputs(rng, batch=2, q_len=40, kv_len=72, heads=2,
+                          kv_heads=2, head_dim=16)
+  bias = (jnp.asarray(rng.standard_normal((1, 2, 40, 72)), jnp.float32)
+          if with_bias else None)
+  kwargs = dict(scale=scale, is_causal=True, n=2, m=4)
+  plan, *_ = _common.plan_call(q, k, v, bias, None, None, None, window=None,
+                               interpret=True, tuning=SMALL_TILES, **kwargs)
+  assert plan.selects_unscaled == (scale > 0 and not with_bias)
+  cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+  def loss(fn, q, k, v):
+    out = fn(q, k, v, bias, **kwargs)
+    return jnp.sum(out * cotangent), out
+
+  kernel = functools.partial(nm_triton.nm_flash_attention, interpret=True,
+                             tuning=SMALL_TILES)
+  got, out = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2),
+                              has_aux=True))(q, k, v)
+  want, ref = jax.grad(functools.partial(loss, _reference), argnums=(0, 1, 2),
+                       has_aux=True)(q, k, v)
+  assert rel_err(out, ref) < 1e-5
+  for grad_name, g, w in zip(("dq", "dk", "dv"), got, want):
+    assert rel_err(g, w) < 1e-4, grad_name
+  _, lse = nm_triton.nm_flash_attention_fwd(q, k, v, bias, interpret=True,
+                                            tuning=SMALL_TILES, **kwargs)
+  call, _ = canonicalize(q, k, v, bias, **kwargs)
+  scores = reference.call_scores(call)
+  want_lse = jax.nn.logsumexp(
+      jnp.where(masking.nm_mask(scores, 2, 4), scores, -jnp.inf), axis=-1)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_lse_and_backward_entry_points(rng):
   """The (out, lse) / backward contract that other forward kernels rely on."""
   q, k, v = random_inputs(rng, batch=2, q_len=40, kv_len=72, heads=4, kv_heads=2,

@@ -20,6 +20,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 import numpy as np
 
+from jax.experimental.pallas import triton as pallas_triton
+
 from pallas_kernels import _compat
 from pallas_kernels.triton.config import MIN_BLOCK, TuningConfig, default_tuning
 
@@ -66,6 +68,21 @@ class Plan:
   def groups(self) -> int:
     """Query heads per key/value head."""
     return self.heads // self.kv_heads
+
+  @property
+  def selects_unscaled(self) -> bool:
+    """Whether tiles hold `q.k` unscaled, `scale` folded into the exponent.
+
+    Scaling by a positive constant keeps the order of a row's scores, so
+    selection and the running max work on `q.k` directly; a bias is added
+    to scaled scores, and `scale <= 0` would reorder them.
+    """
+    return self.bias_full is None and self.scale > 0
+
+  @property
+  def score_unit(self) -> float:
+    """What a tile score is multiplied by to give the score `s` (1 or scale)."""
+    return self.scale if self.selects_unscaled else 1.0
 
   @property
   def lanes(self) -> int:
@@ -343,28 +360,53 @@ def loop_tiles(plan: Plan, tile_range, body, carry):
   return lax.fori_loop(full_hi, hi, lambda i, c: body(i, c, True), carry)
 
 
+def exp2(plan: Plan, x):
+  """`2 ** x` of a float32 tile: one `ex2.approx.ftz.f32` per element on the GPU.
+
+  `jnp.exp2` lowers to libdevice's `exp2f`, which wraps the same instruction
+  in a fix-up for results below 2**-126 (a compare and two multiplies). Here
+  every exponent is relative to a row maximum, so such results are below
+  any softmax denominator's 2**-126 and flushing them to 0 changes nothing.
+  Interpret mode (no PTX) keeps `jnp.exp2`.
+  """
+  if plan.interpret:
+    return jnp.exp2(x)
+  [y] = pallas_triton.elementwise_inline_asm(
+      "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+  return y
+
+
 def lane_slice(plan: Plan, start, lane: int, block_k: int):
   """The keys of lane `lane` of the key tile starting at `start`."""
   lanes = plan.lanes
   return pl.ds(start + lane, block_k // lanes, stride=lanes)
 
 
-def nm_keep(scores: list[jax.Array], n: int) -> list[jax.Array]:
-  """Keep-masks of N:M selection; `scores[j]` holds member j of every group.
+def nm_wins(scores: list[jax.Array], n: int) -> list[jax.Array]:
+  """Whether each member is among its group's `n` winners (`scores[j]`: member j).
 
   A member beats another if it is larger, or equal with the lower index
-  (`>=` with the lower index on the left). `-inf` is never kept; NaN is
-  always kept (its row is NaN either way, as in the reference).
+  (`>=` with the lower index on the left). A `-inf` may win where its group
+  has fewer than `n` finite members; NaN compares false (see `nm_keep`).
   """
   m = len(scores)
   if (n, m) == (1, 2):
     first = scores[0] >= scores[1]
-    wins = [first, jnp.logical_not(first)]
-  elif (n, m) == (2, 4):
-    wins = _top_two_of_four(scores)
-  else:
-    wins = _rank_below(scores, n)
-  return [(w & (s != -jnp.inf)) | (s != s) for w, s in zip(wins, scores)]
+    return [first, jnp.logical_not(first)]
+  if (n, m) == (2, 4):
+    return _top_two_of_four(scores)
+  return _rank_below(scores, n)
+
+
+def nm_keep(scores: list[jax.Array], n: int) -> list[jax.Array]:
+  """Keep-masks of N:M selection as the reference defines them.
+
+  `nm_wins`, except that `-inf` is never kept and NaN always is (its row is
+  NaN either way, as in the reference).
+  """
+  return [(w & (s != -jnp.inf)) | (s != s)
+          for w, s in zip(nm_wins(scores, n), scores)]
 
 
 def _rank_below(scores, n):
@@ -407,12 +449,15 @@ class TileContext:
 
   def lane_scores(self, q, k_lane, q0, k_start, lane, *, masked, bias=None,
                   mask=None):
-    """Scaled, biased, masked f32 scores `[rows, block_k / lanes]` of one lane.
+    """Biased, masked f32 scores `[rows, block_k / lanes]` of one lane, in
+    units of `plan.score_unit` (`q.k`, or `scale * q.k + bias`).
 
     `masked`: whether positional masks apply (bool, or a traced bool).
     """
     plan = self.plan
-    s = _compat.dot(q, k_lane, trans_b=True) * plan.scale
+    s = _compat.dot(q, k_lane, trans_b=True)
+    if not plan.selects_unscaled:
+      s = s * plan.scale
     if bias is not None:
       s = s + bias.astype(jnp.float32)
     valid = None if mask is None else mask != 0
@@ -432,11 +477,21 @@ class TileContext:
     return s if valid is None else jnp.where(valid, s, -jnp.inf)
 
   def kept_scores(self, lane_scores: list[jax.Array]):
-    """Scores after N:M selection (`-inf` where dropped) and the keep-masks."""
+    """Scores after N:M selection, `-inf` where dropped.
+
+    A `-inf` winner stays `-inf`, as if dropped, so only NaN needs a test
+    beside `nm_wins` (`keep_masks` gives the reference's masks).
+    """
     if self.plan.lanes == 1:
-      return lane_scores, [s != -jnp.inf for s in lane_scores]
-    keep = nm_keep(lane_scores, self.plan.n)
-    return [jnp.where(k, s, -jnp.inf) for k, s in zip(keep, lane_scores)], keep
+      return lane_scores
+    wins = nm_wins(lane_scores, self.plan.n)
+    return [jnp.where(w | (s != s), s, -jnp.inf) for w, s in zip(wins, lane_scores)]
+
+  def keep_masks(self, lane_scores: list[jax.Array]) -> list[jax.Array]:
+    """The reference's keep-masks of the lanes (`nm_keep`)."""
+    if self.plan.lanes == 1:
+      return [s != -jnp.inf for s in lane_scores]
+    return nm_keep(lane_scores, self.plan.n)
 
 
 def broadcast_spec(full: tuple[bool, ...], block: tuple[int | None, int, int],

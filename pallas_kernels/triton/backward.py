@@ -27,10 +27,12 @@ from pallas_kernels.triton import _common
 from pallas_kernels.triton._common import LOG2E, Plan
 
 
-def _probabilities(kept, lse):
-  """`exp(s - lse)` of kept scores; rows without any (lse = +-inf) give 0."""
+def _probabilities(plan: Plan, kept, lse):
+  """`exp(s - lse)` of kept tile scores (`plan.score_unit` units); rows
+  without any (lse = +-inf) give 0."""
   shift = (jnp.where(lse == -jnp.inf, jnp.inf, lse) * LOG2E)[:, None]
-  return [jnp.exp2(s * LOG2E - shift) for s in kept]
+  exponent = LOG2E * plan.score_unit
+  return [_common.exp2(plan, s * exponent - shift) for s in kept]
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
@@ -59,8 +61,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
                                       slice(None), lane)
       scores.append(ctx.lane_scores(q, key, q0, k0, j, masked=masked, bias=bias,
                                     mask=mask))
-    kept, _ = ctx.kept_scores(scores)
-    for p, lane, key in zip(_probabilities(kept, lse), cols, keys):
+    kept = ctx.kept_scores(scores)
+    for p, lane, key in zip(_probabilities(plan, kept, lse), cols, keys):
       dp = _compat.dot(d_out, v_ref[lane, :], trans_b=True)
       ds = p * (dp - delta[:, None])
       dq = dq + _compat.dot(ds.astype(key.dtype), key)
@@ -111,9 +113,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
           mask = _common.broadcast_tile(mask_ref, plan.mask_full, g, rows, lane)
         scores.append(ctx.lane_scores(q, key, q0, k0, j, masked=masked,
                                       bias=bias, mask=mask))
-      kept, _ = ctx.kept_scores(scores)
+      kept = ctx.kept_scores(scores)
       new_dk, new_dv, new_dbias = [], [], []
-      for j, p in enumerate(_probabilities(kept, lse)):
+      for j, p in enumerate(_probabilities(plan, kept, lse)):
         new_dv.append(dv[j] + _compat.dot(p.astype(d_out.dtype), d_out, trans_a=True))
         dp = _compat.dot(d_out, values[j], trans_b=True)
         ds = p * (dp - delta[:, None])

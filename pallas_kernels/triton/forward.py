@@ -1,8 +1,8 @@
 """Forward kernel: fused N:M flash attention, one program per (query tile, batch, head).
 
 The query tile stays resident while the program walks its key tiles: float32
-scores per lane (see `_common`), masks, N:M selection, online softmax over the
-kept scores, `P V`. The score matrix never reaches memory. It writes the
+scores per lane (see `_common`; `q.k` unscaled where `Plan.selects_unscaled`),
+masks, N:M selection, online softmax over the kept scores, `P V`. The score matrix never reaches memory. It writes the
 output and the log-sum-exp of the kept scores (the backward's residual).
 """
 
@@ -31,6 +31,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
   ctx = _common.TileContext(plan, q_limit, kv_limit)
   tiles = _common.key_tile_range(plan, q0, block_q, block_k, q_limit, kv_limit)
   q = q_ref[...]
+  exponent = LOG2E * plan.score_unit  # tile scores to base-2 exponents
 
   def body(k_tile, carry, masked):
     acc, row_max, row_sum = carry
@@ -47,22 +48,22 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
                                              lane)
       scores.append(ctx.lane_scores(q, k_ref[lane, :], q0, k0, j, masked=masked,
                                     bias=bias, mask=mask))
-    kept, keep = ctx.kept_scores(scores)
+    kept = ctx.kept_scores(scores)
     # Combine lanes elementwise first: one cross-thread row reduction, not m.
     new_max = jnp.maximum(row_max,
                           jnp.max(functools.reduce(jnp.maximum, kept), axis=1))
     # A row with nothing kept yet has max -inf; exponentiate against 0 instead.
     safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
-    correction = jnp.exp2((row_max - safe_max) * LOG2E)
-    shift = (safe_max * LOG2E)[:, None]
-    probs = [jnp.exp2(s * LOG2E - shift) for s in kept]
+    correction = _common.exp2(plan, (row_max - safe_max) * exponent)
+    shift = (safe_max * exponent)[:, None]
+    probs = [_common.exp2(plan, s * exponent - shift) for s in kept]
     row_sum = row_sum * correction + jnp.sum(functools.reduce(jnp.add, probs),
                                              axis=1)
     acc = acc * correction[:, None]
     for p, lane in zip(probs, cols):
       acc = acc + _compat.dot(p.astype(v_ref.dtype), v_ref[lane, :])
     if keep_ref is not None:
-      for k, lane in zip(keep, cols):
+      for k, lane in zip(ctx.keep_masks(scores), cols):
         keep_ref[:, lane] = k.astype(keep_ref.dtype)
     return acc, new_max, row_sum
 
@@ -73,7 +74,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
   empty = row_sum == 0.0
   safe_sum = jnp.where(empty, 1.0, row_sum)
   out_ref[...] = (acc * (1.0 / safe_sum)[:, None]).astype(out_ref.dtype)
-  lse_ref[...] = jnp.where(empty, jnp.inf, row_max + jnp.log(safe_sum))
+  lse_ref[...] = jnp.where(empty, jnp.inf,
+                           row_max * plan.score_unit + jnp.log(safe_sum))
   if keep_ref is not None:
     lo, _, _, hi = tiles
 
