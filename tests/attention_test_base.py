@@ -26,7 +26,7 @@ def rel_err(x, ref) -> float:
   """`|x - ref| / |ref|`; the absolute error where `ref` is all zeros.
 
   A reference of zeros is exact, not rare: with every key length 1, each
-  query sees one key, so dq and dk vanish (the kernels give ~1e-5 there).
+  query sees one key, so dq and dk vanish (kernels give 1e-5..1e-4 there).
   """
   x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
   norm = np.linalg.norm(ref)
@@ -140,7 +140,9 @@ class AttentionTestBase:
 
   def test_gradients_with_one_key_per_row(self, rng):
     # Key lengths of 1: every query sees one key, so the reference's dq and
-    # dk are exactly zero and only an absolute error can be asked for.
+    # dk are exactly zero: `dO.v - dO.o` cancels, which a kernel's dot and
+    # the row sum of `dO * o` (another summation order) do only to rounding.
+    # Their error is measured against dv's size, the cancelling terms' scale.
     (q, k, v), _ = self.make_case(rng, "2of4", jnp.float32)
     kwargs = dict(n=2, m=4, key_value_seq_lengths=jnp.ones((q.shape[0],),
                                                            jnp.int32))
@@ -150,9 +152,11 @@ class AttentionTestBase:
     want = jax.grad(functools.partial(loss, reference.nm_attention_reference),
                     argnums=(0, 1, 2))(q, k, v)
     assert not np.any(np.asarray(want[0])) and not np.any(np.asarray(want[1]))
+    scale = np.linalg.norm(np.asarray(want[2], np.float64))
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
-      err = rel_err(g, w)
-      assert err < GRAD_TOL[jnp.float32], f"{name}: {err:.2e}"
+      g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+      err = np.linalg.norm(g - w) / scale
+      assert np.isfinite(g).all() and err < GRAD_TOL[jnp.float32], f"{name}: {err:.2e}"
 
   def test_fully_masked_rows_give_zeros(self, rng):
     (q, k, v), _ = self.make_case(rng, "2of4", jnp.float32)

@@ -9,6 +9,7 @@ real sizes are in `test_pallas_triton_gpu.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 
@@ -425,3 +426,60 @@ def test_float32_takes_the_tiles_of_twice_the_head_dim():
   assert "head_dim=256" in nm_triton.unsupported_reason(head_dim=256,
                                                         dtype=jnp.float32)
   assert nm_triton.unsupported_reason(head_dim=128, dtype=jnp.float32) is None
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 8])
+def test_lane_order_split_and_join(rng, m):
+  """K tiles in lane order: a dot's columns split into the strided lanes."""
+  plan, *_ = _common.plan_call(
+      jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 256, 1, 16)), jnp.zeros((1, 256, 1, 16)),
+      None, None, None, None, scale=None, is_causal=False, window=None, n=1, m=m,
+      interpret=True, tuning=None)
+  assert plan.lanes == (1 if m == 1 else m)
+  keys = jnp.asarray(rng.standard_normal((2, 256, 3, 16)), jnp.float32)
+  ordered = _common.lane_order(plan, keys, 128)
+  np.testing.assert_array_equal(_common.lane_order(plan, ordered, 128, inverse=True),
+                                keys)
+  # Column c of a lane-order tile scores key `lane_order` put in row c.
+  positions = jnp.arange(256, dtype=jnp.float32)[None, :, None, None]
+  tile = _common.lane_order(plan, jnp.broadcast_to(positions, (1, 256, 1, 1)),
+                            128)[0, 128:, 0, 0]
+  lanes = _common.split_lanes(plan, jnp.broadcast_to(tile, (4, 128)))
+  for j, lane in enumerate(lanes):
+    np.testing.assert_array_equal(lane[0], 128 + j + plan.lanes * np.arange(
+        128 // plan.lanes))
+  np.testing.assert_array_equal(_common.join_lanes(plan, lanes),
+                                jnp.broadcast_to(tile, (4, 128)))
+  special = jnp.array([jnp.nan, jnp.inf, -jnp.inf, 1e-30, -3.5, 0.0] * 21 + [7.0, 8.0])
+  width = 128 // plan.lanes
+  for j, lane in enumerate(_common.split_lanes(plan, special[None])):
+    np.testing.assert_array_equal(lane[0], special[j * width:(j + 1) * width])
+
+
+@pytest.mark.parametrize("n,m,bias_shape", [(2, 4, (2, 4, 70, 300)),
+                                             (1, 2, (1, 4, 1, 300)), (3, 8, None)])
+def test_128_key_tiles_match_reference(rng, n, m, bias_shape):
+  """Forward and gradients with 128-key tiles in every kernel (lanes of 16-64)."""
+  q, k, v = random_inputs(rng, batch=2, q_len=70, kv_len=300, heads=4,
+                          kv_heads=2, head_dim=16)
+  bias = (None if bias_shape is None
+          else jnp.asarray(rng.standard_normal(bias_shape), jnp.float32))
+  kwargs = dict(is_causal=True, n=n, m=m, window=(200, 40),
+                mask=jnp.asarray(rng.random((2, 1, 70, 300)) < 0.8))
+  tuning = dataclasses.replace(SMALL_TILES, block_k=128, block_k_dq=128,
+                               block_k_dkv=128)
+  cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+  def loss(fn, q, k, v, bias):
+    out = fn(q, k, v, bias, **kwargs)
+    return jnp.sum(out * cotangent), out
+
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  got, out = jax.jit(jax.grad(functools.partial(loss, functools.partial(
+      nm_triton.nm_flash_attention, interpret=True, tuning=tuning)),
+                              argnums=argnums, has_aux=True))(q, k, v, bias)
+  want, ref = jax.grad(functools.partial(loss, _reference), argnums=argnums,
+                       has_aux=True)(q, k, v, bias)
+  assert rel_err(out, ref) < 1e-5
+  for grad_name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
+    assert rel_err(g, w) < 1e-4, grad_name

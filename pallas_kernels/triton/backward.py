@@ -29,10 +29,16 @@ from pallas_kernels.triton._common import LOG2E, Plan
 
 def _probabilities(plan: Plan, kept, lse):
   """`exp(s - lse)` of kept tile scores (`plan.score_unit` units); rows
-  without any (lse = +-inf) give 0."""
+  without any (lse = +-inf) give 0.
+
+  Unlike the forward, scores are scaled before the exponent: the forward's
+  lse holds `scale * q.k` rounded as here, so a row's maximum gives
+  exactly `exp(0) = 1` (a row of one key then has dq = dk = 0 exactly).
+  """
   shift = (jnp.where(lse == -jnp.inf, jnp.inf, lse) * LOG2E)[:, None]
-  exponent = LOG2E * plan.score_unit
-  return [_common.exp2(plan, s * exponent - shift) for s in kept]
+  if plan.selects_unscaled:
+    kept = [s * plan.scale for s in kept]
+  return [_common.exp2(plan, s * LOG2E - shift) for s in kept]
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
@@ -48,10 +54,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
 
   def body(k_tile, dq, masked):
     k0 = k_tile * block_k
+    tile = pl.ds(k0, block_k)  # k and v are in lane order
     cols = [_common.lane_slice(plan, k0, j, block_k) for j in range(plan.lanes)]
-    keys = [k_ref[lane, :] for lane in cols]
+    key_tile = k_ref[tile, :]
+    raw = _common.split_lanes(plan, _compat.dot(q, key_tile, trans_b=True))
+    dps = _common.split_lanes(plan, _compat.dot(d_out, v_ref[tile, :],
+                                                trans_b=True))
     scores = []
-    for j, (lane, key) in enumerate(zip(cols, keys)):
+    for j, lane in enumerate(cols):
       bias = mask = None
       if bias_ref is not None:
         bias = _common.broadcast_tile(bias_ref, plan.bias_full, None,
@@ -59,16 +69,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
       if mask_ref is not None:
         mask = _common.broadcast_tile(mask_ref, plan.mask_full, None,
                                       slice(None), lane)
-      scores.append(ctx.lane_scores(q, key, q0, k0, j, masked=masked, bias=bias,
+      scores.append(ctx.lane_scores(raw[j], q0, k0, j, masked=masked, bias=bias,
                                     mask=mask))
     kept = ctx.kept_scores(scores)
-    for p, lane, key in zip(_probabilities(plan, kept, lse), cols, keys):
-      dp = _compat.dot(d_out, v_ref[lane, :], trans_b=True)
+    ds_lanes = []
+    for p, dp, lane in zip(_probabilities(plan, kept, lse), dps, cols):
       ds = p * (dp - delta[:, None])
-      dq = dq + _compat.dot(ds.astype(key.dtype), key)
+      ds_lanes.append(ds.astype(q.dtype))
       if dbias_ref is not None:
         dbias_ref[:, lane] = ds
-    return dq
+    return dq + _compat.dot(_common.join_lanes(plan, ds_lanes), key_tile)
 
   dq = _common.loop_tiles(plan, tiles, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)
@@ -93,8 +103,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
   ctx = _common.TileContext(plan, q_limit, kv_limit)
   tiles = _common.query_tile_range(plan, k0, block_k, block_q, q_limit, kv_limit)
   cols = [_common.lane_slice(plan, 0, j, block_k) for j in range(plan.lanes)]
-  keys = [k_ref[lane, :] for lane in cols]
-  values = [v_ref[lane, :] for lane in cols]
+  # k, v in lane order; dk, dv come out in it (`_dkv` restores key order)
+  key_tile, value_tile = k_ref[...], v_ref[...]
   width = block_k // plan.lanes
 
   def head(g, carry):
@@ -104,24 +114,30 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
       rows = pl.ds(q0, block_q)
       q, d_out = q_ref[rows, g, :], d_out_ref[rows, g, :]
       lse, delta = lse_ref[g, rows], delta_ref[g, rows]
+      raw = _common.split_lanes(plan, _compat.dot(q, key_tile, trans_b=True))
+      dps = _common.split_lanes(plan, _compat.dot(d_out, value_tile,
+                                                  trans_b=True))
       scores = []
-      for j, (lane, key) in enumerate(zip(cols, keys)):
+      for j, lane in enumerate(cols):
         bias = mask = None
         if bias_ref is not None:
           bias = _common.broadcast_tile(bias_ref, plan.bias_full, g, rows, lane)
         if mask_ref is not None:
           mask = _common.broadcast_tile(mask_ref, plan.mask_full, g, rows, lane)
-        scores.append(ctx.lane_scores(q, key, q0, k0, j, masked=masked,
+        scores.append(ctx.lane_scores(raw[j], q0, k0, j, masked=masked,
                                       bias=bias, mask=mask))
       kept = ctx.kept_scores(scores)
-      new_dk, new_dv, new_dbias = [], [], []
-      for j, p in enumerate(_probabilities(plan, kept, lse)):
-        new_dv.append(dv[j] + _compat.dot(p.astype(d_out.dtype), d_out, trans_a=True))
-        dp = _compat.dot(d_out, values[j], trans_b=True)
+      p_lanes, ds_lanes, new_dbias = [], [], []
+      for j, (p, dp) in enumerate(zip(_probabilities(plan, kept, lse), dps)):
         ds = p * (dp - delta[:, None])
-        new_dk.append(dk[j] + _compat.dot(ds.astype(q.dtype), q, trans_a=True))
+        p_lanes.append(p.astype(d_out.dtype))
+        ds_lanes.append(ds.astype(q.dtype))
         if dbias is not None:
           new_dbias.append(dbias[j] + jnp.sum(ds, axis=0))
+      new_dv = dv + _compat.dot(_common.join_lanes(plan, p_lanes), d_out,
+                                trans_a=True)
+      new_dk = dk + _compat.dot(_common.join_lanes(plan, ds_lanes), q,
+                                trans_a=True)
       return new_dk, new_dv, (new_dbias if dbias is not None else None)
 
     dk, dv = carry
@@ -134,11 +150,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
         dbias_ref[g, lane] = column_sums
     return dk, dv
 
-  zeros = [jnp.zeros((width, plan.head_dim), jnp.float32) for _ in cols]
+  zeros = jnp.zeros((block_k, plan.head_dim), jnp.float32)
   dk, dv = lax.fori_loop(0, plan.groups, head, (zeros, zeros))
-  for lane, dk_lane, dv_lane in zip(cols, dk, dv):
-    dk_ref[lane, :] = (dk_lane * plan.scale).astype(dk_ref.dtype)
-    dv_ref[lane, :] = dv_lane.astype(dv_ref.dtype)
+  dk_ref[...] = (dk * plan.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def backward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
@@ -179,6 +194,7 @@ def _dq(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
   block_q, block_k = plan.dq_blocks
   t_pad, s_pad, (q, k, v, bias, mask, d_out, lse, delta) = _padded_operands(
       plan, block_q, block_k, q, k, v, bias, mask, d_out, lse, delta)
+  k, v = (_common.lane_order(plan, x, block_k) for x in (k, v))
   groups, dim = plan.groups, plan.head_dim
 
   def q_block(i, b, h):
@@ -228,6 +244,7 @@ def _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
   block_q, block_k = plan.dkv_blocks
   t_pad, s_pad, (q, k, v, bias, mask, d_out, lse, delta) = _padded_operands(
       plan, block_q, block_k, q, k, v, bias, mask, d_out, lse, delta)
+  k, v = (_common.lane_order(plan, x, block_k) for x in (k, v))
   groups, dim = plan.groups, plan.head_dim
 
   def group_block(i, b, h):
@@ -272,6 +289,7 @@ def _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
       interpret=plan.interpret,
       name="nm_flash_backward_dkv",
   )(q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta)
-  dk = results[0][:, :plan.kv_len]
-  dv = results[1][:, :plan.kv_len]
+  dk, dv = results[0], results[1]
+  dk, dv = (_common.lane_order(plan, x, block_k, inverse=True) for x in (dk, dv))
+  dk, dv = dk[:, :plan.kv_len], dv[:, :plan.kv_len]
   return dk, dv, (results[2] if writes_dbias else None)

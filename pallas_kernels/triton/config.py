@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-# Triton's smallest dot operand dimension; every tile side and every lane of a
-# key tile (block_k / m keys) must be at least this.
+# Triton's smallest dot operand dimension; every tile side must be at least
+# this, and so must every lane of a key tile (block_k / m keys), which keeps
+# the lane axis of a score tile in each thread's registers (`_common.split_lanes`).
 MIN_BLOCK = 16
 
 

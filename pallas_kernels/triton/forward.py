@@ -1,8 +1,9 @@
 """Forward kernel: fused N:M flash attention, one program per (query tile, batch, head).
 
-The query tile stays resident while the program walks its key tiles: float32
-scores per lane (see `_common`; `q.k` unscaled where `Plan.selects_unscaled`),
-masks, N:M selection, online softmax over the kept scores, `P V`. The score matrix never reaches memory. It writes the
+The query tile stays resident while the program walks its key tiles (in lane
+order, see `_common`): one `q k^T` dot per tile, float32 scores split into
+lanes (`q.k` unscaled where `Plan.selects_unscaled`), masks, N:M selection,
+online softmax over the kept scores, one `P V` dot. The score matrix never reaches memory. It writes the
 output and the log-sum-exp of the kept scores (the backward's residual).
 """
 
@@ -36,7 +37,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
   def body(k_tile, carry, masked):
     acc, row_max, row_sum = carry
     k0 = k_tile * block_k
+    tile = pl.ds(k0, block_k)  # k and v are in lane order (`_common.lane_order`)
     cols = [_common.lane_slice(plan, k0, j, block_k) for j in range(plan.lanes)]
+    raw = _common.split_lanes(plan, _compat.dot(q, k_ref[tile, :], trans_b=True))
     scores = []
     for j, lane in enumerate(cols):
       bias = mask = None
@@ -46,8 +49,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
       if mask_ref is not None:
         mask = _common.broadcast_tile(mask_ref, plan.mask_full, None, slice(None),
                                              lane)
-      scores.append(ctx.lane_scores(q, k_ref[lane, :], q0, k0, j, masked=masked,
-                                    bias=bias, mask=mask))
+      scores.append(ctx.lane_scores(raw[j], q0, k0, j, masked=masked, bias=bias,
+                                    mask=mask))
     kept = ctx.kept_scores(scores)
     # Combine lanes elementwise first: one cross-thread row reduction, not m.
     new_max = jnp.maximum(row_max,
@@ -60,8 +63,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
     row_sum = row_sum * correction + jnp.sum(functools.reduce(jnp.add, probs),
                                              axis=1)
     acc = acc * correction[:, None]
-    for p, lane in zip(probs, cols):
-      acc = acc + _compat.dot(p.astype(v_ref.dtype), v_ref[lane, :])
+    acc = acc + _compat.dot(
+        _common.join_lanes(plan, [p.astype(v_ref.dtype) for p in probs]),
+        v_ref[tile, :])
     if keep_ref is not None:
       for k, lane in zip(ctx.keep_masks(scores), cols):
         keep_ref[:, lane] = k.astype(keep_ref.dtype)
@@ -101,6 +105,7 @@ def forward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, *,
   q = _common.pad_axis(q, 1, t_pad)
   k = _common.pad_axis(k, 1, s_pad)
   v = _common.pad_axis(v, 1, s_pad)
+  k, v = (_common.lane_order(plan, x, block_k) for x in (k, v))
   bias = _common.pad_broadcast(bias, t_pad, s_pad)
   mask = _common.mask_as_int8(_common.pad_broadcast(mask, t_pad, s_pad))
   groups = plan.groups
