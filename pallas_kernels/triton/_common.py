@@ -401,11 +401,12 @@ def split_lanes(plan: Plan, tile):
 
   Lane `j` is a sum over the lane axis with `-0.0` (`x + -0.0 == x` for every
   float; XLA's own sum in interpret mode may turn `-0.0` into `0.0`) everywhere
-  but at `j`, since Triton has no static slice. In the MMA
-  accumulator layout a column's bits above 3 are register bits, so with
-  `w >= 8` the lane axis lies in each thread's registers and the selects
-  and adds fold away at compile time: a split of a `q k^T` dot costs nothing
-  (an H200 ran the forward 13-16% faster this way than with one dot per lane).
+  but at `j`, since Triton has no static slice. In the MMA accumulator layout
+  a column's bits above 3 are register bits, so with `w >= 8` the lane axis
+  lies in each thread's registers and the selects and adds are constant per
+  register, for the compiler to fold (not read in SASS; on an H200 the
+  forward ran 10-19% and forward+backward 32-42% faster this way than with
+  one dot per lane, docs/BENCHMARKS.md).
   """
   if plan.lanes == 1:
     return [tile]
@@ -418,7 +419,7 @@ def split_lanes(plan: Plan, tile):
 
 def join_lanes(plan: Plan, lanes: list[jax.Array]):
   """The `[rows, block_k]` lane-order tile of `lanes` tiles `[rows, w]`: the
-  inverse of `split_lanes`, with selects that fold away as its do."""
+  inverse of `split_lanes`, by selects as constant per register as its."""
   if plan.lanes == 1:
     return lanes[0]
   rows, width = lanes[0].shape
