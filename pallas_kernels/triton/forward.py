@@ -3,8 +3,9 @@
 The query tile stays resident while the program walks its key tiles (in lane
 order, see `_common`): one `q k^T` dot per tile, float32 scores split into
 lanes (`q.k` unscaled where `Plan.selects_unscaled`), masks, N:M selection,
-online softmax over the kept scores, one `P V` dot. The score matrix never reaches memory. It writes the
-output and the log-sum-exp of the kept scores (the backward's residual).
+online softmax over the kept scores, one `P V` dot. The score matrix never
+reaches memory. It writes the output and the log-sum-exp of the kept scores
+(the backward's residual).
 """
 
 from __future__ import annotations
