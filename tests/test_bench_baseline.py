@@ -52,3 +52,12 @@ def test_load_needs_exactly_one_copy(tmp_path):
   (tmp_path / "pallas_kernels_bbbbbbb").mkdir()
   with pytest.raises(ValueError, match="found \\['pallas_kernels_aaaaaaa', 'pallas_kernels_bbbbbbb'\\]"):
     baseline.load(str(tmp_path))
+
+
+@pytest.mark.skipif(not _has_git_history(), reason="needs git and the checkout")
+def test_copies_of_one_commit_in_two_roots_load_from_their_own_root(tmp_path):
+  for root in ("a", "b"):
+    baseline.make("HEAD", str(tmp_path / root), repo=REPO)
+  for root in ("a", "b", "a"):
+    module = baseline.load(str(tmp_path / root), "triton")
+    assert module.__file__.startswith(str(tmp_path / root) + os.sep)

@@ -6,6 +6,7 @@ BENCHMARKS.md wants a change timed against its predecessor:
 
   python -m experiments.bench.baseline COMMIT DIR      # here: needs git
   python -m pallas_kernels.mosaic_gpu.probe --baseline DIR --sections time,ir ...
+  python -m experiments.bench.triton_ab --baseline DIR ...    # the Triton kernels
 
 `DIR` goes to the GPU machine as a carried path (the device gets the work
 tree without `.git`). The probe labels the baseline's rows "base ...".
@@ -58,16 +59,25 @@ def make(commit: str, root: str, repo: str = ".") -> str:
   return name
 
 
-def load(root: str) -> ModuleType:
-  """The Hopper forward module (`mosaic_gpu.forward`) of the one copy in `root`."""
+def load(root: str, module: str = "mosaic_gpu.forward") -> ModuleType:
+  """`module` (default: the Hopper forward) of the one copy in `root`."""
   names = sorted(d for d in os.listdir(root) if d.startswith(PACKAGE + "_")
                  and os.path.isdir(os.path.join(root, d)))
   if len(names) != 1:
     raise ValueError(f"root={root!r} must hold exactly one {PACKAGE}_<hash> "
                      f"copy; found {names}")
-  if os.path.abspath(root) not in sys.path:
-    sys.path.insert(0, os.path.abspath(root))
-  return importlib.import_module(f"{names[0]}.mosaic_gpu.forward")
+  root = os.path.abspath(root)
+  # First on the path, and no copy of the same commit from another root
+  # left in sys.modules (two roots can hold the same `<hash>` name).
+  if root in sys.path:
+    sys.path.remove(root)
+  sys.path.insert(0, root)
+  package = names[0]
+  loaded = sys.modules.get(package)
+  if loaded is not None and not (loaded.__file__ or "").startswith(root + os.sep):
+    for key in [k for k in sys.modules if k == package or k.startswith(package + ".")]:
+      del sys.modules[key]
+  return importlib.import_module(f"{package}.{module}")
 
 
 def main(argv=None):
