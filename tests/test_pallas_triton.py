@@ -75,6 +75,29 @@ MULTI_TILE_CASES = {
 }
 
 
+def _check_against_reference(rng, q, k, v, bias, kwargs, *, tuning, forward_tol,
+                             grad_tol):
+  """The interpret-mode kernel's output and gradients (bias too, if given)
+  against the reference's, for a random cotangent."""
+  cotangent = jnp.asarray(rng.standard_normal(q.shape), q.dtype)
+
+  def loss(fn, q, k, v, bias):
+    out = fn(q, k, v, bias, **kwargs)
+    return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32)), out
+
+  kernel = functools.partial(nm_triton.nm_flash_attention, interpret=True,
+                             tuning=tuning)
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  got, out = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=argnums,
+                              has_aux=True))(q, k, v, bias)
+  want, ref = jax.grad(functools.partial(loss, _reference), argnums=argnums,
+                       has_aux=True)(q, k, v, bias)
+  assert rel_err(out, ref) < forward_tol
+  for grad_name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, grad_name
+    assert rel_err(g, w) < grad_tol, grad_name
+
+
 @pytest.mark.parametrize("name", MULTI_TILE_CASES)
 def test_several_tiles_match_reference(rng, name):
   dtype, heads, kv_heads, q_len, kv_len, build = MULTI_TILE_CASES[name]
@@ -82,23 +105,9 @@ def test_several_tiles_match_reference(rng, name):
                           kv_heads=kv_heads, head_dim=16, dtype=dtype)
   kwargs = build(rng, 2, heads, q_len, kv_len)
   bias = kwargs.pop("bias", None)
-  cotangent = jnp.asarray(rng.standard_normal(q.shape), dtype)
-
-  def loss(fn, q, k, v, bias):
-    out = fn(q, k, v, bias, **kwargs)
-    return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32)), out
-
-  kernel = functools.partial(nm_triton.nm_flash_attention, interpret=True,
-                             tuning=SMALL_TILES)
-  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-  got, out = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=argnums,
-                              has_aux=True))(q, k, v, bias)
-  want, ref = jax.grad(functools.partial(loss, _reference), argnums=argnums,
-                       has_aux=True)(q, k, v, bias)
-  assert rel_err(out, ref) < FORWARD_TOL[dtype]
-  for grad_name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
-    assert g.shape == w.shape and g.dtype == w.dtype, grad_name
-    assert rel_err(g, w) < GRAD_TOL.get(dtype, 1e-2), grad_name
+  _check_against_reference(rng, q, k, v, bias, kwargs, tuning=SMALL_TILES,
+                           forward_tol=FORWARD_TOL[dtype],
+                           grad_tol=GRAD_TOL.get(dtype, 1e-2))
 
 
 @pytest.mark.parametrize("scale,with_bias", [(0.37, False), (0.37, True),
@@ -115,21 +124,8 @@ def test_explicit_scales_match_reference(rng, scale, with_bias):
   plan, *_ = _common.plan_call(q, k, v, bias, None, None, None, window=None,
                                interpret=True, tuning=SMALL_TILES, **kwargs)
   assert plan.selects_unscaled == (scale > 0 and not with_bias)
-  cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-
-  def loss(fn, q, k, v):
-    out = fn(q, k, v, bias, **kwargs)
-    return jnp.sum(out * cotangent), out
-
-  kernel = functools.partial(nm_triton.nm_flash_attention, interpret=True,
-                             tuning=SMALL_TILES)
-  got, out = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2),
-                              has_aux=True))(q, k, v)
-  want, ref = jax.grad(functools.partial(loss, _reference), argnums=(0, 1, 2),
-                       has_aux=True)(q, k, v)
-  assert rel_err(out, ref) < 1e-5
-  for grad_name, g, w in zip(("dq", "dk", "dv"), got, want):
-    assert rel_err(g, w) < 1e-4, grad_name
+  _check_against_reference(rng, q, k, v, bias, kwargs, tuning=SMALL_TILES,
+                           forward_tol=1e-5, grad_tol=1e-4)
   _, lse = nm_triton.nm_flash_attention_fwd(q, k, v, bias, interpret=True,
                                             tuning=SMALL_TILES, **kwargs)
   call, _ = canonicalize(q, k, v, bias, **kwargs)
@@ -468,18 +464,5 @@ def test_128_key_tiles_match_reference(rng, n, m, bias_shape):
                 mask=jnp.asarray(rng.random((2, 1, 70, 300)) < 0.8))
   tuning = dataclasses.replace(SMALL_TILES, block_k=128, block_k_dq=128,
                                block_k_dkv=128)
-  cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-
-  def loss(fn, q, k, v, bias):
-    out = fn(q, k, v, bias, **kwargs)
-    return jnp.sum(out * cotangent), out
-
-  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-  got, out = jax.jit(jax.grad(functools.partial(loss, functools.partial(
-      nm_triton.nm_flash_attention, interpret=True, tuning=tuning)),
-                              argnums=argnums, has_aux=True))(q, k, v, bias)
-  want, ref = jax.grad(functools.partial(loss, _reference), argnums=argnums,
-                       has_aux=True)(q, k, v, bias)
-  assert rel_err(out, ref) < 1e-5
-  for grad_name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
-    assert rel_err(g, w) < 1e-4, grad_name
+  _check_against_reference(rng, q, k, v, bias, kwargs, tuning=tuning,
+                           forward_tol=1e-5, grad_tol=1e-4)

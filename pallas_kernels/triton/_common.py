@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-import numpy as np
-
 from jax.experimental.pallas import triton as pallas_triton
+import numpy as np
 
 from pallas_kernels import _compat
 from pallas_kernels.triton.config import MIN_BLOCK, TuningConfig, default_tuning
@@ -501,13 +500,28 @@ class TileContext:
   q_limit: Any
   kv_limit: Any
 
-  def lane_scores(self, s, q0, k_start, lane, *, masked, bias=None, mask=None):
-    """Biased, masked f32 scores `[rows, block_k / lanes]` of one lane from its
-    `q.k` (`split_lanes`), in units of `plan.score_unit` (`q.k`, or
-    `scale * q.k + bias`).
+  def tile_scores(self, q_dot_k, q0, k_start, cols, *, masked, bias_ref=None,
+                  mask_ref=None, head=None, rows=slice(None)):
+    """The lanes' biased, masked f32 scores of a lane-order `q.k` tile.
 
-    `masked`: whether positional masks apply (bool, or a traced bool).
+    `q_dot_k [rows, block_k]`: the tile's dot; `cols`: its lanes' key slices
+    (`lane_slice`), which read the bias and mask tiles (`broadcast_tile` with
+    `head` and `rows`). Scores are in units of `plan.score_unit`. `masked`:
+    whether positional masks apply (bool, or a traced bool).
     """
+    scores = []
+    for j, (s, lane) in enumerate(zip(split_lanes(self.plan, q_dot_k), cols)):
+      bias = mask = None
+      if bias_ref is not None:
+        bias = broadcast_tile(bias_ref, self.plan.bias_full, head, rows, lane)
+      if mask_ref is not None:
+        mask = broadcast_tile(mask_ref, self.plan.mask_full, head, rows, lane)
+      scores.append(self._lane_scores(s, q0, k_start, j, masked=masked,
+                                      bias=bias, mask=mask))
+    return scores
+
+  def _lane_scores(self, s, q0, k_start, lane, *, masked, bias, mask):
+    """Scaled where needed, biased, masked `q.k` of one lane `[rows, w]`."""
     plan = self.plan
     if not plan.selects_unscaled:
       s = s * plan.scale

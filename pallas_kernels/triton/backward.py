@@ -57,20 +57,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
     tile = pl.ds(k0, block_k)  # k and v are in lane order
     cols = [_common.lane_slice(plan, k0, j, block_k) for j in range(plan.lanes)]
     key_tile = k_ref[tile, :]
-    raw = _common.split_lanes(plan, _compat.dot(q, key_tile, trans_b=True))
+    scores = ctx.tile_scores(_compat.dot(q, key_tile, trans_b=True), q0, k0, cols,
+                             masked=masked, bias_ref=bias_ref, mask_ref=mask_ref)
     dps = _common.split_lanes(plan, _compat.dot(d_out, v_ref[tile, :],
                                                 trans_b=True))
-    scores = []
-    for j, lane in enumerate(cols):
-      bias = mask = None
-      if bias_ref is not None:
-        bias = _common.broadcast_tile(bias_ref, plan.bias_full, None,
-                                      slice(None), lane)
-      if mask_ref is not None:
-        mask = _common.broadcast_tile(mask_ref, plan.mask_full, None,
-                                      slice(None), lane)
-      scores.append(ctx.lane_scores(raw[j], q0, k0, j, masked=masked, bias=bias,
-                                    mask=mask))
     kept = ctx.kept_scores(scores)
     ds_lanes = []
     for p, dp, lane in zip(_probabilities(plan, kept, lse), dps, cols):
@@ -114,18 +104,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
       rows = pl.ds(q0, block_q)
       q, d_out = q_ref[rows, g, :], d_out_ref[rows, g, :]
       lse, delta = lse_ref[g, rows], delta_ref[g, rows]
-      raw = _common.split_lanes(plan, _compat.dot(q, key_tile, trans_b=True))
+      scores = ctx.tile_scores(_compat.dot(q, key_tile, trans_b=True), q0, k0,
+                               cols, masked=masked, bias_ref=bias_ref,
+                               mask_ref=mask_ref, head=g, rows=rows)
       dps = _common.split_lanes(plan, _compat.dot(d_out, value_tile,
                                                   trans_b=True))
-      scores = []
-      for j, lane in enumerate(cols):
-        bias = mask = None
-        if bias_ref is not None:
-          bias = _common.broadcast_tile(bias_ref, plan.bias_full, g, rows, lane)
-        if mask_ref is not None:
-          mask = _common.broadcast_tile(mask_ref, plan.mask_full, g, rows, lane)
-        scores.append(ctx.lane_scores(raw[j], q0, k0, j, masked=masked,
-                                      bias=bias, mask=mask))
       kept = ctx.kept_scores(scores)
       p_lanes, ds_lanes, new_dbias = [], [], []
       for j, (p, dp) in enumerate(zip(_probabilities(plan, kept, lse), dps)):

@@ -40,18 +40,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
     k0 = k_tile * block_k
     tile = pl.ds(k0, block_k)  # k and v are in lane order (`_common.lane_order`)
     cols = [_common.lane_slice(plan, k0, j, block_k) for j in range(plan.lanes)]
-    raw = _common.split_lanes(plan, _compat.dot(q, k_ref[tile, :], trans_b=True))
-    scores = []
-    for j, lane in enumerate(cols):
-      bias = mask = None
-      if bias_ref is not None:
-        bias = _common.broadcast_tile(bias_ref, plan.bias_full, None, slice(None),
-                                             lane)
-      if mask_ref is not None:
-        mask = _common.broadcast_tile(mask_ref, plan.mask_full, None, slice(None),
-                                             lane)
-      scores.append(ctx.lane_scores(raw[j], q0, k0, j, masked=masked, bias=bias,
-                                    mask=mask))
+    scores = ctx.tile_scores(_compat.dot(q, k_ref[tile, :], trans_b=True), q0, k0,
+                             cols, masked=masked, bias_ref=bias_ref,
+                             mask_ref=mask_ref)
     kept = ctx.kept_scores(scores)
     # Combine lanes elementwise first: one cross-thread row reduction, not m.
     new_max = jnp.maximum(row_max,
