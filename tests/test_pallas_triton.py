@@ -202,6 +202,70 @@ def test_nm_keep_matches_group_rank_with_ties():
       False, True, True, False]
 
 
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (3, 8)])
+def test_select_n_of_m_keeps_nan_groups_and_group_maxima(n, m):
+  """NaN-free groups win as the reference ranks them; a NaN always wins (in
+  1:2 and 2:4 with its whole group); the group maximum is the largest member."""
+  rng = np.random.default_rng(1)
+  scores = rng.integers(-2, 3, (64, 8, m)).astype(np.float32)
+  scores[rng.random(scores.shape) < 0.2] = -np.inf
+  nan_at = rng.random(scores.shape) < 0.05
+  scores[nan_at] = np.nan
+  wins, group_max = jax.jit(_common.select_n_of_m, static_argnums=1)(
+      [jnp.asarray(scores[..., j]) for j in range(m)], n)
+  wins = np.stack(wins, -1)
+  nan_groups = nan_at.any(-1)
+  assert nan_groups.any() and (~nan_groups).any()
+  want = np.asarray(masking.nm_mask(jnp.asarray(scores.reshape(64, 8 * m)), n, m))
+  want = want.reshape(scores.shape)
+  clean = ~nan_groups
+  np.testing.assert_array_equal((wins & (scores != -np.inf))[clean], want[clean])
+  assert wins[nan_at].all()
+  if m <= 4:
+    assert wins[nan_groups].all()
+  np.testing.assert_array_equal(np.asarray(group_max)[clean], scores.max(-1)[clean])
+
+
+def check_nan_scores_propagate(rng, n, m, *, q_len, kv_len, head_dim, dtype,
+                               **kernel):
+  """One NaN score (from the bias) in half the rows, cycling through the group
+  positions: those rows' outputs and dq are NaN as the reference's, the other
+  rows match it, and the kernel's keep-mask keeps every NaN. `kernel`: extra
+  arguments of the kernel entry points (interpret, tuning)."""
+  q, k, v = random_inputs(rng, batch=2, q_len=q_len, kv_len=kv_len, heads=2,
+                          kv_heads=2, head_dim=head_dim, dtype=dtype)
+  bias = np.asarray(rng.standard_normal((2, 2, q_len, kv_len)), np.float32)
+  rows = np.arange(0, q_len, 2)
+  bias[:, :, rows, (rows * 5) % kv_len] = np.nan  # 5 is odd: every position mod m
+  bias = jnp.asarray(bias)
+  kwargs = dict(n=n, m=m)
+  d_out = jnp.asarray(rng.standard_normal(q.shape), dtype)
+
+  def out_and_dq(fn):
+    out, vjp = jax.vjp(lambda q: fn(q, k, v, bias, **kwargs), q)
+    return out, vjp(d_out)[0]
+
+  out, dq = jax.jit(lambda: out_and_dq(functools.partial(
+      nm_triton.nm_flash_attention, **kernel)))()
+  ref, ref_dq = out_and_dq(_reference)
+  nan_rows = np.zeros((2, q_len, 2), bool)
+  nan_rows[:, rows] = True
+  for got, want, tol in ((out, ref, FORWARD_TOL[dtype]),
+                         (dq, ref_dq, GRAD_TOL.get(dtype, 1e-2))):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_array_equal(np.isnan(want).all(-1), nan_rows)
+    np.testing.assert_array_equal(np.isnan(got).any(-1), nan_rows)
+    assert rel_err(got[~nan_rows], want[~nan_rows]) < tol
+  keep = nm_triton.nm_flash_attention_selection(q, k, v, bias, **kwargs, **kernel)
+  assert np.asarray(keep)[np.isnan(np.asarray(bias))].all()
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (3, 8)])
+def test_nan_scores_propagate_like_reference(rng, n, m):
+  check_nan_scores_propagate(rng, n, m, q_len=40, kv_len=72, head_dim=16,
+                             dtype=jnp.float32, interpret=True, tuning=SMALL_TILES)
+
+
 def _brute_force_tiles(valid, block_rows, block_cols):
   """Per (row tile, col tile): any valid pair, all pairs valid."""
   rows, cols = valid.shape

@@ -23,6 +23,7 @@ from attention_test_base import FORWARD_TOL, GRAD_TOL, random_inputs, rel_err
 from nmattn import masking, reference
 from nmattn._validation import canonicalize
 from pallas_kernels import triton as nm_triton
+from test_pallas_triton import check_nan_scores_propagate
 
 pytestmark = pytest.mark.gpu
 
@@ -146,6 +147,14 @@ def test_dtypes_and_head_dims(rng, dtype, head_dim):
   assert errs["forward_err"] < FORWARD_TOL[dtype]
   for name in ("dq_err", "dk_err", "dv_err"):
     assert errs[name] < GRAD_TOL[dtype], name
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (3, 8)])
+def test_nan_scores_propagate_like_reference(rng, n, m):
+  """The compiled selection's NaN path (`min.NaN`/`max.NaN` in 2:4) in bf16
+  at the default tiles."""
+  check_nan_scores_propagate(rng, n, m, q_len=200, kv_len=333, head_dim=64,
+                             dtype=jnp.bfloat16)
 
 
 def test_temporary_memory_is_linear_in_sequence_length():

@@ -13,6 +13,7 @@ without data movement (`split_lanes`, `join_lanes`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -436,61 +437,90 @@ def lane_slice(plan: Plan, start, lane: int, block_k: int):
   return pl.ds(start + lane, block_k // lanes, stride=lanes)
 
 
-def nm_wins(scores: list[jax.Array], n: int) -> list[jax.Array]:
-  """Whether each member is among its group's `n` winners (`scores[j]`: member j).
+def nan_min_max(a, b, *, ptx: bool):
+  """`(min, max)` of two float32 tiles, both NaN where either is.
 
-  A member beats another if it is larger, or equal with the lower index
-  (`>=` with the lower index on the left). A `-inf` may win where its group
-  has fewer than `n` finite members; NaN compares false (see `nm_keep`).
+  Triton lowers `jnp.minimum`/`jnp.maximum` to `minnumf`/`maxnumf`, which
+  return the other operand of a NaN; `min.NaN.f32`/`max.NaN.f32` (one
+  instruction each) keep it, as XLA's min and max do (used where not `ptx`:
+  interpret mode and plain jnp).
+  """
+  if not ptx:
+    return jnp.minimum(a, b), jnp.maximum(a, b)
+  shape = [jax.ShapeDtypeStruct(a.shape, jnp.float32)]
+  return tuple(
+      pallas_triton.elementwise_inline_asm(
+          f"{op}.NaN.f32 $0, $1, $2;", args=[a, b], constraints="=f,f,f",
+          pack=1, result_shape_dtypes=shape)[0]
+      for op in ("min", "max"))
+
+
+def select_n_of_m(scores: list[jax.Array], n: int, *, ptx: bool = False):
+  """N:M winners of lane-split groups, and each group's maximum.
+
+  `scores[j]`: member `j` of every group. A member beats another if it is
+  larger, or equal with the lower index. A `-inf` may win where its group has
+  fewer than `n` finite members (it stays `-inf` as a score). A NaN always
+  wins; in 2:4 and 1:2 the rest of its group wins too, which changes nothing
+  since its row's output is NaN either way (`nm_keep` gives the reference's
+  mask). The maximum is the row maximum's input: it equals the maximum of
+  the winners, since a group's largest member always wins (at a NaN,
+  Triton's max drops it and XLA's keeps it; the NaN winner makes the row NaN
+  either way). `ptx`: a NaN-keeping min/max on the GPU (`nan_min_max`).
+
+  Returns `(wins, group_max)`: bool tiles like `scores`, and one float tile.
   """
   m = len(scores)
   if (n, m) == (1, 2):
-    first = scores[0] >= scores[1]
-    return [first, jnp.logical_not(first)]
+    a, b = scores
+    # Two comparisons, not one and its negation: both are false at a NaN.
+    return [jnp.logical_not(b > a), jnp.logical_not(a >= b)], jnp.maximum(a, b)
   if (n, m) == (2, 4):
-    return _top_two_of_four(scores)
-  return _rank_below(scores, n)
+    return _top_two_of_four(scores, ptx)
+  return _rank_below(scores, n), functools.reduce(jnp.maximum, scores)
 
 
 def nm_keep(scores: list[jax.Array], n: int) -> list[jax.Array]:
-  """Keep-masks of N:M selection as the reference defines them.
-
-  `nm_wins`, except that `-inf` is never kept and NaN always is (its row is
-  NaN either way, as in the reference).
-  """
-  return [(w & (s != -jnp.inf)) | (s != s)
-          for w, s in zip(nm_wins(scores, n), scores)]
+  """Keep-masks of N:M selection as the reference (`nmattn.masking.nm_mask`)
+  defines them: `select_n_of_m` with NaN ranked as `-inf` (it outranks no
+  finite score), then `-inf` never kept and NaN always."""
+  ranked = [jnp.where(s != s, -jnp.inf, s) for s in scores]
+  wins, _ = select_n_of_m(ranked, n)
+  return [(w & (s != -jnp.inf)) | (s != s) for w, s in zip(wins, scores)]
 
 
 def _rank_below(scores, n):
-  """Whether fewer than `n` members beat each one: one comparison per pair."""
+  """Whether fewer than `n` members beat each one; a NaN beats nothing and
+  nothing beats it (both comparisons of a pair are false)."""
   m = len(scores)
   rank = [jnp.zeros(scores[0].shape, jnp.int32) for _ in range(m)]
   for a in range(m):
     for b in range(a + 1, m):
-      a_wins = (scores[a] >= scores[b]).astype(jnp.int32)
-      rank[b] = rank[b] + a_wins
-      rank[a] = rank[a] + (1 - a_wins)
+      rank[b] = rank[b] + (scores[a] >= scores[b]).astype(jnp.int32)
+      rank[a] = rank[a] + (scores[b] > scores[a]).astype(jnp.int32)
   return [r < n for r in rank]
 
 
-def _top_two_of_four(scores):
-  """The two winners of a group of four from its two sorted pairs: five
-  comparisons and boolean logic, against six comparisons and integer rank
-  sums (this runs on every score; the ALU, not the tensor cores, bounds it)."""
+def _top_two_of_four(scores, ptx):
+  """The two winners of a group of four from the min and max of its pairs.
+
+  Pair (a, b) holds both if its minimum is not below pair (c, d)'s maximum
+  (equal goes to the lower index), pair (c, d) if its minimum exceeds pair
+  (a, b)'s maximum, and else each pair's maximum wins. A NaN makes its pair's
+  min and max NaN, so both tests (written as negated comparisons) hold and
+  the whole group wins. Eight ALU operations decide the group, plus four
+  three-input predicate operations; this runs on every score.
+  """
   a, b, c, d = scores
-  ab, cd = a >= b, c >= d
-  hi1, lo1 = jnp.where(ab, a, b), jnp.where(ab, b, a)
-  hi2, lo2 = jnp.where(cd, c, d), jnp.where(cd, d, c)
-  first = hi1 >= hi2  # pair (a, b) holds the top; else (c, d) does
-  lo1_second = lo1 >= hi2  # the runner-up if pair (a, b) holds the top
-  hi1_second = hi1 >= lo2  # the runner-up if pair (c, d) holds the top
-  keep_hi1 = first | hi1_second
-  keep_lo1 = first & lo1_second
-  keep_hi2 = jnp.logical_not(first & lo1_second)
-  keep_lo2 = jnp.logical_not(first | hi1_second)
-  return [jnp.where(ab, keep_hi1, keep_lo1), jnp.where(ab, keep_lo1, keep_hi1),
-          jnp.where(cd, keep_hi2, keep_lo2), jnp.where(cd, keep_lo2, keep_hi2)]
+  lo1, hi1 = nan_min_max(a, b, ptx=ptx)
+  lo2, hi2 = nan_min_max(c, d, ptx=ptx)
+  first = jnp.logical_not(lo1 < hi2)
+  second = jnp.logical_not(lo2 <= hi1)
+  ab, cd = a >= b, c >= d  # which member is its pair's maximum
+  not_first, not_second = jnp.logical_not(first), jnp.logical_not(second)
+  wins = [first | (ab & not_second), first | (jnp.logical_not(ab) & not_second),
+          second | (cd & not_first), second | (jnp.logical_not(cd) & not_first)]
+  return wins, jnp.maximum(hi1, hi2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -544,15 +574,14 @@ class TileContext:
     return s if valid is None else jnp.where(valid, s, -jnp.inf)
 
   def kept_scores(self, lane_scores: list[jax.Array]):
-    """Scores after N:M selection, `-inf` where dropped.
-
-    A `-inf` winner stays `-inf`, as if dropped, so only NaN needs a test
-    beside `nm_wins` (`keep_masks` gives the reference's masks).
-    """
+    """Scores after N:M selection (`-inf` where dropped), and each group's
+    maximum (`select_n_of_m`; the lanes' scores themselves for `m = 1`)."""
     if self.plan.lanes == 1:
-      return lane_scores
-    wins = nm_wins(lane_scores, self.plan.n)
-    return [jnp.where(w | (s != s), s, -jnp.inf) for w, s in zip(wins, lane_scores)]
+      return lane_scores, lane_scores[0]
+    wins, group_max = select_n_of_m(lane_scores, self.plan.n,
+                                    ptx=not self.plan.interpret)
+    kept = [jnp.where(w, s, -jnp.inf) for w, s in zip(wins, lane_scores)]
+    return kept, group_max
 
   def keep_masks(self, lane_scores: list[jax.Array]) -> list[jax.Array]:
     """The reference's keep-masks of the lanes (`nm_keep`)."""

@@ -61,7 +61,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
                              masked=masked, bias_ref=bias_ref, mask_ref=mask_ref)
     dps = _common.split_lanes(plan, _compat.dot(d_out, v_ref[tile, :],
                                                 trans_b=True))
-    kept = ctx.kept_scores(scores)
+    kept, _ = ctx.kept_scores(scores)
     ds_lanes = []
     for p, dp, lane in zip(_probabilities(plan, kept, lse), dps, cols):
       ds = p * (dp - delta[:, None])
@@ -109,7 +109,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
                                mask_ref=mask_ref, head=g, rows=rows)
       dps = _common.split_lanes(plan, _compat.dot(d_out, value_tile,
                                                   trans_b=True))
-      kept = ctx.kept_scores(scores)
+      kept, _ = ctx.kept_scores(scores)
       p_lanes, ds_lanes, new_dbias = [], [], []
       for j, (p, dp) in enumerate(zip(_probabilities(plan, kept, lse), dps)):
         ds = p * (dp - delta[:, None])

@@ -43,10 +43,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
     scores = ctx.tile_scores(_compat.dot(q, k_ref[tile, :], trans_b=True), q0, k0,
                              cols, masked=masked, bias_ref=bias_ref,
                              mask_ref=mask_ref)
-    kept = ctx.kept_scores(scores)
-    # Combine lanes elementwise first: one cross-thread row reduction, not m.
-    new_max = jnp.maximum(row_max,
-                          jnp.max(functools.reduce(jnp.maximum, kept), axis=1))
+    kept, group_max = ctx.kept_scores(scores)
+    new_max = jnp.maximum(row_max, jnp.max(group_max, axis=1))
     # A row with nothing kept yet has max -inf; exponentiate against 0 instead.
     safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
     correction = _common.exp2(plan, (row_max - safe_max) * exponent)
