@@ -344,6 +344,10 @@ def test_lowers_through_triton_for_cuda():
     pytest.skip(f"this jax cannot lower for CUDA without a GPU: {e}")
   # One forward (its residuals are reused), dQ and dK/dV.
   assert text.count("__gpu$xla.gpu.triton") == 3
+  # The kernels' inline PTX (strings in the Triton bytecode): 2:4's
+  # NaN-keeping pair min/max and the bare exponential.
+  for ptx in ("min.NaN.f32", "max.NaN.f32", "ex2.approx.ftz.f32"):
+    assert ptx in text, ptx
 
 
 def test_dispatch_on_cpu():
