@@ -272,7 +272,6 @@ def _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
       interpret=plan.interpret,
       name="nm_flash_backward_dkv",
   )(q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta)
-  dk, dv = results[0], results[1]
-  dk, dv = (_common.lane_order(plan, x, block_k, inverse=True) for x in (dk, dv))
-  dk, dv = dk[:, :plan.kv_len], dv[:, :plan.kv_len]
+  dk, dv = (_common.lane_order(plan, x, block_k, inverse=True)[:, :plan.kv_len]
+            for x in results[:2])
   return dk, dv, (results[2] if writes_dbias else None)
