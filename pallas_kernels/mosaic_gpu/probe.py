@@ -263,6 +263,7 @@ TIME_VARIANTS = {
                                        max_concurrent_steps=4),
     "2:4 sparse-pv bk256": dict(n=2, m=4, block_kv=256),
     "2:4 dense-pv": dict(n=2, m=4, sparse_pv=False),
+    "1:2 sparse-pv": dict(n=1, m=2),
     "4:4 dense": dict(n=4, m=4),
 }
 DEFAULT_TIME_VARIANTS = "2:4 sparse-pv,2:4 dense-pv,4:4 dense"
