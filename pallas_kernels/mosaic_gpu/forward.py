@@ -452,8 +452,7 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
 
         def compute_qk(acc_ref):
           with jax.named_scope("qk_issue_and_rendezvous"):
-            plgpu.wgmma(acc_ref, qo_smem,
-                        plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
             schedule_barrier()
           with jax.named_scope("wait_qk"):
             return acc_ref[...]
