@@ -1,4 +1,4 @@
-"""The three experiment tasks behind `experiments.train`.
+"""The experiment tasks behind `experiments.train`, and the registry of tasks.
 
 A task owns its data, model and loss:
   * `init_params(rng)` -> Flax params;
@@ -12,14 +12,30 @@ A task owns its data, model and loss:
   * `metrics(outputs)` -> dict of floats over a whole split.
 
 "listops": `SequenceClassifier` on generated ListOps, accuracy.
-"bytelm": causal `Decoder` on stdlib source bytes, bits per byte.
-"retrieval": the pretrained MiniLM `SentenceEncoder` on stdlib
-docstring -> code retrieval, contrastive loss with in-batch negatives,
-recall@1, MRR and the cosine of each embedding to the dense model's.
+"bytelm": causal `Decoder` on bytes, bits per byte: the stdlib sources, or
+any text files or directories (`config.data.text_paths`).
+"retrieval": the pretrained MiniLM `SentenceEncoder` on query -> document
+retrieval, contrastive loss with in-batch negatives, recall@1/5/10, MRR and
+the cosine of each embedding to the dense model's: stdlib docstring -> code
+pairs, or (query, document) pairs from a JSONL file
+(`config.data.pairs_jsonl`).
+
+Tasks are built by name from `TASKS`, a registry: a module outside
+`experiments` adds its own with
+
+  @experiments.tasks.register("my_task")
+  def build_my_task(config):  # -> an object with the methods above
+    ...
+
+and a run selects it with `config.task = "my_task"`, importing the module
+either from its config file (a plain `import my_module` at its top) or by
+naming it in `config.task_module`, which `build` imports.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import importlib
 import math
 
 import jax
@@ -27,13 +43,59 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.data import listops, minilm, stdlib
+from experiments.data import files, listops, minilm, stdlib
 from experiments.models.attention import AttentionSpec
 from experiments.models.transformer import (Decoder, SentenceEncoder,
                                             SequenceClassifier,
                                             TransformerConfig)
 
-TASKS = ("listops", "bytelm", "retrieval")
+
+
+class TaskRegistry(collections.abc.Mapping):
+  """Task builders by name: `registry[name](config)` -> a task.
+
+  A read-only mapping (so `name in TASKS` and `tuple(TASKS)` work) with
+  `register` to add a builder.
+  """
+
+  def __init__(self):
+    self._builders = {}
+
+  def register(self, name: str, builder=None, *, replace: bool = False):
+    """Adds `builder` (a callable `config -> task`) under `name`.
+
+    Used directly, `register("name", builder)`, or as a decorator,
+    `@register("name")` on a function or class. Registering a taken name is an
+    error unless `replace=True`. Returns `builder`.
+    """
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"task name must be a non-empty string; got name={name!r}")
+    if builder is None:
+      return lambda builder: self.register(name, builder, replace=replace)
+    if not callable(builder):
+      raise ValueError(f"task builder must be callable (config -> task); got "
+                       f"builder={builder!r} for name={name!r}")
+    if name in self._builders and not replace:
+      raise ValueError(f"task name is already registered (pass replace=True "
+                       f"to override it); got name={name!r}")
+    self._builders[name] = builder
+    return builder
+
+  def __getitem__(self, name):
+    return self._builders[name]
+
+  def __iter__(self):
+    return iter(self._builders)
+
+  def __len__(self):
+    return len(self._builders)
+
+  def __repr__(self):
+    return repr(tuple(self._builders))
+
+
+TASKS = TaskRegistry()
+register = TASKS.register
 
 
 def epoch_indices(num_examples: int, batch_size: int, step: int,
@@ -67,6 +129,7 @@ def attention_spec(config) -> AttentionSpec:
                        m=config.attention.m)
 
 
+@register("listops")
 class ListOpsTask:
   """10-way classification of ListOps expressions."""
 
@@ -118,13 +181,33 @@ class ListOpsTask:
             "accuracy": float(np.mean(outputs["correct"]))}
 
 
+@register("bytelm")
 class ByteLMTask:
-  """Next-byte prediction on the CPython standard library sources."""
+  """Next-byte prediction on the CPython standard library sources or on text files.
+
+  `config.data.text_paths` (files and directories; empty: the stdlib) with
+  `text_suffixes`, `valid_percent` and `test_percent` as in
+  `experiments.data.files.byte_corpus`.
+  """
 
   def __init__(self, config):
     data = config.data
-    self.corpus = stdlib.ByteCorpus.load()
     self.seq_len = data.seq_len
+    text_paths = tuple(data.get("text_paths", ()))
+    if text_paths:
+      self.corpus = files.byte_corpus(
+          text_paths, valid_percent=data.valid_percent,
+          test_percent=data.test_percent,
+          suffixes=tuple(data.get("text_suffixes", ())))
+      for split, stream in self.corpus.streams.items():
+        if split == "train" or len(stream):
+          if len(stream) < self.seq_len + 1:
+            raise ValueError(
+                f"config.data.text_paths must hold at least seq_len + 1 = "
+                f"{self.seq_len + 1} bytes in split {split!r}; got "
+                f"{len(stream)} bytes there from text_paths={text_paths}")
+    else:
+      self.corpus = stdlib.ByteCorpus.load()
     self.eval_windows = data.eval_windows
     self.batch_size = config.batch_size
     self.seed = config.seed
@@ -163,18 +246,56 @@ class ByteLMTask:
     return {"loss": loss, "bits_per_byte": loss / math.log(2)}
 
 
-class RetrievalTask:
-  """Docstring -> code retrieval with the pretrained MiniLM sentence encoder.
+def retrieval_metrics(similarity, ks=(1, 5, 10)) -> dict[str, float]:
+  """recall@k and MRR of `similarity [queries, documents]`, query i's answer
+  being document i.
 
-  Training starts from the pretrained (dense) weights whatever the attention
-  kind; `num_steps = 0` measures zero-shot fidelity.
+  A query's rank is the number of documents scored strictly above its answer
+  (a tie counts for the answer); recall@k is the fraction of queries ranked
+  below k, MRR the mean of 1 / (rank + 1).
+  """
+  similarity = np.asarray(similarity)
+  if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
+    raise ValueError("similarity must be square [queries, documents]; got "
+                     f"similarity.shape={similarity.shape}")
+  rank = np.sum(similarity > np.diag(similarity)[:, None], axis=-1)
+  metrics = {f"recall_at_{k}": float(np.mean(rank < k)) for k in ks}
+  metrics["mrr"] = float(np.mean(1.0 / (rank + 1)))
+  return metrics
+
+
+def _retrieval_pairs(data) -> dict[str, list[files.Pair]]:
+  """`config.data`'s pairs: the JSONL file `pairs_jsonl`, else stdlib docstrings."""
+  if data.get("pairs_jsonl", ""):
+    return files.read_pairs(data.pairs_jsonl, query_field=data.query_field,
+                            document_field=data.document_field,
+                            valid_percent=data.valid_percent,
+                            test_percent=data.test_percent)
+  docstrings = stdlib.docstring_pairs(valid_percent=data.valid_percent,
+                                      test_percent=data.test_percent,
+                                      packages=tuple(data.packages))
+  return {split: [files.Pair(p.docstring, p.code) for p in pairs]
+          for split, pairs in docstrings.items()}
+
+
+@register("retrieval")
+class RetrievalTask:
+  """Query -> document retrieval with the pretrained MiniLM sentence encoder.
+
+  The pairs are stdlib docstring -> code, or `config.data.pairs_jsonl`'s
+  (`experiments.data.files.read_pairs`). Training starts from the pretrained
+  (dense) weights whatever the attention kind; `num_steps = 0` measures
+  zero-shot fidelity.
   """
 
   def __init__(self, config):
     data = config.data
-    self.pairs = stdlib.docstring_pairs(valid_percent=data.valid_percent,
-                                        test_percent=data.test_percent,
-                                        packages=tuple(data.packages))
+    self.pairs = _retrieval_pairs(data)
+    self.source = data.get("pairs_jsonl", "") or "the stdlib docstrings"
+    if not self.pairs["train"] and config.num_steps:
+      raise ValueError(f"config.data.pairs_jsonl has no train pair to train "
+                       f"{config.num_steps} steps on; got "
+                       f"pairs_jsonl={self.source!r}")
     query_tokenizer = minilm.Tokenizer(data.query_len)
     code_tokenizer = minilm.Tokenizer(data.code_len)
     self.inputs = {}
@@ -184,8 +305,10 @@ class RetrievalTask:
       cap = data.max_train_pairs if split == "train" else data.max_eval_pairs
       pairs = [pairs[i] for i in order[:cap or len(pairs)]]
       self.pairs[split] = pairs
-      query_tokens, query_mask = query_tokenizer([p.docstring for p in pairs])
-      code_tokens, code_mask = code_tokenizer([p.code for p in pairs])
+      if not pairs:
+        continue
+      query_tokens, query_mask = query_tokenizer([p.query for p in pairs])
+      code_tokens, code_mask = code_tokenizer([p.document for p in pairs])
       self.inputs[split] = {"query_tokens": query_tokens,
                             "query_mask": query_mask,
                             "code_tokens": code_tokens, "code_mask": code_mask}
@@ -223,6 +346,9 @@ class RetrievalTask:
         jnp.argmax(logits, -1) == labels)}
 
   def eval_inputs(self, split):
+    if split not in self.inputs:
+      raise ValueError(f"split has no retrieval pairs in {self.source!r}; got "
+                       f"split={split!r}")
     return self.inputs[split]
 
   def predict(self, params, batch):
@@ -235,26 +361,29 @@ class RetrievalTask:
     return outputs
 
   def metrics(self, outputs):
-    queries, codes = outputs["query"], outputs["code"]
-    similarity = queries @ codes.T
-    rank = np.sum(similarity > np.diag(similarity)[:, None], axis=-1)
     query_cosine = np.sum(outputs["query"] * outputs["query_dense"], -1)
     code_cosine = np.sum(outputs["code"] * outputs["code_dense"], -1)
     cosine = np.concatenate([query_cosine, code_cosine])
-    return {"recall_at_1": float(np.mean(rank == 0)),
-            "mrr": float(np.mean(1.0 / (rank + 1))),
+    return {**retrieval_metrics(outputs["query"] @ outputs["code"].T),
             "cosine_to_dense": float(np.mean(cosine)),
             "min_cosine_to_dense": float(np.min(cosine)),
             "query_cosine_to_dense": float(np.mean(query_cosine)),
             "code_cosine_to_dense": float(np.mean(code_cosine))}
 
 
+def import_task_module(config) -> None:
+  """Imports `config.task_module` (if set), whose import registers its tasks."""
+  module = config.get("task_module", "")
+  if module:
+    importlib.import_module(module)
+    if config.task not in TASKS:
+      raise ValueError(f"config.task_module={module!r} registers no task "
+                       f"config.task={config.task!r}; registered: {TASKS}")
+
+
 def build(config):
-  """The task named by `config.task`."""
-  if config.task == "listops":
-    return ListOpsTask(config)
-  if config.task == "bytelm":
-    return ByteLMTask(config)
-  if config.task == "retrieval":
-    return RetrievalTask(config)
-  raise ValueError(f"task must be one of {TASKS}; got task={config.task!r}")
+  """The task named by `config.task`, after importing `config.task_module`."""
+  import_task_module(config)
+  if config.task not in TASKS:
+    raise ValueError(f"task must be one of {TASKS}; got task={config.task!r}")
+  return TASKS[config.task](config)

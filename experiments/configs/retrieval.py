@@ -7,6 +7,11 @@ epochs of 1024 training pairs.
 
   python -m experiments.train --config=experiments/configs/retrieval.py \
       --config.attention.kind=nm --config.attention.n=2 --config.attention.m=4
+
+On your own pairs: `--config.data.pairs_jsonl=pairs.jsonl`, one JSON object a
+line with the fields `query_field` and `document_field` (default "query",
+"document") and optionally "split" (train, valid or test; else a hash of the
+query with `valid_percent` / `test_percent` decides).
 """
 
 import ml_collections
@@ -21,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
       # Pairs used, after a fixed shuffle (0: all); sized for a CPU.
       "max_train_pairs": 1024, "max_eval_pairs": 500,
       "packages": (),  # stdlib top-level packages to draw from; () = all
+      # A JSONL file of (query, document) pairs in place of the stdlib's.
+      "pairs_jsonl": "", "query_field": "query", "document_field": "document",
       "logit_scale": 20.0})
   config.model.update(dropout_rate=0.1)  # MiniLM's own sizes; only dropout
   config.batch_size = 16
