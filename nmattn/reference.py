@@ -2,6 +2,24 @@
 
 Every backend is tested against `nm_attention_reference`; its autodiff gradient
 is the gradient semantics (the N:M selection is a constant).
+
+Block patterns (hierarchical structured sparsity). An optional
+`BlockPattern(modes, block_q, block_k)` (`nmattn.patterns`) has static block
+sizes, `block_k` a multiple of `m`, and int8 `modes` broadcastable to
+`[batch, heads, ceil(q_len / block_q), ceil(kv_len / block_k)]`, one mode per
+(batch, query head, query block, key block): query `i` and key `j` lie in
+block `(i // block_q, j // block_k)`, the last blocks partial where the
+lengths are not multiples of the block sizes.
+- `SKIP = 0`: every score of the block is masked (as `mask == False`) before
+  pruning.
+- `NM = 1`: the N:M rule applies as without a pattern; each group of `m`
+  keys lies inside one block, since `block_k % m == 0`.
+- `DENSE = 2`: every valid score of the block is kept (no pruning).
+Softmax runs over all kept scores of the row, across blocks; a row with no
+kept score gives zeros. No pattern is every block `NM` (the same result, bit
+for bit); `n == m` with a pattern is plain block-sparse attention. Gradients
+flow through the kept scores only; the pattern, like the selection, is a
+constant. Traced modes outside {0, 1, 2} (unchecked under `jit`) act as `SKIP`.
 """
 
 from __future__ import annotations
@@ -9,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nmattn import masking
+from nmattn import masking, patterns
 from nmattn._validation import AttentionCall, canonicalize
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -52,10 +70,32 @@ def call_scores(call: AttentionCall) -> jax.Array:
   return s
 
 
-def call_weights(call: AttentionCall) -> jax.Array:
-  """N:M-pruned attention probabilities `[batch, heads, q_len, kv_len]`."""
+def call_keep(call: AttentionCall, scores: jax.Array,
+              block_pattern: patterns.BlockPattern | None = None) -> jax.Array:
+  """Which of the masked `scores` (`call_scores`) are kept: bool `[B, H, T, S]`.
+
+  N:M selection, or with `block_pattern` the selection of each block's mode.
+  """
+  spec = call.spec
+  if block_pattern is None:
+    return masking.nm_mask(scores, spec.n, spec.m)
+  modes = patterns.canonical_modes(
+      block_pattern, batch=spec.batch, heads=spec.heads, q_len=spec.q_len,
+      kv_len=spec.kv_len, m=spec.m)
+  element_modes = patterns.element_modes(
+      modes, jnp.arange(spec.q_len), jnp.arange(spec.kv_len),
+      block_q=block_pattern.block_q, block_k=block_pattern.block_k)
+  return patterns.keep_mask(scores, element_modes, spec.n, spec.m)
+
+
+def call_weights(call: AttentionCall,
+                 block_pattern: patterns.BlockPattern | None = None) -> jax.Array:
+  """Pruned attention probabilities `[batch, heads, q_len, kv_len]`.
+
+  N:M-pruned, or pruned block by block as `block_pattern` says.
+  """
   s = call_scores(call)
-  keep = masking.nm_mask(s, call.spec.n, call.spec.m)
+  keep = call_keep(call, s, block_pattern)
   return masked_softmax(jnp.where(keep, s, -jnp.inf))
 
 
@@ -73,34 +113,36 @@ def apply_weights(weights: jax.Array, value: jax.Array,
 def nm_attention_weights(query, key, bias=None, mask=None, *, scale=None,
                          is_causal=False, query_seq_lengths=None,
                          key_value_seq_lengths=None, local_window_size=None,
-                         n=2, m=4) -> jax.Array:
+                         n=2, m=4, block_pattern=None) -> jax.Array:
   """The N:M-pruned attention probabilities.
 
   Arguments as `nm_attention_reference` (without `value`). Returns float32
   (float64 for float64 inputs) `[batch, heads, q_len, kv_len]`, or
   `[heads, q_len, kv_len]` for unbatched inputs. Kept entries of a row sum to
-  1; a row with no valid key is all zeros.
+  1; a row with no kept score is all zeros.
   """
   call, added_batch = canonicalize(
       query, key, key, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
       local_window_size=local_window_size, n=n, m=m)
-  weights = call_weights(call)
+  weights = call_weights(call, block_pattern)
   return weights[0] if added_batch else weights
 
 
 def nm_attention_reference(query, key, value, bias=None, mask=None, *,
                            scale=None, is_causal=False, query_seq_lengths=None,
                            key_value_seq_lengths=None, local_window_size=None,
-                           n=2, m=4) -> jax.Array:
+                           n=2, m=4, block_pattern=None) -> jax.Array:
   """N:M sparse attention, materialising the scores (ARCHITECTURE.md semantics).
 
   1. `s = scale * q.k` in float32 (float64 for float64 inputs) `+ bias`;
-  2. masked pairs (`mask == False`, causal, window, lengths) become `-inf`;
-  3. each group of `m` consecutive keys keeps its `n` largest scores;
+  2. masked pairs (`mask == False`, causal, window, lengths, and the scores
+     of `SKIP` blocks) become `-inf`;
+  3. each group of `m` consecutive keys keeps its `n` largest scores (in
+     `NM` blocks; `DENSE` blocks keep every valid score);
   4. softmax over the kept scores, `out = p @ v`, cast to the input dtype; a
-     row with no valid key gives zeros.
+     row with no kept score gives zeros.
 
   Args:
     query: `[batch, q_len, heads, head_dim]` (or without `batch`).
@@ -114,6 +156,9 @@ def nm_attention_reference(query, key, value, bias=None, mask=None, *,
     key_value_seq_lengths: optional int `[batch]`; keys at or beyond are padding.
     local_window_size: int or (left, right): `q - left <= k <= q + right`.
     n, m: keep `n` of every `m` consecutive keys.
+    block_pattern: optional `nmattn.BlockPattern`: the mode (`SKIP`, `NM`,
+      `DENSE`) of every `[block_q, block_k]` block, `block_k % m == 0`; no
+      pattern is every block `NM`.
 
   Returns:
     `[batch, q_len, heads, head_dim]` in the dtype of `query`.
@@ -123,5 +168,6 @@ def nm_attention_reference(query, key, value, bias=None, mask=None, *,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
       local_window_size=local_window_size, n=n, m=m)
-  out = apply_weights(call_weights(call), call.value).astype(call.spec.dtype)
+  out = apply_weights(call_weights(call, block_pattern),
+                      call.value).astype(call.spec.dtype)
   return out[0] if added_batch else out
