@@ -7,7 +7,13 @@
   * "topk": unstructured top-k per query row at the density of `n:m`
     (k = ceil(n / m * valid keys in that row));
   * "local": a fixed local window at the same density: each query keeps the
-    k = ceil(n / m * valid keys) valid keys nearest to it (ties go left).
+    k = ceil(n / m * valid keys) valid keys nearest to it (ties go left);
+  * "cudnn": dense attention through cuDNN's flash attention,
+    `jax.nn.dot_product_attention(implementation="cudnn")`, the baseline every
+    JAX user has on a GPU. It needs a CUDA GPU and 16-bit inputs (bf16, fp16):
+    on any other backend, or with float32 activations, the layer raises a
+    ValueError naming the kind rather than run something else; use "dense"
+    there.
 
 "topk" and "local" are the comparison patterns of the DFSS paper; they run on
 a materialised score matrix (fine at experiment sizes) with the same parameter
@@ -25,7 +31,7 @@ from flax import linen as nn
 
 import nmattn
 
-KINDS = ("dense", "nm", "topk", "local")
+KINDS = ("dense", "nm", "topk", "local", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +55,13 @@ class AttentionSpec:
   @property
   def density(self) -> float:
     """Fraction of the valid scores kept (1.0 for dense)."""
-    return 1.0 if self.kind == "dense" else self.n / self.m
+    return 1.0 if self.kind in ("dense", "cudnn") else self.n / self.m
 
   @property
   def label(self) -> str:
     """Short name for tables: dense, 2:4, topk@0.50, local@0.50."""
-    if self.kind == "dense":
-      return "dense"
+    if self.kind in ("dense", "cudnn"):
+      return self.kind
     if self.kind == "nm":
       return f"{self.n}:{self.m}"
     return f"{self.kind}@{self.density:.2f}"
@@ -89,11 +95,13 @@ def _local_priority(q_len, kv_len):
 
 
 def density_attention(query, key, value, bias=None, mask=None, *, kind,
-                      density, is_causal=False, **unused_flax_kwargs):
+                      density, is_causal=False, dropout_rate=0.0,
+                      deterministic=True):
   """Attention keeping a `density` fraction of each row: "topk" or "local".
 
   The Flax `attention_fn` signature (dropout is not supported and must be
-  off). Shapes: `query [batch, q_len, heads, d]`, `key`/`value
+  off; Flax hands an `attention_fn` only the keyword arguments it names, so
+  `dropout_rate` and `deterministic` are named here to be checked). Shapes: `query [batch, q_len, heads, d]`, `key`/`value
   [batch, kv_len, heads, d]`, `mask` broadcastable to
   `[batch, heads, q_len, kv_len]` (True = attend); returns
   `[batch, q_len, heads, d]`. The selection carries no gradient.
@@ -101,10 +109,7 @@ def density_attention(query, key, value, bias=None, mask=None, *, kind,
   if kind not in ("topk", "local"):
     raise ValueError(f"density_attention kind must be 'topk' or 'local'; got "
                      f"kind={kind!r}")
-  if unused_flax_kwargs.get("dropout_rate", 0.0) and not unused_flax_kwargs.get(
-      "deterministic", True):
-    raise ValueError("density_attention has no attention dropout; got "
-                     f"dropout_rate={unused_flax_kwargs['dropout_rate']}")
+  _check_no_dropout(kind, dropout_rate, deterministic)
   q_len, kv_len = query.shape[-3], key.shape[-3]
   scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
                       preferred_element_type=jnp.float32)
@@ -127,6 +132,44 @@ def density_attention(query, key, value, bias=None, mask=None, *, kind,
   return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
+def _check_no_dropout(kind, dropout_rate, deterministic):
+  if dropout_rate and not deterministic:
+    raise ValueError(f"attention kind {kind!r} has no attention dropout; got "
+                     f"dropout_rate={dropout_rate}")
+
+
+def cudnn_attention(query, key, value, bias=None, mask=None, *,
+                    is_causal=False, dropout_rate=0.0, deterministic=True,
+                    implementation="cudnn"):
+  """Dense attention through `jax.nn.dot_product_attention`: the "cudnn" kind.
+
+  The Flax `attention_fn` signature (no attention dropout). Shapes:
+  `query [batch, q_len, heads, d]`, `key`/`value [batch, kv_len, kv_heads, d]`,
+  `bias`/`mask` broadcastable to `[batch, heads, q_len, kv_len]` (mask True =
+  attend). `implementation` is "cudnn" for the kind; "xla" runs the same call
+  through XLA (how the CPU tests check the wiring).
+
+  Raises ValueError where cuDNN cannot run the call: a backend other than a
+  CUDA GPU, or inputs that are not bf16/fp16.
+  """
+  _check_no_dropout("cudnn", dropout_rate, deterministic)
+  if implementation == "cudnn":
+    if jax.default_backend() != "gpu":
+      raise ValueError(
+          "attention kind 'cudnn' runs jax.nn.dot_product_attention("
+          "implementation='cudnn') and needs a CUDA GPU; got backend "
+          f"{jax.default_backend()!r} (use kind='dense' there)")
+    if query.dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(
+          "attention kind 'cudnn' needs bfloat16 or float16 activations "
+          f"(cuDNN flash attention); got query.dtype={query.dtype}")
+  if mask is not None:  # jax.nn takes a 4-D bool mask
+    mask = mask.astype(bool).reshape((1,) * (4 - mask.ndim) + mask.shape)
+  return jax.nn.dot_product_attention(query, key, value, bias, mask,
+                                      is_causal=is_causal,
+                                      implementation=implementation)
+
+
 def multi_head_attention(spec: AttentionSpec, **mha_kwargs) -> nn.Module:
   """A Flax multi-head attention layer of the given kind.
 
@@ -137,8 +180,11 @@ def multi_head_attention(spec: AttentionSpec, **mha_kwargs) -> nn.Module:
     n = spec.m if spec.kind == "dense" else spec.n
     return nmattn.layers.NMMultiHeadDotProductAttention(
         n=n, m=spec.m, implementation=None, **mha_kwargs)
-  return nn.MultiHeadDotProductAttention(
-      attention_fn=functools.partial(density_attention, kind=spec.kind,
-                                     density=spec.density),
-      **mha_kwargs)
+  if spec.kind == "cudnn":
+    attention_fn = cudnn_attention
+  else:
+    attention_fn = functools.partial(density_attention, kind=spec.kind,
+                                     density=spec.density)
+  return nn.MultiHeadDotProductAttention(attention_fn=attention_fn,
+                                         **mha_kwargs)
 
