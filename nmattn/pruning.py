@@ -1,0 +1,300 @@
+"""Cascade token and head pruning and KV-cache eviction by attention importance.
+
+The software form of SpAtten (Wang, Zhang, Han, HPCA 2021): a token's
+importance is the attention probability it receives as a key
+(`nmattn.importance.key_importance`), summed over heads and accumulated over
+layers; tokens of low cumulative importance are removed for every later layer
+(cascade), heads likewise by the magnitude of their outputs, and a decoder's
+KV cache stays within a budget by evicting its least important entries. N:M
+attention composes with it: N:M prunes scores inside a row, this removes rows
+and columns.
+
+Small functions to compose inside a model, every shape static under `jit`:
+
+* tokens: `keep_counts` (a schedule -> static counts), `accumulate_tokens`,
+  `top_indices` (which to keep), `gather_tokens`, then for pooling
+  `kept_mean` or `scatter_tokens`;
+* heads: `head_importance`, `top_indices`, `prune_heads` (Flax attention
+  parameters of the kept heads);
+* decoding: `KVCache`, `init_kv_cache`, `append` (evicting where full),
+  `store`, `add_importance`.
+
+Ties: wherever entries rank equally, the lower index is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+def keep_counts(schedule: Sequence[int | float], length: int) -> tuple[int, ...]:
+  """Static keep counts, one per layer, for a sequence of `length` tokens.
+
+  Args:
+    schedule: per layer, the tokens kept after that layer: an int count
+      (capped at `length`: a shorter input keeps all of its tokens) or a float
+      ratio in (0, 1] of `length` (rounded to the nearest count, halves up, at
+      least 1). The counts must not increase: a removed token never returns.
+    length: the input's (static) sequence length.
+
+  Returns:
+    A tuple of Python ints, `length >= counts[0] >= counts[1] >= ... >= 1`.
+  """
+  if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or (
+      length < 1):
+    raise ValueError(f"length must be a positive int; got length={length!r}")
+  counts = []
+  for layer, entry in enumerate(schedule):
+    if isinstance(entry, (int, np.integer)) and not isinstance(entry, bool):
+      if entry < 1:
+        raise ValueError(f"schedule counts must be >= 1; got schedule[{layer}]"
+                         f"={entry!r}")
+      counts.append(min(int(entry), length))
+    elif isinstance(entry, (float, np.floating)):
+      if not 0.0 < entry <= 1.0:
+        raise ValueError(f"schedule ratios must be in (0, 1]; got "
+                         f"schedule[{layer}]={entry!r}")
+      counts.append(max(1, math.floor(entry * length + 0.5)))
+    else:
+      raise ValueError("schedule entries must be int counts or float ratios; "
+                       f"got schedule[{layer}]={entry!r}")
+  for layer in range(1, len(counts)):
+    if counts[layer] > counts[layer - 1]:
+      raise ValueError(
+          "schedule must not increase (pruned tokens do not return); got "
+          f"schedule={tuple(schedule)!r}, counts {tuple(counts)} for "
+          f"length={length}")
+  return tuple(counts)
+
+
+def accumulate_tokens(cumulative: jax.Array, key_importance: jax.Array):
+  """`cumulative [batch, len] + key_importance [batch, heads, len]` summed over heads."""
+  return cumulative + jnp.sum(key_importance.astype(jnp.float32), axis=-2)
+
+
+def top_indices(scores: jax.Array, keep: int, *, valid: jax.Array | None = None,
+                pinned: jax.Array | None = None) -> jax.Array:
+  """Indices of the `keep` highest-ranked entries along the last axis, ascending.
+
+  Ranking: pinned entries first, then valid ones, then the rest (padding is
+  never kept over a real entry); within each class the higher score first;
+  equal scores keep the lower index. A NaN score ranks last in its class.
+  Sorting the result keeps the kept entries in their original order.
+
+  Args:
+    scores: float `[..., length]` (e.g. cumulative token importance).
+    keep: static int in `[1, length]`.
+    valid: optional bool `[..., length]`, False for padding.
+    pinned: optional bool `[..., length]`, entries kept before all others
+      (e.g. a `[CLS]` token); if more than `keep` are pinned, they rank
+      among themselves by score, then index.
+
+  Returns:
+    int32 `[..., keep]`, increasing along the last axis.
+  """
+  length = scores.shape[-1]
+  if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or not (
+      1 <= keep <= length):
+    raise ValueError(f"keep must be an int in [1, {length}]; got keep={keep!r}")
+  for name, x in (("valid", valid), ("pinned", pinned)):
+    if x is not None and x.shape != scores.shape:
+      raise ValueError(f"{name} must have the shape of scores {scores.shape}; "
+                       f"got {name}.shape={x.shape}")
+  # Class 0 pinned, 1 valid, 2 padding; lax.sort orders by (class, -score,
+  # index) and treats -0.0 as 0.0, so equal scores fall back to the index.
+  rank_class = jnp.ones(scores.shape, jnp.int32)
+  if valid is not None:
+    rank_class = jnp.where(valid, rank_class, 2)
+  if pinned is not None:
+    rank_class = jnp.where(pinned, 0, rank_class)
+  index = lax.broadcasted_iota(jnp.int32, scores.shape, scores.ndim - 1)
+  _, _, order = lax.sort((rank_class, -scores.astype(jnp.float32), index),
+                         dimension=scores.ndim - 1, num_keys=3)
+  return jnp.sort(order[..., :keep], axis=-1)
+
+
+def gather_tokens(tree: Any, indices: jax.Array) -> Any:
+  """Each `[batch, len, ...]` leaf of `tree` at `indices [batch, k]` -> `[batch, k, ...]`."""
+
+  def take(x):
+    idx = indices.reshape(indices.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+  return jax.tree.map(take, tree)
+
+
+def scatter_tokens(base: jax.Array, kept: jax.Array,
+                   positions: jax.Array) -> jax.Array:
+  """`base [batch, len, ...]` with `kept [batch, k, ...]` written at `positions [batch, k]`.
+
+  Scattering back after every pruning step gives each pruned token the state
+  it had when it was removed, and each kept token its final state: a
+  full-length output for models that pool or read positions.
+  """
+  return jax.vmap(lambda b, x, p: b.at[p].set(x))(base, kept, positions)
+
+
+def kept_mean(hidden: jax.Array, valid: jax.Array) -> jax.Array:
+  """Mean over the valid kept tokens: `[batch, k, d]`, `[batch, k]` -> `[batch, d]`.
+
+  A row with no valid token gives zeros.
+  """
+  weights = valid.astype(hidden.dtype)[..., None]
+  return jnp.sum(hidden * weights, axis=-2) / jnp.maximum(
+      jnp.sum(weights, axis=-2), 1.0)
+
+
+def head_importance(attention_out: jax.Array,
+                    valid: jax.Array | None = None) -> jax.Array:
+  """Mean `|output|` of each head over batch, valid queries and features.
+
+  Args:
+    attention_out: the heads' outputs before the output projection,
+      `[batch, q_len, heads, head_dim]`.
+    valid: optional bool `[batch, q_len]`, False for padding queries.
+
+  Returns:
+    float32 `[heads]`; accumulated over layers (a sum of these) it ranks the
+    heads for cascade head pruning (`top_indices`, then `prune_heads`). One
+    set of heads serves the whole batch, as the projection weights do.
+  """
+  magnitude = jnp.abs(attention_out.astype(jnp.float32))
+  if valid is None:
+    return jnp.mean(magnitude, axis=(0, 1, 3))
+  weights = valid.astype(jnp.float32)[:, :, None, None]
+  count = jnp.maximum(jnp.sum(weights) * attention_out.shape[-1], 1.0)
+  return jnp.sum(magnitude * weights, axis=(0, 1, 3)) / count
+
+
+def prune_heads(attention_params: Any, heads: jax.Array) -> Any:
+  """Parameters of `flax.linen.MultiHeadDotProductAttention` for the kept `heads` only.
+
+  `attention_params` is the layer's tree (`query`, `key`, `value` kernels
+  `[features, heads, head_dim]` and biases `[heads, head_dim]`; `out` kernel
+  `[heads, head_dim, features]`); `heads` int `[k]`. The result is the tree of
+  a layer with `num_heads=k` and `qkv_features=k * head_dim`: the dropped
+  heads' projection slices are gone, so their scores, softmax and output are
+  never computed. Its output equals the full layer's with the dropped heads'
+  outputs set to zero.
+  """
+  pruned = dict(attention_params)
+  for name in ("query", "key", "value"):
+    pruned[name] = {"kernel": jnp.take(attention_params[name]["kernel"], heads,
+                                       axis=1)}
+    if "bias" in attention_params[name]:
+      pruned[name]["bias"] = jnp.take(attention_params[name]["bias"], heads,
+                                      axis=0)
+  pruned["out"] = dict(attention_params["out"],
+                       kernel=jnp.take(attention_params["out"]["kernel"], heads,
+                                       axis=0))
+  return pruned
+
+
+class KVCache(NamedTuple):
+  """A fixed-size decoder KV cache whose entries stay in position order.
+
+  Slots `[0, length)` hold entries; later slots are empty. Attend with
+  `key_value_seq_lengths=length`; N:M groups then form over the kept
+  entries in order, as they do over the kept tokens of a pruned encoder.
+  """
+  key: jax.Array  # [layers, batch, budget, kv_heads, head_dim]
+  value: jax.Array  # [layers, batch, budget, kv_heads, head_dim]
+  positions: jax.Array  # int32 [batch, budget]: each entry's position, -1 empty
+  importance: jax.Array  # float32 [batch, budget]: cumulative importance
+  length: jax.Array  # int32 [batch]: filled slots
+
+  @property
+  def budget(self) -> int:
+    return self.positions.shape[-1]
+
+
+def init_kv_cache(num_layers: int, batch: int, budget: int, kv_heads: int,
+                  head_dim: int, dtype) -> KVCache:
+  """An empty cache of `budget` entries per layer."""
+  for name, value in (("num_layers", num_layers), ("batch", batch),
+                      ("budget", budget), ("kv_heads", kv_heads),
+                      ("head_dim", head_dim)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+        value < 1):
+      raise ValueError(f"{name} must be a positive int; got {name}={value!r}")
+  entries = jnp.zeros((num_layers, batch, budget, kv_heads, head_dim), dtype)
+  return KVCache(entries, entries, jnp.full((batch, budget), -1, jnp.int32),
+                 jnp.zeros((batch, budget), jnp.float32),
+                 jnp.zeros((batch,), jnp.int32))
+
+
+EVICTION_POLICIES = ("importance", "recent")
+
+
+def evict(cache: KVCache, policy: str = "importance") -> KVCache:
+  """Frees one slot where the cache is full; unchanged where it has room.
+
+  `policy="importance"` removes the entry of lowest cumulative importance
+  (among equal ones the newest goes, so the lower index is kept);
+  `"recent"` removes the oldest entry (a sliding window, the baseline).
+  Later entries move down one slot, so the order of positions is kept and
+  the free slot is the last.
+  """
+  if policy not in EVICTION_POLICIES:
+    raise ValueError(f"policy must be one of {EVICTION_POLICIES}; got "
+                     f"policy={policy!r}")
+  budget = cache.budget
+  full = cache.length >= budget
+  if policy == "importance":
+    newest_first = cache.importance[:, ::-1]
+    victim = budget - 1 - jnp.argmin(newest_first, axis=-1)
+  else:
+    victim = jnp.zeros_like(cache.length)
+  victim = jnp.where(full, victim, budget).astype(jnp.int32)
+  slots = jnp.arange(budget, dtype=jnp.int32)[None, :]
+  source = jnp.minimum(slots + (slots >= victim[:, None]), budget - 1)
+  freed = full[:, None] & (slots == budget - 1)
+
+  def move(entries):
+    idx = source[None, :, :, None, None]
+    return jnp.take_along_axis(entries, idx, axis=2)
+
+  return KVCache(
+      move(cache.key), move(cache.value),
+      jnp.where(freed, -1, jnp.take_along_axis(cache.positions, source, 1)),
+      jnp.where(freed, 0.0, jnp.take_along_axis(cache.importance, source, 1)),
+      cache.length - full.astype(jnp.int32))
+
+
+def append(cache: KVCache, position: jax.Array,
+           policy: str = "importance") -> tuple[KVCache, jax.Array]:
+  """Reserves a slot for a token at `position` (int `[batch]` or scalar).
+
+  Where the cache is full, `evict(cache, policy)` frees one first, so the
+  budget always holds. Returns the cache, with the new entry counted and of
+  importance 0, and the slot `[batch]` to `store` each layer's key and value
+  in.
+  """
+  cache = evict(cache, policy)
+  slot = cache.length
+  position = jnp.broadcast_to(jnp.asarray(position, jnp.int32), slot.shape)
+  batch = jnp.arange(slot.shape[0])
+  return cache._replace(
+      positions=cache.positions.at[batch, slot].set(position),
+      importance=cache.importance.at[batch, slot].set(0.0),
+      length=slot + 1), slot
+
+
+def store(cache: KVCache, layer: int, slot: jax.Array, key: jax.Array,
+          value: jax.Array) -> KVCache:
+  """Writes one token's `key`, `value` `[batch, kv_heads, head_dim]` of `layer` at `slot`."""
+  batch = jnp.arange(slot.shape[0])
+  return cache._replace(key=cache.key.at[layer, batch, slot].set(key),
+                        value=cache.value.at[layer, batch, slot].set(value))
+
+
+def add_importance(cache: KVCache, key_importance: jax.Array) -> KVCache:
+  """Accumulates `key_importance [batch, heads, budget]` (summed over heads)."""
+  return cache._replace(importance=accumulate_tokens(cache.importance,
+                                                     key_importance))
