@@ -22,7 +22,10 @@ def group_rank(groups: jax.Array) -> jax.Array:
   m = groups.shape[-1]
   mine = groups[..., :, None]
   other = groups[..., None, :]
+  # [m, m]: the other element (column) sits at a lower index than mine (row);
+  # broadcast to the group axes explicitly (rank promotion may be "raise").
   lower_index = jnp.arange(m)[None, :] < jnp.arange(m)[:, None]
+  lower_index = jnp.broadcast_to(lower_index, mine.shape[:-2] + (m, m))
   beats = (other > mine) | ((other == mine) & lower_index)
   return jnp.sum(beats, axis=-1, dtype=jnp.int32)
 
@@ -78,8 +81,10 @@ def validity_mask(q_pos, k_pos, *, mask=None, is_causal=False, window=None,
     bool array broadcastable to `[batch, heads, tq, tk]`, or None when every
     pair is valid.
   """
-  q = q_pos[:, None]
-  k = k_pos[None, :]
+  # Every term is rank 4 ([batch, heads, tq, tk] or broadcastable), so no
+  # operation relies on implicit rank promotion.
+  q = q_pos[None, None, :, None]
+  k = k_pos[None, None, None, :]
   valid = None
 
   def both(a, b):
@@ -88,14 +93,14 @@ def validity_mask(q_pos, k_pos, *, mask=None, is_causal=False, window=None,
   if mask is not None:
     valid = both(valid, mask)
   if is_causal:
-    valid = both(valid, (k <= q)[None, None])
+    valid = both(valid, k <= q)
   if window is not None:
     left, right = window
-    valid = both(valid, ((k >= q - left) & (k <= q + right))[None, None])
+    valid = both(valid, (k >= q - left) & (k <= q + right))
   if kv_len is not None:
-    valid = both(valid, (k < kv_len)[None, None])
+    valid = both(valid, k < kv_len)
   if q_lengths is not None:
-    valid = both(valid, (q < q_lengths[:, None, None, None]))
+    valid = both(valid, q < q_lengths[:, None, None, None])
   if kv_lengths is not None:
-    valid = both(valid, (k < kv_lengths[:, None, None, None]))
+    valid = both(valid, k < kv_lengths[:, None, None, None])
   return valid

@@ -78,12 +78,23 @@ CASES = {
 
 
 class AttentionTestBase:
-  """Forward and gradient agreement with the reference for one backend."""
+  """Forward and gradient agreement with the reference for one backend.
+
+  Every test runs with implicit rank promotion an error
+  (`jax_numpy_rank_promotion="raise"`, which some users set globally), as
+  `jax.nn.dot_product_attention` allows. The setting only adds checks, so
+  results under it are those of the default setting.
+  """
 
   implementation: str | None = None
   dtypes = (jnp.float32, jnp.bfloat16, jnp.float16)
   head_dim = 32
   case_names = tuple(CASES)
+
+  @pytest.fixture(autouse=True)
+  def rank_promotion_raises(self):
+    with jax.numpy_rank_promotion("raise"):
+      yield
 
   def attention(self, q, k, v, **kwargs):
     return nmattn.nm_attention(q, k, v, implementation=self.implementation,

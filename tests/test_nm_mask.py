@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nmattn
+from nmattn import masking
 from nmattn.masking import group_rank
 
 NM = [(n, m) for m in nmattn.SUPPORTED_M for n in range(1, m + 1)]
@@ -80,14 +81,51 @@ def test_subnormal_scores_compare_as_xla_compares():
 @given(scores_and_pattern(allow_neg_inf=False, few_values=True))
 def test_ties_go_to_the_lower_index(args):
   scores, n, m = args
-  keep = _groups(np.asarray(nmattn.nm_mask(jnp.asarray(scores), n, m)), m)
-  groups = _groups(scores, m)
+  keep = np.asarray(nmattn.nm_mask(jnp.asarray(scores), n, m))
+  np.testing.assert_array_equal(keep, _lower_index_top_n(scores, n, m))
+
+
+def _lower_index_top_n(scores, n, m):
+  """The n largest finite scores of each group, ties to the lower index."""
+  rows = scores.reshape(-1, scores.shape[-1])
+  groups = _groups(rows, m)
   # Stable descending order = larger first, then lower index: keep its first n.
   order = np.argsort(-groups, axis=-1, kind="stable")
-  expected = np.zeros_like(keep)
-  np.put_along_axis(expected, order[..., :n], True, axis=-1)
-  expected &= np.isfinite(groups)
-  np.testing.assert_array_equal(keep, expected)
+  keep = np.zeros(groups.shape, bool)
+  np.put_along_axis(keep, order[..., :n], True, axis=-1)
+  keep &= np.isfinite(groups)
+  return keep.reshape(rows.shape[0], -1)[:, :rows.shape[1]].reshape(scores.shape)
+
+
+def test_nm_mask_without_rank_promotion(rng):
+  # Some users make implicit rank promotion an error; nm_mask broadcasts
+  # explicitly (here rank 3 with a padded last group).
+  scores = rng.standard_normal((2, 3, 13)).astype(np.float32)
+  with jax.numpy_rank_promotion("raise"):
+    for n, m in NM:
+      keep = np.asarray(nmattn.nm_mask(jnp.asarray(scores), n, m))
+      np.testing.assert_array_equal(keep, _lower_index_top_n(scores, n, m))
+
+
+def test_validity_mask_matches_brute_force_without_rank_promotion(rng):
+  batch, heads, tq, tk, q0, k0 = 2, 3, 6, 10, 7, 4
+  q_pos, k_pos = q0 + np.arange(tq), k0 + np.arange(tk)
+  mask = rng.random((batch, 1, tq, tk)) < 0.7
+  q_lengths = rng.integers(q0, q0 + tq + 1, (batch,))
+  kv_lengths = rng.integers(k0, k0 + tk + 1, (batch,))
+  left, right, kv_len = 2, 3, k0 + tk - 3
+  with jax.numpy_rank_promotion("raise"):
+    valid = masking.validity_mask(
+        jnp.asarray(q_pos), jnp.asarray(k_pos), mask=jnp.asarray(mask),
+        is_causal=True, window=(left, right), q_lengths=jnp.asarray(q_lengths),
+        kv_lengths=jnp.asarray(kv_lengths), kv_len=kv_len)
+    assert masking.validity_mask(jnp.asarray(q_pos), jnp.asarray(k_pos)) is None
+  want = np.zeros((batch, heads, tq, tk), bool)
+  for b, h, i, j in np.ndindex(want.shape):
+    q, k = q_pos[i], k_pos[j]
+    want[b, h, i, j] = (mask[b, 0, i, j] and k <= q and q - left <= k <= q + right
+                        and k < kv_len and q < q_lengths[b] and k < kv_lengths[b])
+  np.testing.assert_array_equal(np.broadcast_to(np.asarray(valid), want.shape), want)
 
 
 def test_examples():
