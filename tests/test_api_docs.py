@@ -1,4 +1,5 @@
-"""docs/API.md matches the docstrings and covers the public API; the README's example runs."""
+"""docs/API.md matches the docstrings and covers the public API; the README's
+example runs; the docs' links and the code's ARCHITECTURE.md citations resolve."""
 
 import importlib.util
 import inspect
@@ -11,6 +12,10 @@ import nmattn
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GEN_API = ROOT / "docs" / "gen_api.py"
+ARCHITECTURE_MD = ROOT / "docs" / "ARCHITECTURE.md"
+MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Where code cites docs/ARCHITECTURE.md.
+CITING_PACKAGES = ("nmattn", "pallas_kernels", "experiments", "tools", "tests")
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +64,49 @@ def test_readme_example_runs():
   exec(example, namespace)  # pylint: disable=exec-used
   assert namespace["out"].shape == namespace["q"].shape
   assert namespace["grad"].shape == namespace["q"].shape
+
+
+def test_markdown_links_and_docs_paths_resolve():
+  """Every relative Markdown link, and every `docs/...` file named in
+  backticks, of the README and docs/*.md names a file that exists."""
+  broken = []
+  for page in MARKDOWN:
+    text = page.read_text()
+    for target in re.findall(r"\]\(([^)#\s]+)", text):
+      if "://" not in target and not (page.parent / target).exists():
+        broken.append(f"{page.name}: ]({target})")
+    for path in re.findall(r"`(docs/[\w./-]+\.(?:md|json|png|py))`", text):
+      if not (ROOT / path).exists():
+        broken.append(f"{page.name}: `{path}`")
+  assert not broken, broken
+
+
+def _architecture_citations():
+  """(file, cited section names, cited rule numbers) of every Python file
+  that cites ARCHITECTURE.md."""
+  for package in CITING_PACKAGES:
+    for path in sorted((ROOT / package).rglob("*.py")):
+      text = path.read_text()
+      if "ARCHITECTURE.md" not in text:
+        continue
+      # A citation may break across a line: match any whitespace.
+      sections = re.findall(r'ARCHITECTURE\.md,\s+"([^"]+)"', text)
+      rules = [int(n) for cited in re.findall(
+          r"ARCHITECTURE\.md\s+rules?\s+(\d+(?:(?:,\s*|\s+and\s+)\d+)*)",
+          text) for n in re.findall(r"\d+", cited)]
+      yield path.relative_to(ROOT), sections, rules
+
+
+def test_architecture_citations_resolve():
+  """Section names and rule numbers that the code cites exist in
+  docs/ARCHITECTURE.md."""
+  text = ARCHITECTURE_MD.read_text()
+  headings = set(re.findall(r"^#+ (.+)$", text, re.MULTILINE))
+  rules = {int(n) for n in re.findall(r"^(\d+)\. \*\*", text, re.MULTILINE)}
+  citations = list(_architecture_citations())
+  assert citations, "no file cites ARCHITECTURE.md"
+  unresolved = [(str(path), section) for path, sections, _ in citations
+                for section in sections if section not in headings]
+  unresolved += [(str(path), f"rule {rule}") for path, _, cited in citations
+                 for rule in cited if rule not in rules]
+  assert not unresolved, f"not in docs/ARCHITECTURE.md: {unresolved}"
