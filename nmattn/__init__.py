@@ -4,7 +4,7 @@ In every group of `m` consecutive keys only the `n` largest attention scores
 survive; softmax and `P V` run on the survivors (DFSS, arXiv 2203.00091).
 """
 
-from nmattn import layers, nnx, reference
+from nmattn import backends, layers, nnx, reference
 from nmattn._validation import SUPPORTED_M
 from nmattn.attention import IMPLEMENTATIONS, nm_attention
 from nmattn.backends import UnsupportedCallError
@@ -15,7 +15,8 @@ from nmattn.reference import nm_attention_weights
 __version__ = "0.1.0"
 
 __all__ = [
-    "IMPLEMENTATIONS", "SUPPORTED_M", "UnsupportedCallError", "nm_attention",
+    "IMPLEMENTATIONS", "SUPPORTED_M", "UnsupportedCallError", "backends",
+    "nm_attention",
     "layers", "nm_attention_weights", "nm_dot_product_attention", "nm_mask",
     "nnx", "reference",
 ]

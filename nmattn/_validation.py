@@ -1,20 +1,21 @@
-"""Argument checking and canonicalisation shared by every attention backend.
+"""Argument checking: the one place a call's arguments are validated.
 
 `canonicalize` turns the user's arguments into an `AttentionCall`: 4-D query/key/
 value, 4-D bias and mask whose dims are each 1 or full, validated lengths and
 window, and a hashable `AttentionSpec` that backends use to decide whether they
-can run the call.
+can run the call (both defined in `pallas_kernels.call`, which every backend
+consumes as it is; docs/ARCHITECTURE.md, "The call description").
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-SUPPORTED_M = (1, 2, 4, 8, 16)
+from pallas_kernels.call import SUPPORTED_M, AttentionCall, AttentionSpec
+
 INPUT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
 
 
@@ -51,39 +52,6 @@ def canonical_window(local_window_size: Any) -> tuple[int, int] | None:
     raise ValueError(
         f"local_window_size must be >= 0; got local_window_size={local_window_size!r}")
   return window
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionSpec:
-  """Static description of one attention call; hashable, used for dispatch."""
-  batch: int
-  q_len: int
-  kv_len: int
-  heads: int
-  kv_heads: int
-  head_dim: int
-  dtype: Any
-  bias_shape: tuple[int, ...] | None
-  mask_shape: tuple[int, ...] | None
-  has_q_lengths: bool
-  has_kv_lengths: bool
-  scale: float
-  is_causal: bool
-  window: tuple[int, int] | None
-  n: int
-  m: int
-
-
-class AttentionCall(NamedTuple):
-  """Canonical arrays (query/key/value 4-D, bias/mask 4-D or None) plus spec."""
-  query: Any
-  key: Any
-  value: Any
-  bias: Any
-  mask: Any
-  q_lengths: Any
-  kv_lengths: Any
-  spec: AttentionSpec
 
 
 def _shape_of(name: str, x: Any) -> tuple[int, ...]:

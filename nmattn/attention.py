@@ -5,31 +5,53 @@ from __future__ import annotations
 from nmattn import backends
 from nmattn._validation import canonicalize
 
-IMPLEMENTATIONS = (None, "xla", "pallas_triton", "pallas_mosaic")
+IMPLEMENTATIONS = (None,) + tuple(backends.BACKENDS)
 
 
 def select_backend(spec, implementation=None) -> backends.Backend:
   """The backend that runs a call with this spec.
 
-  `None` picks the first of `backends.AUTO_ORDER` that supports the call on the
-  current default device (falling back to "xla"); an explicit name raises
-  `UnsupportedCallError` (a ValueError) when that backend cannot run the call.
+  `None` picks the first of `backends.AUTO_ORDER` that supports the call on
+  the current default device (falling back to "xla"); an explicit name or
+  `backends.Backend` object raises `UnsupportedCallError` (a ValueError)
+  when that backend cannot run the call.
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got "
-                     f"implementation={implementation!r}")
   if implementation is None:
     for name in backends.AUTO_ORDER:
       backend = backends.BACKENDS[name]
       if backend.auto_eligible(spec) and backend.unsupported_reason(spec) is None:
         return backend
     raise AssertionError("the xla backend supports every call")
-  backend = backends.BACKENDS[implementation]
+  if isinstance(implementation, backends.Backend):
+    backend = implementation
+  elif isinstance(implementation, str) and implementation in backends.BACKENDS:
+    backend = backends.BACKENDS[implementation]
+  else:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or an "
+                     "nmattn.backends.Backend object; got "
+                     f"implementation={implementation!r}")
   reason = backend.unsupported_reason(spec)
   if reason is not None:
     raise backends.UnsupportedCallError(
-        f"implementation={implementation!r} cannot run this call: {reason}")
+        f"implementation={backend.name!r} cannot run this call: {reason}")
   return backend
+
+
+def _run(backend: backends.Backend, call):
+  try:
+    return backend.run(call)
+  except TypeError as e:
+    # Every backend's gradient is a `jax.custom_vjp`, which has no forward
+    # mode; JAX's own message names neither the function nor a way out.
+    if "forward-mode" not in str(e) and "jvp" not in str(e):
+      raise
+    raise NotImplementedError(
+        "nm_attention supports reverse-mode differentiation (jax.grad, "
+        "jax.vjp) only: each backend's gradient is a custom VJP, so "
+        "jax.jvp / jax.jacfwd / jax.linearize cannot run through it "
+        f"(implementation={backend.name!r}). Use jax.vjp or jax.jacrev, or "
+        "differentiate nmattn.reference.nm_attention_reference, which "
+        "materialises the scores.") from e
 
 
 def nm_attention(query, key, value, bias=None, mask=None, *, scale=None,
@@ -64,8 +86,11 @@ def nm_attention(query, key, value, bias=None, mask=None, *, scale=None,
       `i - left ... i + right`.
     n: scores kept per group, `1 <= n <= m`.
     m: group size, one of `nmattn.SUPPORTED_M`.
-    implementation: None (fastest backend that supports the call on the
-      current device, else "xla"), "xla", "pallas_triton" or "pallas_mosaic".
+    implementation: None (the fastest backend that supports the call on the
+      current device, else "xla"; dense calls, `n == m`, go to cuDNN on a
+      GPU where it supports them), a name ("xla", "pallas_triton",
+      "pallas_mosaic", "cudnn"), or a backend object carrying its tuning,
+      e.g. `nmattn.backends.PallasTriton(config=...)`.
 
   Returns:
     `[batch, q_len, heads, head_dim]` in the dtype of `query`.
@@ -74,11 +99,12 @@ def nm_attention(query, key, value, bias=None, mask=None, *, scale=None,
     ValueError: bad arguments (the message names the argument and value), or
       an explicitly requested implementation that cannot run the call
       (`nmattn.UnsupportedCallError`, also a NotImplementedError).
+    NotImplementedError: forward-mode differentiation (`jax.jvp`).
   """
   call, added_batch = canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
       local_window_size=local_window_size, n=n, m=m)
-  out = select_backend(call.spec, implementation).run(call)
+  out = _run(select_backend(call.spec, implementation), call)
   return out[0] if added_batch else out

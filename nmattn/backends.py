@@ -1,18 +1,28 @@
-"""The backends behind `nm_attention(..., implementation=...)`.
+"""The backends behind `nm_attention(..., implementation=...)`, as objects.
 
-Each backend answers `unsupported_reason(spec)` (None when it can run the call
-on the current default device when asked for explicitly, else a sentence saying
-why not), `auto_eligible(spec)` (whether `implementation=None` may pick it, e.g.
-not a kernel that would run in Pallas interpret mode on a CPU) and `run(call)`.
-Kernel packages are imported lazily, so `import nmattn` needs no GPU toolchain.
+A backend is a frozen dataclass carrying its tuning (`config`); it answers
+`unsupported_reason(spec)` (None when it can run the call on the current
+default device, else a sentence saying why not), `auto_eligible(spec)`
+(whether `implementation=None` may pick it: not a kernel that would run in
+Pallas interpret mode on a CPU) and `run(call)`, where `call` is the
+canonical `pallas_kernels.call.AttentionCall` that `nmattn` validated once.
+`implementation=` takes a name (`BACKENDS`) or such an object, e.g.
+`PallasTriton(config=pallas_kernels.triton.TuningConfig(block_q=64))`.
+Kernel packages are imported on first use, so `import nmattn` needs no GPU
+toolchain (docs/ARCHITECTURE.md, "Backends").
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import Any, ClassVar
 
-from nmattn._validation import AttentionCall, AttentionSpec
-from nmattn.xla_backend import nm_attention_xla
+import jax
+import jax.numpy as jnp
+
+from nmattn import masking
+from nmattn.xla_backend import XlaTuning, nm_attention_xla
+from pallas_kernels.call import AttentionCall, AttentionSpec
 
 
 class UnsupportedCallError(NotImplementedError, ValueError):
@@ -26,70 +36,205 @@ class UnsupportedCallError(NotImplementedError, ValueError):
   """
 
 
-def _always_supported(spec: AttentionSpec) -> None:
-  del spec
-  return None
+def _check_config(backend: str, config: Any, expected: type) -> None:
+  if config is not None and not isinstance(config, expected):
+    raise ValueError(f"{backend}(config=...) must be a {expected.__name__} or "
+                     f"None; got config={config!r}")
 
 
-def _always_eligible(spec: AttentionSpec) -> bool:
-  del spec
-  return True
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """The contract every backend keeps (see the module docstring)."""
+  name: ClassVar[str] = ""
+
+  def unsupported_reason(self, spec: AttentionSpec) -> str | None:
+    del spec
+    return None
+
+  def auto_eligible(self, spec: AttentionSpec) -> bool:
+    del spec
+    return True
+
+  def run(self, call: AttentionCall):
+    raise NotImplementedError
 
 
-class Backend(NamedTuple):
-  name: str
-  unsupported_reason: Callable[[AttentionSpec], str | None]
-  run: Callable[[AttentionCall], object]
-  auto_eligible: Callable[[AttentionSpec], bool] = _always_eligible
+@dataclasses.dataclass(frozen=True)
+class Xla(Backend):
+  """Pure JAX, blocked with an online softmax and a recomputing custom VJP.
+
+  Runs every call on every device; `config` sets its block sizes (None: by
+  the call's shapes, `xla_backend.default_tuning`).
+  """
+  name: ClassVar[str] = "xla"
+  config: XlaTuning | None = None
+
+  def __post_init__(self):
+    _check_config("Xla", self.config, XlaTuning)
+
+  def run(self, call):
+    return nm_attention_xla(call, self.config)
 
 
-def _mosaic_backend() -> Backend:
-  """The Hopper kernels; `pallas_kernels.mosaic_gpu` is imported on first use."""
-
-  def reason(spec):
-    from pallas_kernels.mosaic_gpu import attention  # pylint: disable=g-import-not-at-top
-    return attention.unsupported_reason(spec)
-
-  def run(call):
-    from pallas_kernels.mosaic_gpu import attention  # pylint: disable=g-import-not-at-top
-    return attention.nm_attention_mosaic(call)
-
-  return Backend("pallas_mosaic", reason, run)
-
-
-XLA = Backend("xla", _always_supported, nm_attention_xla)
-
-
-def _triton_unsupported_reason(spec: AttentionSpec) -> str | None:
+def _triton():
   from pallas_kernels import triton  # pylint: disable=g-import-not-at-top
-  return triton.unsupported_reason(head_dim=spec.head_dim, dtype=spec.dtype)
+  return triton
 
 
-def _triton_auto_eligible(spec: AttentionSpec) -> bool:
-  """Only natively: interpret mode on a CPU is for tests, not speed."""
-  del spec
-  from pallas_kernels import triton  # pylint: disable=g-import-not-at-top
-  return triton.runs_natively()
+@dataclasses.dataclass(frozen=True)
+class PallasTriton(Backend):
+  """The fused Triton kernels, forward and backward (any CUDA GPU >= sm_80;
+  Pallas interpret mode on a CPU, which `implementation=None` never picks).
+
+  `config`: a `pallas_kernels.triton.TuningConfig` (None: `default_tuning`).
+  """
+  name: ClassVar[str] = "pallas_triton"
+  config: Any = None
+
+  def __post_init__(self):
+    if self.config is not None:
+      _check_config("PallasTriton", self.config, _triton().TuningConfig)
+
+  def unsupported_reason(self, spec):
+    return _triton().unsupported_reason(spec)
+
+  def auto_eligible(self, spec):
+    del spec
+    return _triton().runs_natively()
+
+  def run(self, call):
+    triton = _triton()
+    return triton.nm_flash_attention(call, tuning=self.config,
+                                     interpret=not triton.runs_natively())
+
+  def backward(self, call, out, lse, d_out):
+    """Gradients from a forward's `out` and `lse` (Triton's lse convention):
+    what makes this backend usable as `PallasMosaic`'s `vjp`."""
+    triton = _triton()
+    return triton.nm_flash_attention_bwd(call, out, lse, d_out,
+                                         tuning=self.config,
+                                         interpret=not triton.runs_natively())
 
 
-def _triton_run(call: AttentionCall):
-  from pallas_kernels import triton  # pylint: disable=g-import-not-at-top
+def _mosaic():
+  from pallas_kernels.mosaic_gpu import attention  # pylint: disable=g-import-not-at-top
+  return attention
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasMosaic(Backend):
+  """The Hopper (sm_90a) forward kernel: TMA, warp-specialized warpgroups,
+  `P V` on the 2:4 sparse tensor cores.
+
+  `config`: a `pallas_kernels.mosaic_gpu.MosaicTuning` (None: its defaults).
+  `vjp`: the backend whose `backward(call, out, lse, d_out)` differentiates
+  the forward (default: the Triton backward).
+  """
+  name: ClassVar[str] = "pallas_mosaic"
+  config: Any = None
+  vjp: Backend = PallasTriton()
+
+  def __post_init__(self):
+    if self.config is not None:
+      _check_config("PallasMosaic", self.config, _mosaic().MosaicTuning)
+    if not callable(getattr(self.vjp, "backward", None)):
+      raise ValueError("PallasMosaic(vjp=...) must be a backend with a "
+                       "backward(call, out, lse, d_out) method, such as "
+                       f"PallasTriton(); got vjp={self.vjp!r}")
+
+  def _tuning(self):
+    return self.config if self.config is not None else _mosaic().MosaicTuning()
+
+  def unsupported_reason(self, spec):
+    reason = _mosaic().unsupported_reason(spec, self._tuning())
+    if reason is None and (vjp_reason := self.vjp.unsupported_reason(spec)):
+      reason = f"its vjp backend {self.vjp.name!r} cannot: {vjp_reason}"
+    return reason
+
+  def run(self, call):
+    return _mosaic().nm_flash_attention(call, self._tuning(), self.vjp.backward)
+
+
+# cuDNN's fused attention takes 16-bit inputs and head_dim up to 128.
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+_CUDNN_MAX_HEAD_DIM = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Cudnn(Backend):
+  """Dense attention (`n == m`) on cuDNN's fused kernel, through
+  `jax.nn.dot_product_attention(..., implementation="cudnn")`, with
+  nmattn's semantics kept: a query row with no valid key gives zeros and
+  zero gradients. cuDNN itself attends uniformly (or gives NaN gradients)
+  on a row masked entirely by `mask` or a `-inf` bias (tools/
+  cudnn_semantics.py measured it); such rows are given every key before the
+  call and zeroed after it, so they receive no gradient either.
+  """
+  name: ClassVar[str] = "cudnn"
+
+  def unsupported_reason(self, spec):
+    if not spec.is_dense:
+      return (f"it computes dense attention only (n == m); got n={spec.n}, "
+              f"m={spec.m}")
+    device = jax.devices()[0]
+    capability = str(getattr(device, "compute_capability", ""))
+    if device.platform != "gpu" or not capability or float(capability) < 8.0:
+      return (f"it needs a CUDA GPU of compute capability >= 8.0; the default "
+              f"device is {device.platform} ({device.device_kind})")
+    if jnp.dtype(spec.dtype) not in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
+      return f"dtype {jnp.dtype(spec.dtype).name} (supported: bfloat16, float16)"
+    if spec.head_dim > _CUDNN_MAX_HEAD_DIM or spec.head_dim % 8:
+      return (f"head_dim={spec.head_dim} (supported: multiples of 8 up to "
+              f"{_CUDNN_MAX_HEAD_DIM})")
+    if spec.window is not None and not (
+        spec.is_causal and spec.window[1] == 0 and not spec.has_kv_lengths
+        and spec.q_len <= spec.kv_len):
+      # cuDNN rejects a right window without causal masking; the other
+      # conditions keep every row's own key valid (no row empty by position).
+      return (f"local_window_size={spec.window} (supported: (left, 0) with "
+              "is_causal, q_len <= kv_len and no key_value_seq_lengths)")
+    return None
+
+  def run(self, call):
+    spec = call.spec
+    bias, mask = call.bias, call.mask
+    row_valid = _rows_with_a_key(call) if bias is not None or mask is not None else None
+    if row_valid is not None:
+      every_key = jnp.logical_not(row_valid)[..., None]
+      if mask is not None:
+        mask = mask | every_key
+      if bias is not None:
+        bias = jnp.where(every_key, jnp.zeros((), bias.dtype), bias)
+    out = jax.nn.dot_product_attention(
+        call.query, call.key, call.value, bias, mask, scale=spec.scale,
+        is_causal=spec.is_causal, query_seq_lengths=call.q_lengths,
+        key_value_seq_lengths=call.kv_lengths,
+        local_window_size=spec.window, implementation="cudnn")
+    if row_valid is not None:
+      keep = jnp.transpose(row_valid, (0, 2, 1))[..., None]  # [B|1, T, H|1, 1]
+      out = jnp.where(keep, out, jnp.zeros((), out.dtype))
+    return out
+
+
+def _rows_with_a_key(call: AttentionCall):
+  """`[B|1, H|1, T]` bool: whether each query row has a valid key, counting
+  the mask, a `-inf` bias and the positional masks."""
   spec = call.spec
-  return triton.nm_flash_attention(
-      call.query, call.key, call.value, call.bias, call.mask, scale=spec.scale,
-      is_causal=spec.is_causal, q_lengths=call.q_lengths,
-      kv_lengths=call.kv_lengths, window=spec.window, n=spec.n, m=spec.m,
-      interpret=not triton.runs_natively())
+  valid = masking.validity_mask(
+      jnp.arange(spec.q_len), jnp.arange(spec.kv_len), mask=call.mask,
+      is_causal=spec.is_causal, window=spec.window,
+      kv_lengths=call.kv_lengths)
+  if call.bias is not None:
+    finite = call.bias > -jnp.inf
+    valid = finite if valid is None else valid & finite
+  return jnp.any(valid, axis=-1)
 
-
-PALLAS_TRITON = Backend("pallas_triton", _triton_unsupported_reason, _triton_run,
-                        _triton_auto_eligible)
 
 BACKENDS: dict[str, Backend] = {
-    "xla": XLA,
-    "pallas_triton": PALLAS_TRITON,
-    "pallas_mosaic": _mosaic_backend(),
+    backend.name: backend
+    for backend in (Xla(), PallasTriton(), PallasMosaic(), Cudnn())
 }
 
-# Tried in this order under implementation=None; "xla" always runs.
-AUTO_ORDER = ("pallas_mosaic", "pallas_triton", "xla")
+# Tried in this order under implementation=None; "xla" always runs. "cudnn"
+# takes only dense calls.
+AUTO_ORDER = ("cudnn", "pallas_mosaic", "pallas_triton", "xla")

@@ -18,12 +18,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from nmattn import masking
-from nmattn._validation import AttentionCall, AttentionSpec
 from nmattn.reference import HIGHEST, compute_dtype
-
-# Every supported m divides this, so key blocks that are multiples of it keep
-# N:M groups whole.
-_KEY_ALIGN = 16
+from pallas_kernels.call import (KEY_ALIGN, AttentionCall, AttentionSpec,
+                                 pad_axis, pad_broadcast, round_up)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,43 +30,20 @@ class XlaTuning:
   block_k: int
 
   def __post_init__(self):
-    if self.block_q < 1 or self.block_k < 1 or self.block_k % _KEY_ALIGN:
-      raise ValueError(f"block_k must be a positive multiple of {_KEY_ALIGN} "
+    if self.block_q < 1 or self.block_k < 1 or self.block_k % KEY_ALIGN:
+      raise ValueError(f"block_k must be a positive multiple of {KEY_ALIGN} "
                        f"and block_q positive; got {self}")
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
 
 
 def default_tuning(spec: AttentionSpec,
                    tile_bytes: int = 16 * 2**20) -> XlaTuning:
   """Key blocks of up to 512; query blocks so one f32 score tile fits `tile_bytes`."""
-  block_k = min(512, _round_up(spec.kv_len, _KEY_ALIGN))
+  block_k = min(512, round_up(spec.kv_len, KEY_ALIGN))
   bytes_per_row = spec.batch * spec.heads * block_k * 4
-  rows = max(_KEY_ALIGN, tile_bytes // bytes_per_row)
+  rows = max(KEY_ALIGN, tile_bytes // bytes_per_row)
   rows = 1 << (rows.bit_length() - 1)
-  return XlaTuning(block_q=min(rows, _round_up(spec.q_len, _KEY_ALIGN)),
+  return XlaTuning(block_q=min(rows, round_up(spec.q_len, KEY_ALIGN)),
                    block_k=block_k)
-
-
-def _pad_axis(x, axis, size, value=0):
-  if x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
-
-
-def _pad_broadcast(x, q_size, k_size):
-  """Pads the full (non-broadcast) query/key dims of a 4-D bias or mask."""
-  if x is None:
-    return None
-  if x.shape[2] > 1:
-    x = _pad_axis(x, 2, q_size)
-  if x.shape[3] > 1:
-    x = _pad_axis(x, 3, k_size)
-  return x
 
 
 def _tile(x, qi, ki, bq, bk):
@@ -94,12 +68,12 @@ class _Problem:
     self.groups = spec.heads // spec.kv_heads
     self.cd = compute_dtype(spec.dtype)
     tq, tk = self.nq * self.bq, self.nk * self.bk
-    self.q = _pad_axis(q, 1, tq).reshape(spec.batch, tq, spec.kv_heads,
+    self.q = pad_axis(q, 1, tq).reshape(spec.batch, tq, spec.kv_heads,
                                          self.groups, spec.head_dim)
-    self.k = _pad_axis(k, 1, tk)
-    self.v = _pad_axis(v, 1, tk)
-    self.bias = _pad_broadcast(bias, tq, tk)
-    self.mask = _pad_broadcast(mask, tq, tk)
+    self.k = pad_axis(k, 1, tk)
+    self.v = pad_axis(v, 1, tk)
+    self.bias = pad_broadcast(bias, tq, tk)
+    self.mask = pad_broadcast(mask, tq, tk)
     self.q_lengths, self.kv_lengths = q_lengths, kv_lengths
 
   def q_tile(self, x, qi):
@@ -173,8 +147,8 @@ def _backward(spec, tuning, residuals, d_out):
   pr = _Problem(spec, tuning, q, k, v, bias, mask, q_lengths, kv_lengths)
   tq = pr.nq * pr.bq
   shape5 = (spec.batch, tq, spec.kv_heads, pr.groups, spec.head_dim)
-  d_out = _pad_axis(d_out, 1, tq).reshape(shape5)
-  out = _pad_axis(out, 1, tq).reshape(shape5)
+  d_out = pad_axis(d_out, 1, tq).reshape(shape5)
+  out = pad_axis(out, 1, tq).reshape(shape5)
   # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij, the softmax-backward term.
   delta = jnp.einsum("bqkgd,bqkgd->bkgq", d_out.astype(pr.cd), out.astype(pr.cd))
   scale = spec.scale

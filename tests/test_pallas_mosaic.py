@@ -35,7 +35,8 @@ def _triton_backward_available() -> bool:
 @pytest.fixture
 def hopper():
   reason = mosaic_attention.unsupported_reason(
-      canonicalize(*(jnp.zeros((1, 8, 1, 64), jnp.bfloat16),) * 3)[0].spec)
+      canonicalize(*(jnp.zeros((1, 8, 1, 64), jnp.bfloat16),) * 3)[0].spec,
+      fw.MosaicTuning())
   if reason is not None:
     pytest.skip(reason)
 
@@ -52,37 +53,36 @@ def test_permute_keys_matches_twin(rng):
         sf.permute_keys(np.asarray(k), width, axis=1))
 
 
-def test_tuning_and_shape_errors():
+def test_tuning_errors():
   with pytest.raises(ValueError, match="block_kv must be a multiple of 64"):
     fw.MosaicTuning(block_kv=96)
   with pytest.raises(ValueError, match="max_concurrent_steps must be >= 2"):
     fw.MosaicTuning(max_concurrent_steps=1)
-  q = jnp.zeros((1, 16, 2, 128), jnp.bfloat16)
-  kwargs = dict(scale=0.1, is_causal=False, window=None, n=2, m=4)
-  with pytest.raises(ValueError, match="shared memory"):
-    fw.nm_flash_attention_fwd(q, q, q, **kwargs,
-                              tuning=fw.MosaicTuning(block_kv=256))
-  with pytest.raises(ValueError, match="head_dim=32"):
-    fw.nm_flash_attention_fwd(q[..., :32], q[..., :32], q[..., :32], **kwargs)
-  with pytest.raises(ValueError, match="dtype float32"):
-    fw.nm_flash_attention_fwd(*(q.astype(jnp.float32),) * 3, **kwargs)
-  with pytest.raises(ValueError, match=r"bias must be 4-D .*got bias.shape=\(16, 16\)"):
-    fw.nm_flash_attention_fwd(q, q, q, jnp.zeros((16, 16)), **kwargs)
-  with pytest.raises(ValueError, match=r"kv_lengths must have shape \(1,\)"):
-    fw.nm_flash_attention_fwd(q, q, q, kv_lengths=jnp.zeros((2,), jnp.int32),
-                              **kwargs)
+  with pytest.raises(ValueError, match=r"PallasMosaic\(config=...\) must be a "
+                     r"MosaicTuning or None; got config=4"):
+    nmattn.backends.PallasMosaic(config=4)
+  with pytest.raises(ValueError, match=r"PallasMosaic\(vjp=...\) must be a "
+                     r"backend with a backward"):
+    nmattn.backends.PallasMosaic(vjp=nmattn.backends.Xla())
 
 
 def test_unsupported_reason_names_the_problem():
+  """The reason checks the backend's own tuning, not only the default one."""
   q = jnp.zeros((1, 8, 2, 32), jnp.float32)
   spec = canonicalize(q, q, q)[0].spec
-  assert "dtype float32" in mosaic_attention.unsupported_reason(spec)
+  default = nmattn.backends.PallasMosaic()
+  assert "dtype float32" in default.unsupported_reason(spec)
   spec = canonicalize(*(q.astype(jnp.bfloat16),) * 3)[0].spec
-  assert "head_dim=32" in mosaic_attention.unsupported_reason(spec)
-  spec = canonicalize(*(jnp.zeros((1, 8, 2, 64), jnp.bfloat16),) * 3)[0].spec
-  reason = mosaic_attention.unsupported_reason(spec)
+  assert "head_dim=32" in default.unsupported_reason(spec)
+  spec = canonicalize(*(jnp.zeros((1, 8, 2, 128), jnp.bfloat16),) * 3)[0].spec
+  big = nmattn.backends.PallasMosaic(config=fw.MosaicTuning(block_kv=256))
+  assert "bytes of shared memory" in big.unsupported_reason(spec)
+  reason = default.unsupported_reason(spec)
   if jax.default_backend() != "gpu":
     assert "needs a Hopper (sm_90) GPU" in reason
+    with pytest.raises(nmattn.UnsupportedCallError, match="Hopper"):
+      nmattn.nm_attention(*(jnp.zeros((1, 8, 2, 128), jnp.bfloat16),) * 3,
+                          implementation=default)
 
 
 def test_profile_trace_summary(tmp_path):
@@ -155,7 +155,9 @@ LOWERING_CASES = {
     "2:4 dense-pv": dict(tuning=fw.MosaicTuning(sparse_pv=False)),
     "4:4": dict(n=4, m=4),
     "1:2 causal": dict(n=1, m=2, is_causal=True),
-    "1:4 window": dict(n=1, m=4, window=(100, 20)),
+    "1:4 window": dict(n=1, m=4, local_window_size=(100, 20)),
+    "bias window causal": dict(extras=True, is_causal=True,
+                               local_window_size=(130, 0)),
     "3:8 causal": dict(n=3, m=8, is_causal=True),
     "d64 fp16 gqa": dict(head_dim=64, dtype=jnp.float16, kv_heads=1),
     "ragged lengths": dict(q_len=300, kv_len=333, lengths=True),
@@ -175,7 +177,8 @@ def test_kernel_lowers_for_cuda(case):
   head_dim, kv_heads = kw.pop("head_dim", 128), kw.pop("kv_heads", 2)
   q_len, kv_len = kw.pop("q_len", 256), kw.pop("kv_len", 256)
   lengths, extras = kw.pop("lengths", False), kw.pop("extras", False)
-  kw = dict(dict(n=2, m=4, is_causal=False, window=None), **kw)
+  tuning = kw.pop("tuning", None)
+  kw = dict(dict(n=2, m=4), **kw)
   spec = jax.ShapeDtypeStruct
   args = [spec((2, q_len, 4, head_dim), dtype),
           spec((2, kv_len, kv_heads, head_dim), dtype),
@@ -188,8 +191,11 @@ def test_kernel_lowers_for_cuda(case):
 
   def kernel(*xs):
     it = iter(xs)
-    full = [None if a is None else next(it) for a in args]
-    return fw.nm_flash_attention_fwd(*full, scale=head_dim ** -0.5, **kw)
+    q, k, v, bias, mask, q_lengths, kv_lengths = [
+        None if a is None else next(it) for a in args]
+    call, _ = canonicalize(q, k, v, bias, mask, query_seq_lengths=q_lengths,
+                           key_value_seq_lengths=kv_lengths, **kw)
+    return fw.nm_flash_attention_fwd(call, tuning)
 
   exported = jax.export.export(jax.jit(kernel), platforms=["cuda"])(*present)
   out, lse = exported.out_avals
@@ -231,11 +237,10 @@ class TestMosaicAttention(AttentionTestBase):
 
 
 def _kernel(q, k, v, *, tuning=None, **kwargs):
-  kwargs.setdefault("scale", q.shape[-1] ** -0.5)
-  kwargs.setdefault("is_causal", False)
-  kwargs.setdefault("window", None)
-  return jax.jit(functools.partial(fw.nm_flash_attention_fwd, tuning=tuning,
-                                   **kwargs))(q, k, v)
+  """The forward's `(out, lse)` of the canonical call of these arguments."""
+  def forward(q, k, v):
+    return fw.nm_flash_attention_fwd(canonicalize(q, k, v, **kwargs)[0], tuning)
+  return jax.jit(forward)(q, k, v)
 
 
 def _normal(rng, shape, dtype=jnp.bfloat16):

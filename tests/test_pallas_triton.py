@@ -24,6 +24,7 @@ from attention_test_base import (FORWARD_TOL, GRAD_TOL, AttentionTestBase,
 from nmattn import masking, reference
 from nmattn._validation import canonicalize
 from nmattn.attention import select_backend
+from pallas_kernels import tile_plan
 from pallas_kernels import triton as nm_triton
 from pallas_kernels.triton import _common
 
@@ -32,13 +33,31 @@ SMALL_TILES = nm_triton.TuningConfig(
     block_q=16, block_k=64, block_q_dq=16, block_k_dq=64, block_q_dkv=32,
     block_k_dkv=64)
 
-_REFERENCE_NAMES = dict(window="local_window_size", q_lengths="query_seq_lengths",
-                        kv_lengths="key_value_seq_lengths")
+_reference = reference.nm_attention_reference
 
 
-def _reference(q, k, v, bias=None, **kwargs):
-  kwargs = {_REFERENCE_NAMES.get(name, name): x for name, x in kwargs.items()}
-  return reference.nm_attention_reference(q, k, v, bias, **kwargs)
+def _call(q, k, v, bias=None, mask=None, **kwargs):
+  """The canonical call of `nm_attention`-style arguments."""
+  return canonicalize(q, k, v, bias, mask, **kwargs)[0]
+
+
+def triton_attention(q, k, v, bias=None, mask=None, *, tuning=None,
+                     interpret=True, **kwargs):
+  """`nm_flash_attention` of the canonical call of these arguments."""
+  return nm_triton.nm_flash_attention(_call(q, k, v, bias, mask, **kwargs),
+                                      tuning=tuning, interpret=interpret)
+
+
+def triton_selection(q, k, v, bias=None, mask=None, *, tuning=None,
+                     interpret=True, **kwargs):
+  """The forward kernel's keep-mask of the canonical call of these arguments."""
+  return nm_triton.nm_flash_attention_selection(
+      _call(q, k, v, bias, mask, **kwargs), tuning=tuning, interpret=interpret)
+
+
+def _plan(q, k, v, bias=None, mask=None, *, tuning=None, **kwargs):
+  return _common.make_plan(_call(q, k, v, bias, mask, **kwargs).spec, tuning,
+                           interpret=True)
 
 
 class TestPallasTriton(AttentionTestBase):
@@ -62,10 +81,10 @@ def _lengths(rng, batch, length):
 # name -> (dtype, heads, kv_heads, q_len, kv_len, kwargs builder(rng, b, h, t, s)).
 MULTI_TILE_CASES = {
     "causal_gqa_lengths_2of4": (jnp.float32, 4, 2, 150, 150, lambda r, b, h, t, s: dict(
-        is_causal=True, n=2, m=4, q_lengths=_lengths(r, b, t),
-        kv_lengths=_lengths(r, b, s))),
+        is_causal=True, n=2, m=4, query_seq_lengths=_lengths(r, b, t),
+        key_value_seq_lengths=_lengths(r, b, s))),
     "window_bias_mask_1of2": (jnp.float32, 2, 2, 100, 140, lambda r, b, h, t, s: dict(
-        window=(37, 11), n=1, m=2,
+        local_window_size=(37, 11), n=1, m=2,
         bias=jnp.asarray(r.standard_normal((b, h, t, s)), jnp.float32),
         mask=jnp.asarray(r.random((b, 1, t, s)) < 0.8))),
     "float16_mqa_causal_column_bias_dense": (
@@ -85,8 +104,7 @@ def _check_against_reference(rng, q, k, v, bias, kwargs, *, tuning, forward_tol,
     out = fn(q, k, v, bias, **kwargs)
     return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32)), out
 
-  kernel = functools.partial(nm_triton.nm_flash_attention, interpret=True,
-                             tuning=tuning)
+  kernel = functools.partial(triton_attention, tuning=tuning)
   argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
   got, out = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=argnums,
                               has_aux=True))(q, k, v, bias)
@@ -121,14 +139,13 @@ def test_explicit_scales_match_reference(rng, scale, with_bias):
   bias = (jnp.asarray(rng.standard_normal((1, 2, 40, 72)), jnp.float32)
           if with_bias else None)
   kwargs = dict(scale=scale, is_causal=True, n=2, m=4)
-  plan, *_ = _common.plan_call(q, k, v, bias, None, None, None, window=None,
-                               interpret=True, tuning=SMALL_TILES, **kwargs)
+  call = _call(q, k, v, bias, **kwargs)
+  plan = _common.make_plan(call.spec, SMALL_TILES, interpret=True)
   assert plan.selects_unscaled == (scale > 0 and not with_bias)
   _check_against_reference(rng, q, k, v, bias, kwargs, tuning=SMALL_TILES,
                            forward_tol=1e-5, grad_tol=1e-4)
-  _, lse = nm_triton.nm_flash_attention_fwd(q, k, v, bias, interpret=True,
-                                            tuning=SMALL_TILES, **kwargs)
-  call, _ = canonicalize(q, k, v, bias, **kwargs)
+  _, lse = nm_triton.nm_flash_attention_fwd(call, interpret=True,
+                                            tuning=SMALL_TILES)
   scores = reference.call_scores(call)
   want_lse = jax.nn.logsumexp(
       jnp.where(masking.nm_mask(scores, 2, 4), scores, -jnp.inf), axis=-1)
@@ -142,9 +159,8 @@ def test_lse_and_backward_entry_points(rng):
                           head_dim=16)
   mask = jnp.asarray(rng.random((2, 1, 40, 72)) < 0.6).at[:, :, :3].set(False)
   kwargs = dict(is_causal=True, n=2, m=4)
-  out, lse = nm_triton.nm_flash_attention_fwd(q, k, v, mask=mask, interpret=True,
-                                              **kwargs)
-  call, _ = canonicalize(q, k, v, mask=mask, **kwargs)
+  call = _call(q, k, v, mask=mask, **kwargs)
+  out, lse = nm_triton.nm_flash_attention_fwd(call, interpret=True)
   scores = reference.call_scores(call)
   kept = jnp.where(masking.nm_mask(scores, 2, 4), scores, -jnp.inf)
   want_lse = jax.nn.logsumexp(kept, axis=-1)
@@ -164,8 +180,7 @@ def test_lse_and_backward_entry_points(rng):
   # Both conventions for rows with no kept score: +inf (this forward), -inf.
   for empty_lse in (jnp.inf, -jnp.inf):
     grads = nm_triton.nm_flash_attention_bwd(
-        q, k, v, None, mask, None, None, out, jnp.where(empty, empty_lse, lse),
-        d_out, interpret=True, **kwargs)
+        call, out, jnp.where(empty, empty_lse, lse), d_out, interpret=True)
     assert grads[3] is None
     for g, w in zip(grads[:3], want):
       assert np.isfinite(np.asarray(g)).all()
@@ -177,8 +192,7 @@ def test_kernel_selection_matches_reference(rng):
   q, k, v = random_inputs(rng, batch=2, q_len=48, kv_len=100, heads=2,
                           kv_heads=2, head_dim=32)
   bias = jnp.asarray(rng.standard_normal((1, 2, 48, 100)), jnp.float32)
-  keep = nm_triton.nm_flash_attention_selection(q, k, v, bias, window=(30, 9),
-                                                n=2, m=4, interpret=True)
+  keep = triton_selection(q, k, v, bias, local_window_size=(30, 9), n=2, m=4)
   call, _ = canonicalize(q, k, v, bias, local_window_size=(30, 9), n=2, m=4)
   want = masking.nm_mask(reference.call_scores(call), 2, 4)
   assert keep.shape == want.shape == (2, 2, 48, 100) and keep.dtype == jnp.bool_
@@ -246,7 +260,7 @@ def check_nan_scores_propagate(rng, n, m, *, q_len, kv_len, head_dim, dtype,
     return out, vjp(d_out)[0]
 
   out, dq = jax.jit(lambda: out_and_dq(functools.partial(
-      nm_triton.nm_flash_attention, **kernel)))()
+      triton_attention, **kernel)))()
   ref, ref_dq = out_and_dq(_reference)
   nan_rows = np.zeros((2, q_len, 2), bool)
   nan_rows[:, rows] = True
@@ -256,7 +270,7 @@ def check_nan_scores_propagate(rng, n, m, *, q_len, kv_len, head_dim, dtype,
     np.testing.assert_array_equal(np.isnan(want).all(-1), nan_rows)
     np.testing.assert_array_equal(np.isnan(got).any(-1), nan_rows)
     assert rel_err(got[~nan_rows], want[~nan_rows]) < tol
-  keep = nm_triton.nm_flash_attention_selection(q, k, v, bias, **kwargs, **kernel)
+  keep = triton_selection(q, k, v, bias, **kwargs, **kernel)
   assert np.asarray(keep)[np.isnan(np.asarray(bias))].all()
 
 
@@ -283,7 +297,7 @@ def test_tile_ranges_match_brute_force(is_causal, window):
   for _ in range(6):
     q_len, kv_len = int(rng.integers(1, t_pad + 1)), int(rng.integers(1, s_pad + 1))
     q_limit, kv_limit = int(rng.integers(0, q_len + 1)), int(rng.integers(0, kv_len + 1))
-    plan = _plan_for(q_len, kv_len, is_causal, window)
+    spec = _spec_for(q_len, kv_len, is_causal, window)
     qp, kp = np.arange(t_pad)[:, None], np.arange(s_pad)[None, :]
     valid = (qp < q_limit) & (kp < kv_limit)
     if is_causal:
@@ -292,25 +306,22 @@ def test_tile_ranges_match_brute_force(is_causal, window):
       valid &= (kp >= qp - window[0]) & (kp <= qp + window[1])
     any_valid, all_valid = _brute_force_tiles(valid, block_q, block_k)
     for q_tile in range(t_pad // block_q):
-      lo, full_lo, full_hi, hi = (int(x) for x in _common.key_tile_range(
-          plan, jnp.int32(q_tile * block_q), block_q, block_k, jnp.int32(q_limit),
+      lo, full_lo, full_hi, hi = (int(x) for x in tile_plan.key_tiles(
+          spec, jnp.int32(q_tile * block_q), block_q, block_k, jnp.int32(q_limit),
           jnp.int32(kv_limit)))
       _check_range(any_valid[q_tile], all_valid[q_tile], lo, full_lo, full_hi, hi)
     for k_tile in range(s_pad // block_k):
-      lo, full_lo, full_hi, hi = (int(x) for x in _common.query_tile_range(
-          plan, jnp.int32(k_tile * block_k), block_k, block_q, jnp.int32(q_limit),
+      lo, full_lo, full_hi, hi = (int(x) for x in tile_plan.query_tiles(
+          spec, jnp.int32(k_tile * block_k), block_k, block_q, jnp.int32(q_limit),
           jnp.int32(kv_limit)))
       _check_range(any_valid[:, k_tile], all_valid[:, k_tile], lo, full_lo,
                    full_hi, hi)
 
 
-def _plan_for(q_len, kv_len, is_causal, window):
-  shape = jax.ShapeDtypeStruct((1, q_len, 1, 16), jnp.float32)
-  kv = jax.ShapeDtypeStruct((1, kv_len, 1, 16), jnp.float32)
-  plan, *_ = _common.plan_call(shape, kv, kv, None, None, None, None, scale=None,
-                               is_causal=is_causal, window=window, n=2, m=4,
-                               interpret=True, tuning=None)
-  return plan
+def _spec_for(q_len, kv_len, is_causal, window):
+  q = jnp.zeros((1, q_len, 1, 16))
+  kv = jnp.zeros((1, kv_len, 1, 16))
+  return _call(q, kv, kv, is_causal=is_causal, local_window_size=window).spec
 
 
 def _check_range(any_valid, all_valid, lo, full_lo, full_hi, hi):
@@ -332,8 +343,9 @@ def test_lowers_through_triton_for_cuda():
   lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
 
   def loss(q, k, v, bias, kv_lengths):
-    out = nm_triton.nm_flash_attention(q, k, v, bias, kv_lengths=kv_lengths,
-                                       is_causal=True, window=(64, 0), n=2, m=4)
+    out = triton_attention(q, k, v, bias, key_value_seq_lengths=kv_lengths,
+                           is_causal=True, local_window_size=(64, 0), n=2, m=4,
+                           interpret=False)
     return jnp.sum(out.astype(jnp.float32))
 
   traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(
@@ -371,61 +383,19 @@ def test_float64_is_refused_explicitly_and_falls_back(enable_x64):
   assert nmattn.nm_attention(q, k, v).dtype == jnp.float64
 
 
-def _args(**overrides):
-  q, k, v = random_inputs(np.random.default_rng(0), batch=2, q_len=8, kv_len=12,
-                          heads=4, kv_heads=2, head_dim=16)
-  args = dict(q=q, k=k, v=v)
-  args.update(overrides)
-  return args
-
-
-_Q = _args()["q"]
-_K = _args()["k"]
-
-
-@pytest.mark.parametrize("overrides,match", [
-    (dict(q=_Q[0]), r"q must have rank 4 .*got q.shape=\(8, 4, 16\)"),
-    (dict(v=_K[:, :5]), r"k and v must have the same shape"),
-    (dict(k=_K[:1], v=_K[:1]), r"k must be \[batch=2, kv_len, kv_heads, head_dim=16\]"),
-    (dict(k=_K[:, :, :1].repeat(3, 2), v=_K[:, :, :1].repeat(3, 2)),
-     r"q heads must be a positive multiple of k heads"),
-    (dict(q=_Q[..., :8], k=_K[..., :8], v=_K[..., :8]),
-     r"head_dim must be one of \(16, 32, 64, 128, 256\); got head_dim=8"),
-    (dict(q=_Q.astype(jnp.int32)), r"q.dtype must be one of .*got q.dtype=int32"),
-    (dict(k=_K.astype(jnp.bfloat16)), r"k.dtype must equal q.dtype=float32"),
-    (dict(n=3, m=2), r"1 <= n <= m; got n=3, m=2"),
-    (dict(m=6), r"m must be one of \(1, 2, 4, 8, 16\).*got n=2, m=6"),
-    (dict(n=True), r"n must be a Python int; got n=True"),
-    (dict(bias=jnp.ones((2, 4, 8, 11))), r"bias must be broadcastable to .*got bias.shape=\(2, 4, 8, 11\)"),
-    (dict(bias=jnp.ones((8, 12), jnp.int32)), r"bias must be a float array; got bias.dtype=int32"),
-    (dict(mask=jnp.ones((8, 12))), r"mask must be a bool array .*got mask.dtype=float32"),
-    (dict(q_lengths=jnp.ones((3,), jnp.int32)), r"q_lengths must be an integer array of shape \[batch\]=\(2,\); got q_lengths.shape=\(3,\)"),
-    (dict(kv_lengths=jnp.ones((2,))), r"kv_lengths must be an integer array .*kv_lengths.dtype=float32"),
-    (dict(window=(3, -1)), r"window must be .*got window=\(3, -1\)"),
-    (dict(window=1.5), r"got window=1.5"),
-    (dict(scale="big"), r"scale must be a Python float or None; got scale='big'"),
-    (dict(is_causal=1), r"is_causal must be a bool; got is_causal=1"),
-    (dict(interpret="yes"), r"interpret must be a bool; got interpret='yes'"),
-    (dict(tuning=dict(block_q=64)), r"tuning must be a TuningConfig or None"),
-])
-def test_argument_errors(overrides, match):
-  with pytest.raises(ValueError, match=match):
-    nm_triton.nm_flash_attention(**dict(_args(interpret=True), **overrides))
-
-
-def test_backward_residual_errors():
-  args = _args()
-  q, k, v = args["q"], args["k"], args["v"]
-  lse = jnp.zeros((2, 4, 8), jnp.float32)
-  bwd = functools.partial(nm_triton.nm_flash_attention_bwd, interpret=True)
-  with pytest.raises(ValueError, match=r"lse must be float32 \[batch, heads, q_len\]="
-                     r"\(2, 4, 8\); got lse.shape=\(2, 8, 4\)"):
-    bwd(q, k, v, None, None, None, None, q, lse.reshape(2, 8, 4), q)
-  with pytest.raises(ValueError, match=r"got lse.shape=\(2, 4, 8\), lse.dtype=bfloat16"):
-    bwd(q, k, v, None, None, None, None, q, lse.astype(jnp.bfloat16), q)
-  with pytest.raises(ValueError, match=r"d_out must have the shape of q .*got "
-                     r"d_out.shape=\(2, 7, 4, 16\)"):
-    bwd(q, k, v, None, None, None, None, q, lse, q[:, :7])
+def test_backend_object_carries_its_tuning(rng):
+  """`implementation=PallasTriton(config=...)` runs with that tuning; a
+  config of the wrong type is refused at construction."""
+  q, k, v = random_inputs(rng, batch=1, q_len=40, kv_len=72, heads=2,
+                          kv_heads=2, head_dim=16)
+  backend = nmattn.backends.PallasTriton(config=SMALL_TILES)
+  out = nmattn.nm_attention(q, k, v, is_causal=True, implementation=backend)
+  want = triton_attention(q, k, v, is_causal=True, tuning=SMALL_TILES)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+  assert rel_err(out, _reference(q, k, v, is_causal=True)) < 1e-5
+  with pytest.raises(ValueError, match=r"PallasTriton\(config=...\) must be a "
+                     r"TuningConfig or None; got config=\{'block_q': 64\}"):
+    nmattn.backends.PallasTriton(config=dict(block_q=64))
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -441,13 +411,11 @@ def test_tuning_errors(field, value, match):
 
 def test_key_blocks_hold_whole_groups_of_lanes():
   """Key tiles widen to 16 * m lanes; dense calls need no lanes."""
-  args = _args()
+  q, k, v = random_inputs(np.random.default_rng(0), batch=2, q_len=8,
+                          kv_len=12, heads=4, kv_heads=2, head_dim=16)
   for (n, m), want in {(2, 4): 64, (1, 2): 32, (3, 8): 128, (5, 16): 256,
                        (4, 4): 16}.items():
-    plan, *_ = _common.plan_call(args["q"], args["k"], args["v"], None, None, None,
-                                 None, scale=None, is_causal=False, window=None,
-                                 n=n, m=m, interpret=True,
-                                 tuning=nm_triton.TuningConfig(block_k=16))
+    plan = _plan(q, k, v, n=n, m=m, tuning=nm_triton.TuningConfig(block_k=16))
     assert plan.forward_blocks == (16, want)
 
 
@@ -455,7 +423,7 @@ def test_pallas_kernels_does_not_import_nmattn():
   """Dependencies point one way: experiments -> nmattn -> pallas_kernels."""
   import pallas_kernels  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(pallas_kernels.__path__[0])
-  paths = [root / "_compat.py", *(root / "triton").glob("*.py")]
+  paths = list(root.rglob("*.py"))
   for path in paths:
     text = path.read_text()
     for forbidden in ("import nmattn", "from nmattn", "import experiments",
@@ -467,9 +435,7 @@ def test_tiled_bias_or_mask_pipelines_fewer_stages():
   """Three stages of K, V, a [block_q, block_k] f32 bias and mask tile overflow
   an H100's shared memory (measured: 249856 > 232448 bytes at head_dim 64)."""
   q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
-  plan_of = lambda bias, mask: _common.plan_call(
-      q, q, q, bias, mask, None, None, scale=None, is_causal=False, window=None,
-      n=2, m=4, interpret=True, tuning=None)[0]
+  plan_of = lambda bias, mask: _plan(q, q, q, bias, mask)
   assert plan_of(None, None).tuning.num_stages == 3
   assert plan_of(jnp.ones((1, 1, 1, 256)), None).tuning.num_stages == 3
   assert plan_of(jnp.ones((1, 2, 256, 256)), None).tuning.num_stages == 2
@@ -479,26 +445,21 @@ def test_tiled_bias_or_mask_pipelines_fewer_stages():
 def test_float32_takes_the_tiles_of_twice_the_head_dim():
   """float32 at head_dim 128 with the 16-bit tiles asked an H100 for 393728
   bytes of shared memory (232448 available)."""
-  plan_of = lambda dtype, head_dim: _common.plan_call(
-      *[jnp.zeros((1, 256, 2, head_dim), dtype)] * 3, None, None, None, None,
-      scale=None, is_causal=False, window=None, n=2, m=4, interpret=True,
-      tuning=None)[0]
+  spec_of = lambda dtype, head_dim: _call(
+      *[jnp.zeros((1, 256, 2, head_dim), dtype)] * 3).spec
+  plan_of = lambda dtype, head_dim: _common.make_plan(spec_of(dtype, head_dim))
   assert plan_of(jnp.float32, 64).tuning == plan_of(jnp.bfloat16, 128).tuning
   assert plan_of(jnp.float32, 128).tuning == plan_of(jnp.bfloat16, 256).tuning
-  with pytest.raises(ValueError, match="head_dim=256"):
-    plan_of(jnp.float32, 256)
-  assert "head_dim=256" in nm_triton.unsupported_reason(head_dim=256,
-                                                        dtype=jnp.float32)
-  assert nm_triton.unsupported_reason(head_dim=128, dtype=jnp.float32) is None
+  assert "head_dim=256" in nm_triton.unsupported_reason(
+      spec_of(jnp.float32, 256))
+  assert nm_triton.unsupported_reason(spec_of(jnp.float32, 128)) is None
 
 
 @pytest.mark.parametrize("m", [1, 2, 4, 8])
 def test_lane_order_split_and_join(rng, m):
   """K tiles in lane order: a dot's columns split into the strided lanes."""
-  plan, *_ = _common.plan_call(
-      jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 256, 1, 16)), jnp.zeros((1, 256, 1, 16)),
-      None, None, None, None, scale=None, is_causal=False, window=None, n=1, m=m,
-      interpret=True, tuning=None)
+  plan = _plan(jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 256, 1, 16)),
+               jnp.zeros((1, 256, 1, 16)), n=1, m=m)
   assert plan.lanes == (1 if m == 1 else m)
   keys = jnp.asarray(rng.standard_normal((2, 256, 3, 16)), jnp.float32)
   ordered = _common.lane_order(plan, keys, 128)
@@ -528,7 +489,7 @@ def test_128_key_tiles_match_reference(rng, n, m, bias_shape):
                           kv_heads=2, head_dim=16)
   bias = (None if bias_shape is None
           else jnp.asarray(rng.standard_normal(bias_shape), jnp.float32))
-  kwargs = dict(is_causal=True, n=n, m=m, window=(200, 40),
+  kwargs = dict(is_causal=True, n=n, m=m, local_window_size=(200, 40),
                 mask=jnp.asarray(rng.random((2, 1, 70, 300)) < 0.8))
   tuning = dataclasses.replace(SMALL_TILES, block_k=128, block_k_dq=128,
                                block_k_dkv=128)

@@ -23,11 +23,12 @@ from attention_test_base import FORWARD_TOL, GRAD_TOL, random_inputs, rel_err
 from nmattn import masking, reference
 from nmattn._validation import canonicalize
 from pallas_kernels import triton as nm_triton
-from test_pallas_triton import check_nan_scores_propagate
+from test_pallas_triton import (check_nan_scores_propagate, triton_attention,
+                                triton_selection)
 
 pytestmark = pytest.mark.gpu
 
-# Expected well below this for random normal inputs (ARCHITECTURE.md).
+# Expected well below this for random normal inputs (docs/ARCHITECTURE.md).
 MAX_SELECTION_MISMATCH = 0.005
 
 
@@ -76,10 +77,6 @@ SCALE_CASES = {
         mask=jnp.asarray(r.random((b, 1, t, s)) < 0.9))),
 }
 
-_KERNEL_NAMES = dict(local_window_size="window", query_seq_lengths="q_lengths",
-                     key_value_seq_lengths="kv_lengths")
-
-
 @pytest.mark.parametrize("name", SCALE_CASES)
 def test_bf16_at_scale_matches_reference(rng, name):
   head_dim, q_len, kv_len, kv_heads, build = SCALE_CASES[name]
@@ -87,12 +84,11 @@ def test_bf16_at_scale_matches_reference(rng, name):
   q, k, v = random_inputs(rng, batch=batch, q_len=q_len, kv_len=kv_len, heads=heads,
                           kv_heads=kv_heads, head_dim=head_dim, dtype=jnp.bfloat16)
   kwargs = build(rng, batch, q_len, kv_len)
-  kernel_kwargs = {_KERNEL_NAMES.get(k_, k_): x for k_, x in kwargs.items()}
+  kernel_kwargs = dict(kwargs, interpret=False)
   bias = kernel_kwargs.pop("bias", None)
-  out = jax.jit(functools.partial(nm_triton.nm_flash_attention, **kernel_kwargs))(
+  out = jax.jit(functools.partial(triton_attention, **kernel_kwargs))(
       q, k, v, bias)
-  keep = jax.jit(functools.partial(nm_triton.nm_flash_attention_selection,
-                                   **kernel_kwargs))(q, k, v, bias)
+  keep = jax.jit(functools.partial(triton_selection, **kernel_kwargs))(q, k, v, bias)
   call, _ = canonicalize(q, k, v, **kwargs)
   ref_weights = reference.call_weights(call)
   ref = reference.apply_weights(ref_weights, v)
@@ -108,7 +104,7 @@ def test_bf16_at_scale_matches_reference(rng, name):
   def loss(fn, q, k, v):
     return jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
 
-  kernel = functools.partial(nm_triton.nm_flash_attention, bias=bias, **kernel_kwargs)
+  kernel = functools.partial(triton_attention, bias=bias, **kernel_kwargs)
   got = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2)))(q, k, v)
   want = jax.jit(jax.grad(functools.partial(
       loss, functools.partial(reference.nm_attention_reference, **kwargs)),
@@ -137,7 +133,8 @@ def test_dtypes_and_head_dims(rng, dtype, head_dim):
     out = fn(q, k, v, **kwargs)
     return jnp.sum(out.astype(jnp.float32) * cotangent), out
 
-  (got, out) = jax.jit(jax.grad(functools.partial(loss, nm_triton.nm_flash_attention),
+  kernel = functools.partial(triton_attention, interpret=False)
+  (got, out) = jax.jit(jax.grad(functools.partial(loss, kernel),
                                 argnums=(0, 1, 2), has_aux=True))(q, k, v)
   (want, ref) = jax.grad(functools.partial(loss, reference.nm_attention_reference),
                          argnums=(0, 1, 2), has_aux=True)(q, k, v)
@@ -154,7 +151,7 @@ def test_nan_scores_propagate_like_reference(rng, n, m):
   """The compiled selection's NaN path (`min.NaN`/`max.NaN` in 2:4) in bf16
   at the default tiles."""
   check_nan_scores_propagate(rng, n, m, q_len=200, kv_len=333, head_dim=64,
-                             dtype=jnp.bfloat16)
+                             dtype=jnp.bfloat16, interpret=False)
 
 
 def test_temporary_memory_is_linear_in_sequence_length():
@@ -163,7 +160,7 @@ def test_temporary_memory_is_linear_in_sequence_length():
     shape = jax.ShapeDtypeStruct((1, seq, 16, 128), jnp.bfloat16)
 
     def loss(q, k, v):
-      return jnp.sum(nm_triton.nm_flash_attention(q, k, v, is_causal=True)
+      return jnp.sum(triton_attention(q, k, v, is_causal=True, interpret=False)
                      .astype(jnp.float32))
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(

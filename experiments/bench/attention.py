@@ -36,9 +36,10 @@ from experiments.bench.timing import attention_flops
 from nmattn import backends
 from nmattn._validation import canonicalize
 
-# (implementation, n, m) of the N:M rows; a row is kept where it can run.
+# (implementation, n, m) of the nmattn rows; a row is kept where it can run.
+# `None` at 4:4 is the dense path a user gets (cuDNN on a GPU).
 SPARSE_ROWS = (("pallas_mosaic", 2, 4), ("pallas_triton", 2, 4),
-               ("pallas_triton", 1, 2), ("xla", 2, 4))
+               ("pallas_triton", 1, 2), ("xla", 2, 4), (None, 4, 4))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +75,12 @@ def sparse_rows(q, k, v) -> list[Row]:
   rows = []
   for implementation, n, m in SPARSE_ROWS:
     spec = canonicalize(q, k, v, n=n, m=m)[0].spec
-    reason = backends.BACKENDS[implementation].unsupported_reason(spec)
+    reason = (None if implementation is None
+              else backends.BACKENDS[implementation].unsupported_reason(spec))
     if reason is not None:
       print(f"skipping {implementation} {n}:{m}: {reason}")
       continue
-    rows.append(Row(f"nmattn {implementation} {n}:{m}",
+    rows.append(Row(f"nmattn {implementation or 'auto'} {n}:{m}",
                     functools.partial(_nm_attention, implementation=implementation,
                                       n=n, m=m), implementation))
   return rows
@@ -241,41 +243,37 @@ BACKWARD_SWEEP = (
 
 
 def run_sweep(args) -> list[dict]:
-  """Times pallas_triton 2:4 forward and backward kernels per TuningConfig."""
+  """Times nmattn's pallas_triton 2:4 per TuningConfig, through the API.
+
+  Each candidate runs as `implementation=backends.PallasTriton(config=...)`:
+  the forward fields timed forward only ("fwd"), the backward fields timed
+  forward + backward with the default forward fields ("fwd_bwd").
+  """
   from pallas_kernels import triton as nm_triton  # pylint: disable=g-import-not-at-top
   records = []
   for head_dim in args.head_dims:
     for seq in args.seq:
       q, k, v, cotangent = inputs(seq, head_dim, args.tokens, args.heads, args.seed)
-      d_out = cotangent.astype(q.dtype)
+      batch = q.shape[0]
       for causal in args.causal:
-        kwargs = dict(is_causal=causal, n=2, m=4,
-                      interpret=not nm_triton.runs_natively())
-        out, lse = jax.jit(functools.partial(nm_triton.nm_flash_attention_fwd,
-                                             **kwargs))(q, k, v)
-        batch = q.shape[0]
         for part, sweep in (("fwd", FORWARD_SWEEP), ("bwd", BACKWARD_SWEEP)):
           if part not in args.sweep_parts:
             continue
           flops = attention_flops(batch, args.heads, seq, seq, head_dim,
-                                  causal=causal) * (2.5 if part == "bwd" else 1.0)
+                                  causal=causal, backward=part == "bwd")
           for fields in sweep:
-            tuning = nm_triton.TuningConfig(**fields)
+            backend = backends.PallasTriton(config=nm_triton.TuningConfig(**fields))
+            attention = functools.partial(_nm_attention, implementation=backend,
+                                          n=2, m=4)
             if part == "fwd":
-              fn = functools.partial(nm_triton.nm_flash_attention_fwd,
-                                     tuning=tuning, **kwargs)
-              operands = (q, k, v)
+              fn, operands = attention, (q, k, v)
             else:
-              fn = functools.partial(
-                  lambda q, k, v, out, lse, d_out, **kw:
-                  nm_triton.nm_flash_attention_bwd(q, k, v, None, None, None, None,
-                                                   out, lse, d_out, **kw)[:3],
-                  tuning=tuning, **kwargs)
-              operands = (q, k, v, out, lse, d_out)
+              fn, operands = _with_backward(attention), (q, k, v, cotangent)
             record = dict(part=part, head_dim=head_dim, seq=seq, causal=causal,
                           tuning=fields)
             try:
-              sec, compile_sec, _ = time_compiled(fn, operands, args.seconds)
+              sec, compile_sec, _ = time_compiled(
+                  functools.partial(fn, is_causal=causal), operands, args.seconds)
               record.update(ms=sec * 1e3, tflops=flops / sec / 1e12,
                             compile_s=compile_sec)
               print(f"{part} D={head_dim} S={seq} causal={causal} {fields}: "

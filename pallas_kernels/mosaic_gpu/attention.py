@@ -1,17 +1,22 @@
-"""The `"pallas_mosaic"` backend: the Hopper forward kernel behind a custom VJP.
+"""The Hopper forward kernel behind a `jax.custom_vjp` whose backward is a field.
 
-Gradients reuse the Triton backward (`pallas_kernels.triton.nm_flash_attention_bwd`),
-which recomputes the N:M selection from the saved log-sum-exp; until a Hopper
-backward exists that is the only backward of this backend.
+`nm_flash_attention(call, tuning, backward)` runs the Mosaic GPU forward and
+differentiates through `backward(call, out, lse, d_out) -> (dq, dk, dv,
+dbias)`, any backward that takes this forward's log-sum-exp convention (that
+of `pallas_kernels.triton.attention`); `nmattn.backends.PallasMosaic` passes
+the Triton backward by default.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 
+from pallas_kernels.call import AttentionCall, AttentionSpec
 from pallas_kernels.mosaic_gpu import forward
+from pallas_kernels.mosaic_gpu.forward import MosaicTuning
 
 
 def _device_reason() -> str | None:
@@ -25,53 +30,45 @@ def _device_reason() -> str | None:
   return None
 
 
-def unsupported_reason(spec) -> str | None:
-  """Why this backend cannot run a call with `spec` here (None if it can)."""
+def unsupported_reason(spec: AttentionSpec, tuning: MosaicTuning) -> str | None:
+  """Why the kernel cannot run a call with `spec` and `tuning` here (None if it can)."""
   reason = forward.shape_unsupported_reason(spec.dtype, spec.head_dim, spec.m,
-                                            forward.MosaicTuning())
+                                            tuning)
   if reason is not None:
     return f"the kernel does not support {reason}"
   return _device_reason()
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(static, q, k, v, bias, mask, q_lengths, kv_lengths):
-  return _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths)[0]
+Backward = Callable[..., tuple]
 
 
-def _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths):
-  scale, is_causal, window, n, m = static
-  return forward.nm_flash_attention_fwd(
-      q, k, v, bias, mask, q_lengths, kv_lengths, scale=scale,
-      is_causal=is_causal, window=window, n=n, m=m)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _attention(spec, tuning, backward, q, k, v, bias, mask, q_lengths,
+               kv_lengths):
+  call = AttentionCall(q, k, v, bias, mask, q_lengths, kv_lengths, spec)
+  return forward.nm_flash_attention_fwd(call, tuning)[0]
 
 
-def _attention_fwd(static, q, k, v, bias, mask, q_lengths, kv_lengths):
-  out, lse = _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths)
-  return out, (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
+def _attention_fwd(spec, tuning, backward, q, k, v, bias, mask, q_lengths,
+                   kv_lengths):
+  del backward
+  call = AttentionCall(q, k, v, bias, mask, q_lengths, kv_lengths, spec)
+  out, lse = forward.nm_flash_attention_fwd(call, tuning)
+  return out, (call[:7], out, lse)
 
 
-def _attention_bwd(static, residuals, d_out):
-  try:
-    from pallas_kernels.triton import nm_flash_attention_bwd  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise NotImplementedError(
-        "gradients of implementation='pallas_mosaic' use the Triton backward "
-        f"(pallas_kernels.triton.nm_flash_attention_bwd), unavailable: {e}") from e
-  scale, is_causal, window, n, m = static
-  q, k, v, bias, mask, q_lengths, kv_lengths, out, lse = residuals
-  dq, dk, dv, dbias = nm_flash_attention_bwd(
-      q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, d_out, scale=scale,
-      is_causal=is_causal, window=window, n=n, m=m)
+def _attention_bwd(spec, tuning, backward, residuals, d_out):
+  del tuning
+  operands, out, lse = residuals
+  call = AttentionCall(*operands, spec)
+  dq, dk, dv, dbias = backward(call, out, lse, d_out)
   return dq, dk, dv, dbias, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def nm_attention_mosaic(call):
-  """Runs a canonical `nmattn` call (see `nmattn._validation.canonicalize`)."""
-  spec = call.spec
-  static = (spec.scale, spec.is_causal, spec.window, spec.n, spec.m)
-  return _attention(static, call.query, call.key, call.value, call.bias,
-                    call.mask, call.q_lengths, call.kv_lengths)
+def nm_flash_attention(call: AttentionCall, tuning: MosaicTuning,
+                       backward: Backward):
+  """The Hopper forward of `call`, differentiable through `backward`."""
+  return _attention(call.spec, tuning, backward, *call[:7])

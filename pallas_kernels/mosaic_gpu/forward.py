@@ -34,6 +34,10 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import numpy as np
 
+from pallas_kernels import tile_plan
+from pallas_kernels.call import (LOG2E, SUPPORTED_M, AttentionCall,
+                                 AttentionSpec, pad_axis, pad_broadcast,
+                                 round_up)
 from pallas_kernels.mosaic_gpu import mlir_ops
 from pallas_kernels.mosaic_gpu import sparse_fragments as sf
 from pallas_kernels.mosaic_gpu import tile_select as ts
@@ -43,7 +47,6 @@ COMPUTE_WGS = 2       # consumer warpgroups per CTA
 SWIZZLE = 128         # bytes; 16-bit tiles of (8, 64)
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
-LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory a Hopper CTA may use
 
@@ -75,30 +78,14 @@ class MosaicTuning:
 
 
 class _Config(NamedTuple):
-  """Everything static about one kernel instance."""
-  batch: int
-  q_len: int
-  kv_len: int
-  heads: int
-  kv_heads: int
-  head_dim: int
-  dtype: jnp.dtype
+  """One kernel instance: the call's spec, the tuning, and what follows."""
+  spec: AttentionSpec
+  tuning: MosaicTuning
   q_pad: int
   kv_pad: int
-  scale: float
-  causal: bool
-  window: tuple[int, int] | None
-  n: int
-  m: int
   width: int          # key permutation width (0: identity)
   sparse: bool        # P V on the sparse tensor cores
   extra_shape: tuple[int, int, int, int] | None
-  has_kv_lengths: bool
-  tuning: MosaicTuning
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
 
 
 def shape_unsupported_reason(dtype, head_dim: int, m: int,
@@ -108,7 +95,7 @@ def shape_unsupported_reason(dtype, head_dim: int, m: int,
     return f"dtype {jnp.dtype(dtype).name} (supported: bfloat16, float16)"
   if head_dim not in HEAD_DIMS:
     return f"head_dim={head_dim} (supported: {HEAD_DIMS})"
-  if m not in (1, 2, 4, 8, 16):
+  if m not in SUPPORTED_M:
     return f"m={m}"
   if smem_bytes(head_dim, tuning) > SMEM_LIMIT:
     return (f"head_dim={head_dim} with {tuning}: {smem_bytes(head_dim, tuning)} "
@@ -129,15 +116,7 @@ def smem_bytes(head_dim: int, tuning: MosaicTuning) -> int:
           + 8 * (4 * tuning.max_concurrent_steps + 3) + SMEM_OVERHEAD)
 
 
-def _check_4d(name, x, full):
-  if x is None:
-    return
-  if x.ndim != 4 or any(d not in (1, f) for d, f in zip(x.shape, full)):
-    raise ValueError(f"{name} must be 4-D with each dim 1 or {full}; got "
-                     f"{name}.shape={x.shape}")
-
-
-def _combine_extra(bias, mask, full, q_pad, kv_pad):
+def _combine_extra(bias, mask, q_pad, kv_pad):
   """Bias and mask as one additive float32 term in base-2 units, padded."""
   if bias is None and mask is None:
     return None
@@ -147,10 +126,7 @@ def _combine_extra(bias, mask, full, q_pad, kv_pad):
     extra = bias.astype(jnp.float32) * LOG2E
     if mask is not None:
       extra = jnp.where(mask, extra, -jnp.inf)
-  widths = [(0, 0), (0, 0),
-            (0, q_pad - full[2] if extra.shape[2] > 1 else 0),
-            (0, kv_pad - full[3] if extra.shape[3] > 1 else 0)]
-  return jnp.pad(extra, widths)
+  return pad_broadcast(extra, q_pad, kv_pad)
 
 
 def _permute_keys(k, width):
@@ -163,112 +139,67 @@ def _permute_keys(k, width):
   return k.reshape(b, s, kh, d)
 
 
-def nm_flash_attention_fwd(q, k, v, bias=None, mask=None, q_lengths=None,
-                           kv_lengths=None, *, scale: float, is_causal: bool,
-                           window: tuple[int, int] | None, n: int, m: int,
+def nm_flash_attention_fwd(call: AttentionCall,
                            tuning: MosaicTuning | None = None,
                            profile_dir: str | None = None):
   """N:M attention forward on a Hopper GPU: `(out, lse)`.
 
   Args:
-    q: `[B, T, H, D]` bfloat16 or float16, D in (64, 128).
-    k, v: `[B, S, K, D]`, `H % K == 0`, the dtype of `q`.
-    bias: optional float `[B|1, H|1, T|1, S|1]`.
-    mask: optional bool, same broadcasting as `bias` (True = attend).
-    q_lengths, kv_lengths: optional int32 `[B]`.
-    scale, is_causal, window, n, m: as `nmattn.nm_attention`.
+    call: the canonical call; its spec must pass `shape_unsupported_reason`
+      (bfloat16 or float16, head_dim 64 or 128).
     tuning: `MosaicTuning`; the default when None.
     profile_dir: write a Mosaic GPU profiler trace (named regions per
       warpgroup, JSON) of each call into this directory; for diagnostics.
 
   Returns:
-    `out [B, T, H, D]` in the dtype of `q` and `lse [B, H, T]` float32 (+inf
-    where a row has no valid key).
+    `out [B, T, H, D]` in the dtype of the query and `lse [B, H, T]` float32
+    (+inf where a row has no valid key).
   """
+  spec = call.spec
   tuning = tuning or MosaicTuning()
-  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-    raise ValueError(f"q must be [B, T, H, D] and k, v equal [B, S, K, D]; got "
-                     f"q.shape={q.shape}, k.shape={k.shape}, v.shape={v.shape}")
-  batch, q_len, heads, head_dim = q.shape
-  _, kv_len, kv_heads, _ = k.shape
-  if k.shape[0] != batch or k.shape[3] != head_dim or heads % kv_heads:
-    raise ValueError(f"k.shape={k.shape} does not fit q.shape={q.shape}")
-  if q.dtype != k.dtype or q.dtype != v.dtype:
-    raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-  if not 1 <= n <= m:
-    raise ValueError(f"need 1 <= n <= m; got n={n}, m={m}")
-  reason = shape_unsupported_reason(q.dtype, head_dim, m, tuning)
-  if reason is not None:
-    raise ValueError(f"the Mosaic GPU kernel does not support {reason}")
-  full = (batch, heads, q_len, kv_len)
-  _check_4d("bias", bias, full)
-  _check_4d("mask", mask, full)
-  for name, x in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
-    if x is not None and x.shape != (batch,):
-      raise ValueError(f"{name} must have shape ({batch},); got {x.shape}")
+  width = max(4, spec.m) if not spec.is_dense else 0
+  sparse = tuning.sparse_pv and width == 4 and ts.sparse_pattern_fits(spec.n,
+                                                                      spec.m)
+  q_pad = round_up(spec.q_len, COMPUTE_WGS * BLOCK_Q)
+  kv_pad = round_up(spec.kv_len, max(tuning.block_kv, 4 * width))
+  extra = _combine_extra(call.bias, call.mask, q_pad, kv_pad)
+  cfg = _Config(spec=spec, tuning=tuning, q_pad=q_pad, kv_pad=kv_pad,
+                width=width, sparse=sparse,
+                extra_shape=None if extra is None else tuple(extra.shape))
 
-  width = max(4, m) if n < m else 0
-  sparse = tuning.sparse_pv and width == 4 and ts.sparse_pattern_fits(n, m)
-  bk = tuning.block_kv
-  q_pad = _round_up(q_len, COMPUTE_WGS * BLOCK_Q)
-  kv_pad = _round_up(kv_len, max(bk, 4 * width))
-  extra = _combine_extra(bias, mask, full, q_pad, kv_pad)
-  cfg = _Config(
-      batch=batch, q_len=q_len, kv_len=kv_len, heads=heads, kv_heads=kv_heads,
-      head_dim=head_dim, dtype=jnp.dtype(q.dtype), q_pad=q_pad, kv_pad=kv_pad,
-      scale=float(scale), causal=bool(is_causal),
-      window=None if window is None else (int(window[0]), int(window[1])),
-      n=n, m=m, width=width, sparse=sparse,
-      extra_shape=None if extra is None else tuple(extra.shape),
-      has_kv_lengths=kv_lengths is not None, tuning=tuning)
-
-  pad_rows = lambda x, size: jnp.pad(x, [(0, 0), (0, size - x.shape[1]),
-                                         (0, 0), (0, 0)])
   # Scores come out in permuted key order; the sparse operand's metadata
   # restores natural order for P V, dense P V needs V permuted like K.
-  inputs = [pad_rows(q, q_pad), _permute_keys(pad_rows(k, kv_pad), width),
-            pad_rows(v, kv_pad) if sparse
-            else _permute_keys(pad_rows(v, kv_pad), width)]
+  keys = pad_axis(call.key, 1, kv_pad)
+  values = pad_axis(call.value, 1, kv_pad)
+  inputs = [pad_axis(call.query, 1, q_pad), _permute_keys(keys, width),
+            values if sparse else _permute_keys(values, width)]
   if extra is not None:
     inputs.append(extra)
-  if kv_lengths is not None:
-    inputs.append(kv_lengths.astype(jnp.int32))
+  if call.kv_lengths is not None:
+    inputs.append(call.kv_lengths)
   out, lse = _call(cfg, *inputs, profile_dir=profile_dir)
-  out, lse = out[:, :q_len], lse[:, :, :q_len]
-  if q_lengths is not None:
-    rows = jnp.arange(q_len)[None, :] < q_lengths.astype(jnp.int32)[:, None]
+  out, lse = out[:, :spec.q_len], lse[:, :, :spec.q_len]
+  if call.q_lengths is not None:
+    rows = jnp.arange(spec.q_len)[None, :] < call.q_lengths[:, None]
     out = jnp.where(rows[:, :, None, None], out, jnp.zeros((), out.dtype))
     lse = jnp.where(rows[:, None, :], lse, jnp.inf)
   return out, lse
 
 
-def _tile_range(cfg: _Config, q_tile, kv_valid):
-  """Key tiles `[lo, hi)` that hold any valid key for this CTA's rows."""
-  bk = cfg.tuning.block_kv
-  q_first = q_tile * (COMPUTE_WGS * BLOCK_Q)
-  q_last = jnp.minimum(q_first + COMPUTE_WGS * BLOCK_Q - 1, cfg.q_len - 1)
-  hi_key = kv_valid
-  lo_key = jnp.int32(0)
-  if cfg.causal:
-    hi_key = jnp.minimum(hi_key, q_last + 1)
-  if cfg.window is not None:
-    left, right = cfg.window
-    lo_key = jnp.maximum(q_first - left, 0)
-    hi_key = jnp.minimum(hi_key, q_last + right + 1)
-  lo = lax.div(lo_key, jnp.int32(bk))
-  hi = jnp.maximum(lax.div(hi_key + bk - 1, jnp.int32(bk)), lo)
-  return lo, hi
+def _cta_tiles(cfg: _Config, q_tile, kv_valid) -> tile_plan.TileRange:
+  """Key tiles this CTA's producer streams (both warpgroups' rows)."""
+  rows = COMPUTE_WGS * BLOCK_Q
+  return tile_plan.key_tiles(cfg.spec, q_tile * rows, rows, cfg.tuning.block_kv,
+                             jnp.int32(cfg.spec.q_len), kv_valid,
+                             masks_queries=False)
 
 
-def _first_masked_tile(cfg: _Config, q_wg_first, lo, hi, kv_valid):
-  """Tiles `[lo, first)` need no masking for any row of this warpgroup."""
-  if cfg.extra_shape is not None or cfg.window is not None:
-    return lo
-  full_key = kv_valid
-  if cfg.causal:
-    full_key = jnp.minimum(full_key, q_wg_first + 1)
-  first = lax.div(full_key, jnp.int32(cfg.tuning.block_kv))
-  return jnp.clip(first, lo, hi)
+def _warpgroup_tiles(cfg: _Config, q_first, cta: tile_plan.TileRange, kv_valid):
+  """The CTA's key tiles, full or partial for one warpgroup's 64 rows."""
+  own = tile_plan.key_tiles(cfg.spec, q_first, BLOCK_Q, cfg.tuning.block_kv,
+                            jnp.int32(cfg.spec.q_len), kv_valid,
+                            masks_queries=False)
+  return tile_plan.within(own, cta)
 
 
 def _score_units(cfg: _Config) -> float:
@@ -278,18 +209,22 @@ def _score_units(cfg: _Config) -> float:
   the raw `q.k` (same order) and the scale folds into the softmax's
   exponent; otherwise the scores are scaled (and biased) before selection.
   """
-  if cfg.extra_shape is None and cfg.scale > 0:
-    return cfg.scale * LOG2E
+  if cfg.extra_shape is None and cfg.spec.scale > 0:
+    return cfg.spec.scale * LOG2E
   return 1.0
 
 
-def _make_select(cfg: _Config, masked: bool):
-  """The inline Mosaic GPU function: raw scores -> selected (and compressed)."""
+def _make_select(cfg: _Config, positional: bool):
+  """The inline Mosaic GPU function: raw scores -> selected (and compressed).
+
+  `positional`: apply the positional masks (a partial tile of the tile
+  plan); the bias/mask term applies to every tile.
+  """
   bk = cfg.tuning.block_kv
   prescale = _score_units(cfg) == 1.0
-  mask = ts.MaskSpec(causal=cfg.causal, window=cfg.window,
-                     kv_bound=cfg.has_kv_lengths or cfg.kv_pad != cfg.kv_len)
-  has_extra = masked and cfg.extra_shape is not None
+  mask = ts.MaskSpec(causal=cfg.spec.is_causal, window=cfg.spec.window,
+                     kv_bound=cfg.spec.has_kv_lengths or cfg.kv_pad != cfg.spec.kv_len)
+  has_extra = cfg.extra_shape is not None
   splat = plgpu.Layout.WG_SPLAT(())
   arg_types = [plgpu.Layout.WGMMA] + [splat] * 5
   if has_extra:
@@ -322,15 +257,15 @@ def _make_select(cfg: _Config, masked: bool):
     # The compressed path keeps NaN by itself; the dense one needs the poison.
     poison = None if cfg.sparse else ts.nan_poison(ops, vals)
     if prescale:
-      vals = ts.scale_scores(ops, vals, cfg.scale * LOG2E, extra)
-    if masked:
+      vals = ts.scale_scores(ops, vals, cfg.spec.scale * LOG2E, extra)
+    if positional:
       vals = ts.apply_masks(ops, vals, mask, cfg.width,
                             ops.isub(row0, thread_key),
                             ops.isub(kv_valid, thread_key))
     if cfg.sparse:
-      comp, words = ts.select_compress(ops, vals, cfg.n, cfg.m, t)
+      comp, words = ts.select_compress(ops, vals, cfg.spec.n, cfg.spec.m, t)
       return (mlir_ops.rows_to_array(comp), mlir_ops.words_to_array(ops, words))
-    selected = ts.select_dense(ops, vals, cfg.n, cfg.m)
+    selected = ts.select_dense(ops, vals, cfg.spec.n, cfg.spec.m)
     return mlir_ops.rows_to_array(ts.add_poison(ops, selected, poison))
 
   return select
@@ -373,7 +308,7 @@ def _make_sparse_pv(cfg: _Config):
   @plgpu.inline_mgpu(
       arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.Layout.WGMMA,
                  plgpu.RefType(transforms=(tiling, swizzle))),
-      return_type=plgpu.ShapeDtypeStruct((BLOCK_Q, cfg.head_dim), jnp.float32,
+      return_type=plgpu.ShapeDtypeStruct((BLOCK_Q, cfg.spec.head_dim), jnp.float32,
                                          plgpu.Layout.WGMMA))
   def sparse_pv(ctx, acc, p, meta, v_ref):
     del ctx
@@ -385,24 +320,26 @@ def _make_sparse_pv(cfg: _Config):
 def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
   bk = cfg.tuning.block_kv
   steps = cfg.tuning.max_concurrent_steps
-  dtype = cfg.dtype
-  groups = cfg.heads // cfg.kv_heads
+  dtype = cfg.spec.dtype
+  groups = cfg.spec.heads // cfg.spec.kv_heads
   has_extra = cfg.extra_shape is not None
-  needs_mask = (cfg.causal or cfg.window is not None or has_extra
-                or cfg.has_kv_lengths or cfg.kv_pad != cfg.kv_len)
+  # Rows past q_len are discarded and rows past q_lengths zeroed after the
+  # kernel, so only keys make a tile partial here.
+  positional = tile_plan.needs_positional_masks(cfg.spec, cfg.kv_pad,
+                                                masks_queries=False)
   units = _score_units(cfg)
   # Profiler events a warpgroup may record: a start and an end for each of
   # at most 7 regions per step, and a few outside the loop.
   profile = {} if profile_dir is None else dict(
       profile_space=16 * (cfg.kv_pad // bk + 4), profile_dir=profile_dir)
-  select_full = _make_select(cfg, masked=False)
-  select_masked = _make_select(cfg, masked=True) if needs_mask else None
+  select_full = _make_select(cfg, positional=False)
+  select_partial = _make_select(cfg, positional=True) if positional else None
   sparse_pv = _make_sparse_pv(cfg) if cfg.sparse else None
 
   def kernel(q_ref, k_ref, v_ref, *refs):
     refs = list(refs)
     extra_ref = refs.pop(0) if has_extra else None
-    kvlen_ref = refs.pop(0) if cfg.has_kv_lengths else None
+    kvlen_ref = refs.pop(0) if cfg.spec.has_kv_lengths else None
     out_ref, lse_ref, scratch = refs
     (qo_smem2, k_smem, v_smem, lse_smem2), barriers = scratch
     (k_full, v_full, q_full, k_free, v_free, sched) = barriers
@@ -410,16 +347,17 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
     h = lax.axis_index("heads")
     q_tile = lax.axis_index("q_seq")
     wg = lax.axis_index("wg")
-    kv_valid = jnp.int32(cfg.kv_len)
+    kv_valid = jnp.int32(cfg.spec.kv_len)
     if kvlen_ref is not None:
-      kv_valid = jnp.clip(kvlen_ref[b], 0, cfg.kv_len)
-    lo, hi = _tile_range(cfg, q_tile, kv_valid)
+      kv_valid = jnp.clip(kvlen_ref[b], 0, cfg.spec.kv_len)
+    cta_tiles = _cta_tiles(cfg, q_tile, kv_valid)
+    lo, hi = cta_tiles.lo, cta_tiles.hi
     num_steps = hi - lo
 
     # A rendezvous of the two consumer warpgroups. It does not make them take
     # turns: ptxas moves the arrive after the softmax above the selection (a
     # release orders memory operations only), so both select at once, which
-    # measured faster than real turns (NOTES.md, v5).
+    # measured faster than real turns (docs/mosaic_gpu_notes.md, v5).
     def schedule_barrier():
       plgpu.barrier_arrive(sched)
       plgpu.barrier_wait(sched)
@@ -438,13 +376,13 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
                               row_layout)
       l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), 0.0, jnp.float32), row_layout)
       acc = plgpu.layout_cast(
-          jnp.full((BLOCK_Q, cfg.head_dim), 0.0, jnp.float32),
+          jnp.full((BLOCK_Q, cfg.spec.head_dim), 0.0, jnp.float32),
           plgpu.Layout.WGMMA)
       pl.when(wg == 1)(schedule_barrier)
 
       # The named scopes are the regions of the Mosaic GPU profiler's trace
       # (`profile_dir`); they cost nothing otherwise.
-      def step(kv_step, carry, masked):
+      def step(kv_step, carry, partial):
         acc, m_i, l_i = carry
         slot = lax.rem(kv_step - lo, jnp.int32(steps))
         with jax.named_scope("wait_k"):
@@ -459,9 +397,9 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
 
         qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, bk), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
-        select = select_masked if masked else select_full
+        select = select_partial if partial else select_full
         args = [qk, kv_step * bk, q_first, kv_valid, b, h]
-        if masked and has_extra:
+        if has_extra:
           args.append(extra_ref)
         with jax.named_scope("select"):
           if cfg.sparse:
@@ -493,14 +431,15 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
         return acc, m_new, l_i
 
       carry = (acc, m_i, l_i)
-      if needs_mask:
-        first_masked = _first_masked_tile(cfg, q_first, lo, hi, kv_valid)
-        carry = lax.fori_loop(lo, first_masked,
-                              functools.partial(step, masked=False), carry)
-        carry = lax.fori_loop(first_masked, hi,
-                              functools.partial(step, masked=True), carry)
+      if positional:
+        tiles = _warpgroup_tiles(cfg, q_first, cta_tiles, kv_valid)
+        for start, stop, partial in ((tiles.lo, tiles.full_lo, True),
+                                     (tiles.full_lo, tiles.full_hi, False),
+                                     (tiles.full_hi, tiles.hi, True)):
+          carry = lax.fori_loop(start, stop,
+                                functools.partial(step, partial=partial), carry)
       else:
-        carry = lax.fori_loop(lo, hi, functools.partial(step, masked=False),
+        carry = lax.fori_loop(lo, hi, functools.partial(step, partial=False),
                               carry)
       acc, m_i, l_i = carry
       pl.when(wg == 0)(schedule_barrier)
@@ -544,8 +483,8 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
     tiling = plgpu.TilingTransform((8, SWIZZLE // 2))
     swizzle = plgpu.SwizzleTransform(SWIZZLE)
     tile = lambda *shape: plgpu.SMEM(shape, dtype, transforms=(tiling, swizzle))
-    smem = (tile(COMPUTE_WGS, BLOCK_Q, cfg.head_dim),
-            tile(steps, bk, cfg.head_dim), tile(steps, bk, cfg.head_dim),
+    smem = (tile(COMPUTE_WGS, BLOCK_Q, cfg.spec.head_dim),
+            tile(steps, bk, cfg.spec.head_dim), tile(steps, bk, cfg.spec.head_dim),
             plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32))
     barriers = (plgpu.Barrier(num_barriers=steps),
                 plgpu.Barrier(num_barriers=steps),
@@ -557,11 +496,11 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
                   smem, barriers, collective_axes="wg")
 
   out_types = (
-      jax.ShapeDtypeStruct((cfg.batch, cfg.q_pad, cfg.heads, cfg.head_dim), dtype),
-      jax.ShapeDtypeStruct((cfg.batch, cfg.heads, cfg.q_pad), jnp.float32))
+      jax.ShapeDtypeStruct((cfg.spec.batch, cfg.q_pad, cfg.spec.heads, cfg.spec.head_dim), dtype),
+      jax.ShapeDtypeStruct((cfg.spec.batch, cfg.spec.heads, cfg.q_pad), jnp.float32))
   return plgpu.kernel(
       entry, out_type=out_types,
-      grid=(cfg.heads, cfg.q_pad // (COMPUTE_WGS * BLOCK_Q), cfg.batch),
+      grid=(cfg.spec.heads, cfg.q_pad // (COMPUTE_WGS * BLOCK_Q), cfg.spec.batch),
       grid_names=("heads", "q_seq", "batch"),
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True, **profile),

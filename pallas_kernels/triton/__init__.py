@@ -1,7 +1,8 @@
 """Fused N:M sparse flash attention in Pallas, lowered through Triton.
 
 Any CUDA GPU that Pallas' Triton lowering supports; `interpret=True` runs the
-same kernels in Pallas interpret mode (CPU). Imports nothing from `nmattn`.
+same kernels in Pallas interpret mode (CPU). Every entry point consumes the
+canonical `pallas_kernels.call.AttentionCall`; nothing here imports `nmattn`.
 """
 
 from pallas_kernels.triton._common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS

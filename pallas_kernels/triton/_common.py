@@ -1,4 +1,4 @@
-"""What the forward and backward kernels share: the call plan, tile ranges,
+"""What the forward and backward kernels share: the plan (spec and tuning),
 masking and the N:M selection of one score tile.
 
 A key tile starting at key `k0` has `lanes` strided lanes: lane `j` holds keys
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -22,54 +21,27 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
-import numpy as np
 
-from pallas_kernels import _compat
+from pallas_kernels import tile_plan
+from pallas_kernels.call import AttentionSpec, round_up
 from pallas_kernels.triton.config import MIN_BLOCK, TuningConfig, default_tuning
 
-SUPPORTED_M = (1, 2, 4, 8, 16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 # float32 tiles of head_dim 256 do not fit shared memory at the smallest N:M tile.
 MAX_FLOAT32_HEAD_DIM = 128
-LOG2E = math.log2(math.e)
 
 
 def _next_power_of_two(x: int) -> int:
   return 1 << max(0, (x - 1).bit_length())
 
 
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """Static description of one call: shapes, semantics, tiles. Hashable."""
-  batch: int
-  q_len: int
-  kv_len: int
-  heads: int
-  kv_heads: int
-  head_dim: int
-  dtype: str
-  scale: float
-  is_causal: bool
-  window: tuple[int, int] | None
-  n: int
-  m: int
-  # Per dim of [batch, heads, q_len, kv_len]: whether it is full (not 1).
-  bias_full: tuple[bool, bool, bool, bool] | None
-  mask_full: tuple[bool, bool, bool, bool] | None
-  has_q_lengths: bool
-  has_kv_lengths: bool
+  """One call's spec with the kernels' tuning: hashable, static in the kernels."""
+  spec: AttentionSpec
   tuning: TuningConfig
   interpret: bool
-
-  @property
-  def groups(self) -> int:
-    """Query heads per key/value head."""
-    return self.heads // self.kv_heads
 
   @property
   def selects_unscaled(self) -> bool:
@@ -79,23 +51,23 @@ class Plan:
     selection and the running max work on `q.k` directly; a bias is added
     to scaled scores, and `scale <= 0` would reorder them.
     """
-    return self.bias_full is None and self.scale > 0
+    return self.spec.bias_shape is None and self.spec.scale > 0
 
   @property
   def score_unit(self) -> float:
     """What a tile score is multiplied by to give the score `s` (1 or scale)."""
-    return self.scale if self.selects_unscaled else 1.0
+    return self.spec.scale if self.selects_unscaled else 1.0
 
   @property
   def lanes(self) -> int:
     """Strided sub-tiles per key tile: m when selecting, 1 when dense."""
-    return self.m if self.n < self.m else 1
+    return 1 if self.spec.is_dense else self.spec.m
 
   def _q_block(self, block: int) -> int:
-    return min(block, max(MIN_BLOCK, _next_power_of_two(self.q_len)))
+    return min(block, max(MIN_BLOCK, _next_power_of_two(self.spec.q_len)))
 
   def _k_block(self, block: int) -> int:
-    block = min(block, max(MIN_BLOCK, _next_power_of_two(self.kv_len)))
+    block = min(block, max(MIN_BLOCK, _next_power_of_two(self.spec.kv_len)))
     return max(block, MIN_BLOCK * self.lanes)
 
   @property
@@ -113,150 +85,18 @@ class Plan:
             self._k_block(self.tuning.block_k_dkv))
 
   def padded_lengths(self, block_q: int, block_k: int) -> tuple[int, int]:
-    return _round_up(self.q_len, block_q), _round_up(self.kv_len, block_k)
+    return round_up(self.spec.q_len, block_q), round_up(self.spec.kv_len, block_k)
 
 
-def _check_int(name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"{name} must be a Python int; got {name}={value!r}")
-  return int(value)
-
-
-def _shape(name: str, x: Any) -> tuple[int, ...]:
-  shape = getattr(x, "shape", None)
-  if shape is None:
-    raise ValueError(f"{name} must be an array; got {name}={type(x).__name__}")
-  return tuple(shape)
-
-
-def _broadcast_dims(name: str, x: Any, full: tuple[int, ...]):
-  """4-D `x` whose dims are each 1 or full, and which dims are full."""
-  if x is None:
-    return None, None
-  shape = _shape(name, x)
-  if len(shape) > 4:
-    raise ValueError(f"{name} must have rank <= 4 (broadcastable to [batch, heads, "
-                     f"q_len, kv_len]={full}); got {name}.shape={shape}")
-  shape = (1,) * (4 - len(shape)) + shape
-  if any(got not in (1, want) for got, want in zip(shape, full)):
-    raise ValueError(f"{name} must be broadcastable to [batch, heads, q_len, "
-                     f"kv_len]={full}; got {name}.shape={_shape(name, x)}")
-  return jnp.reshape(x, shape), tuple(d != 1 or f == 1 for d, f in zip(shape, full))
-
-
-def _check_lengths(name: str, x: Any, batch: int):
-  if x is None:
-    return None
-  shape = _shape(name, x)
-  if shape != (batch,) or not jnp.issubdtype(x.dtype, jnp.integer):
-    raise ValueError(f"{name} must be an integer array of shape [batch]=({batch},); "
-                     f"got {name}.shape={shape}, {name}.dtype={x.dtype}")
-  return x.astype(jnp.int32)
-
-
-def canonical_window(window: Any) -> tuple[int, int] | None:
-  if window is None:
-    return None
-  if isinstance(window, (int, np.integer)) and not isinstance(window, bool):
-    window = (window, window)
-  if (not isinstance(window, (tuple, list)) or len(window) != 2
-      or any(isinstance(w, bool) or not isinstance(w, (int, np.integer))
-             for w in window) or min(window) < 0):
-    raise ValueError("window must be None, an int >= 0 or a (left, right) pair of "
-                     f"ints >= 0; got window={window!r}")
-  return int(window[0]), int(window[1])
-
-
-def plan_call(q, k, v, bias, mask, q_lengths, kv_lengths, *, scale, is_causal,
-              window, n, m, interpret, tuning):
-  """Validates a call; returns its Plan and the canonical bias, mask, lengths.
-
-  Raises ValueError naming the argument, its value and what was expected.
-  """
-  q_shape, k_shape, v_shape = _shape("q", q), _shape("k", k), _shape("v", v)
-  for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
-    if len(shape) != 4:
-      raise ValueError(f"{name} must have rank 4 ([batch, seq, heads, head_dim]); "
-                       f"got {name}.shape={shape}")
-  if k_shape != v_shape:
-    raise ValueError(f"k and v must have the same shape; got k.shape={k_shape}, "
-                     f"v.shape={v_shape}")
-  batch, q_len, heads, head_dim = q_shape
-  _, kv_len, kv_heads, _ = k_shape
-  if k_shape[0] != batch or k_shape[3] != head_dim:
-    raise ValueError(f"k must be [batch={batch}, kv_len, kv_heads, head_dim={head_dim}]"
-                     f"; got k.shape={k_shape}")
-  if min(q_len, kv_len, heads, kv_heads, batch) < 1 or heads % kv_heads:
-    raise ValueError(f"q heads must be a positive multiple of k heads and all dims "
-                     f"non-empty; got q.shape={q_shape}, k.shape={k_shape}")
-  if head_dim not in SUPPORTED_HEAD_DIMS:
-    raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}; got "
-                     f"head_dim={head_dim}")
-  dtype = jnp.dtype(q.dtype).name
-  if dtype not in SUPPORTED_DTYPES:
-    raise ValueError(f"q.dtype must be one of {SUPPORTED_DTYPES}; got q.dtype={dtype}")
-  if dtype == "float32" and head_dim > MAX_FLOAT32_HEAD_DIM:
-    raise ValueError(f"float32 needs head_dim <= {MAX_FLOAT32_HEAD_DIM}; got "
-                     f"head_dim={head_dim}")
-  for name, x in (("k", k), ("v", v)):
-    if jnp.dtype(x.dtype).name != dtype:
-      raise ValueError(f"{name}.dtype must equal q.dtype={dtype}; got "
-                       f"{name}.dtype={x.dtype}")
-  n, m = _check_int("n", n), _check_int("m", m)
-  if m not in SUPPORTED_M or not 1 <= n <= m:
-    raise ValueError(f"m must be one of {SUPPORTED_M} and 1 <= n <= m; got n={n}, m={m}")
-  full = (batch, heads, q_len, kv_len)
-  bias, bias_full = _broadcast_dims("bias", bias, full)
-  if bias is not None and not jnp.issubdtype(bias.dtype, jnp.floating):
-    raise ValueError(f"bias must be a float array; got bias.dtype={bias.dtype}")
-  mask, mask_full = _broadcast_dims("mask", mask, full)
-  if mask is not None and mask.dtype != jnp.bool_:
-    raise ValueError(f"mask must be a bool array (True = attend); got "
-                     f"mask.dtype={mask.dtype}")
-  q_lengths = _check_lengths("q_lengths", q_lengths, batch)
-  kv_lengths = _check_lengths("kv_lengths", kv_lengths, batch)
-  if scale is None:
-    scale = head_dim ** -0.5
-  elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating,
-                                                         np.integer)):
-    raise ValueError(f"scale must be a Python float or None; got scale={scale!r}")
-  if not isinstance(is_causal, (bool, np.bool_)):
-    raise ValueError(f"is_causal must be a bool; got is_causal={is_causal!r}")
-  if not isinstance(interpret, bool):
-    raise ValueError(f"interpret must be a bool; got interpret={interpret!r}")
+def make_plan(spec: AttentionSpec, tuning: TuningConfig | None = None,
+              interpret: bool = False) -> Plan:
+  """The plan of a call; `tuning=None` takes `default_tuning` for its shapes."""
   if tuning is None:
-    tuning = default_tuning(head_dim, tiled_bias_or_mask=any(
-        full is not None and full[2] and full[3] for full in (bias_full, mask_full)),
-                            itemsize=jnp.dtype(dtype).itemsize)
-  elif not isinstance(tuning, TuningConfig):
-    raise ValueError(f"tuning must be a TuningConfig or None; got tuning={tuning!r}")
-  plan = Plan(batch=batch, q_len=q_len, kv_len=kv_len, heads=heads,
-              kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
-              scale=float(scale), is_causal=bool(is_causal),
-              window=canonical_window(window), n=n, m=m, bias_full=bias_full,
-              mask_full=mask_full, has_q_lengths=q_lengths is not None,
-              has_kv_lengths=kv_lengths is not None, tuning=tuning,
-              interpret=interpret)
-  return plan, bias, mask, q_lengths, kv_lengths
-
-
-def pad_axis(x, axis: int, size: int, value=0):
-  if x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
-
-
-def pad_broadcast(x, q_size: int, k_size: int):
-  """Pads the full (non-1) query and key dims of a 4-D bias or mask."""
-  if x is None:
-    return None
-  if x.shape[2] > 1:
-    x = pad_axis(x, 2, q_size)
-  if x.shape[3] > 1:
-    x = pad_axis(x, 3, k_size)
-  return x
+    tiled = any(full is not None and full[2] and full[3]
+                for full in (spec.bias_full, spec.mask_full))
+    tuning = default_tuning(spec.head_dim, tiled_bias_or_mask=tiled,
+                            itemsize=jnp.dtype(spec.dtype).itemsize)
+  return Plan(spec, tuning, interpret)
 
 
 def mask_as_int8(mask):
@@ -268,81 +108,12 @@ def mask_as_int8(mask):
 # Inside kernels.
 
 
-def _div(a, b: int):
-  """a // b for a >= 0 (lax.div truncates; int32 scalars in Triton)."""
-  return lax.div(a, jnp.int32(b))
-
-
-def _cdiv(a, b: int):
-  return lax.div(a + jnp.int32(b - 1), jnp.int32(b))
-
-
-def _clip(x, lo, hi):
-  return jnp.minimum(jnp.maximum(x, lo), hi)
-
-
 def sequence_limits(plan: Plan, q_lengths_ref, kv_lengths_ref, batch_index):
   """Valid queries are `< q_limit`, valid keys `< kv_limit` (int32 scalars)."""
-  q_limit = jnp.int32(plan.q_len)
-  kv_limit = jnp.int32(plan.kv_len)
-  if q_lengths_ref is not None:
-    q_limit = jnp.minimum(q_limit, q_lengths_ref[batch_index])
-  if kv_lengths_ref is not None:
-    kv_limit = jnp.minimum(kv_limit, kv_lengths_ref[batch_index])
-  return jnp.maximum(q_limit, 0), jnp.maximum(kv_limit, 0)
-
-
-def key_tile_range(plan: Plan, q0, block_q: int, block_k: int, q_limit, kv_limit):
-  """Key tiles a query tile `[q0, q0 + block_q)` visits: (lo, full_lo, full_hi, hi).
-
-  Tiles outside `[lo, hi)` hold no valid (query, key) pair; those in
-  `[full_lo, full_hi)` hold only pairs valid by position (causal, window,
-  lengths, padding), so they skip the positional masks.
-  """
-  q1 = q0 + block_q
-  valid_q1 = jnp.minimum(q1, q_limit)
-  lo_key, hi_key = jnp.int32(0), kv_limit
-  full_lo, full_hi = jnp.int32(0), _div(kv_limit, block_k)
-  if plan.is_causal:
-    hi_key = jnp.minimum(hi_key, valid_q1)
-    full_hi = jnp.minimum(full_hi, _div(q0 + 1, block_k))
-  if plan.window is not None:
-    left, right = plan.window
-    lo_key = jnp.maximum(q0 - left, 0)
-    hi_key = jnp.minimum(hi_key, valid_q1 + right)
-    full_lo = _cdiv(jnp.maximum(q1 - 1 - left, 0), block_k)
-    full_hi = jnp.minimum(full_hi, _div(q0 + right + 1, block_k))
-  full_hi = jnp.where(q1 <= q_limit, full_hi, 0)
-  return _tile_range(lo_key, hi_key, q0 < q_limit, block_k, full_lo, full_hi)
-
-
-def query_tile_range(plan: Plan, k0, block_k: int, block_q: int, q_limit,
-                     kv_limit):
-  """Query tiles a key tile `[k0, k0 + block_k)` meets: as `key_tile_range`."""
-  k1 = k0 + block_k
-  valid_k1 = jnp.minimum(k1, kv_limit)
-  lo_q, hi_q = jnp.int32(0), q_limit
-  full_lo, full_hi = jnp.int32(0), _div(q_limit, block_q)
-  if plan.is_causal:
-    lo_q = jnp.maximum(lo_q, k0)
-    full_lo = _cdiv(k1 - 1, block_q)
-  if plan.window is not None:
-    left, right = plan.window
-    lo_q = jnp.maximum(lo_q, jnp.maximum(k0 - right, 0))
-    hi_q = jnp.minimum(hi_q, valid_k1 + left)
-    full_lo = jnp.maximum(full_lo, _cdiv(jnp.maximum(k1 - 1 - right, 0), block_q))
-    full_hi = jnp.minimum(full_hi, _div(k0 + left + 1, block_q))
-  full_hi = jnp.where(k1 <= kv_limit, full_hi, 0)
-  return _tile_range(lo_q, hi_q, k0 < kv_limit, block_q, full_lo, full_hi)
-
-
-def _tile_range(lo_pos, hi_pos, any_valid, block, full_lo, full_hi):
-  """Tiles covering positions [lo_pos, hi_pos) (none unless `any_valid`)."""
-  lo = _div(lo_pos, block)
-  hi = jnp.where(any_valid & (hi_pos > lo_pos), _cdiv(hi_pos, block), lo)
-  full_lo = _clip(full_lo, lo, hi)
-  full_hi = _clip(full_hi, full_lo, hi)
-  return lo, full_lo, full_hi, hi
+  return tile_plan.sequence_limits(
+      plan.spec,
+      None if q_lengths_ref is None else q_lengths_ref[batch_index],
+      None if kv_lengths_ref is None else kv_lengths_ref[batch_index])
 
 
 def loop_tiles(plan: Plan, tile_range, body, carry):
@@ -406,7 +177,7 @@ def split_lanes(plan: Plan, tile):
   lies in each thread's registers and the selects and adds are constant per
   register, for the compiler to fold (not read in SASS; on an H200 the
   forward ran 10-19% and forward+backward 32-42% faster this way than with
-  one dot per lane, docs/BENCHMARKS.md).
+  one dot per lane, docs/benchmarks_history.md).
   """
   if plan.lanes == 1:
     return [tile]
@@ -543,9 +314,9 @@ class TileContext:
     for j, (s, lane) in enumerate(zip(split_lanes(self.plan, q_dot_k), cols)):
       bias = mask = None
       if bias_ref is not None:
-        bias = broadcast_tile(bias_ref, self.plan.bias_full, head, rows, lane)
+        bias = broadcast_tile(bias_ref, self.plan.spec.bias_full, head, rows, lane)
       if mask_ref is not None:
-        mask = broadcast_tile(mask_ref, self.plan.mask_full, head, rows, lane)
+        mask = broadcast_tile(mask_ref, self.plan.spec.mask_full, head, rows, lane)
       scores.append(self._lane_scores(s, q0, k_start, j, masked=masked,
                                       bias=bias, mask=mask))
     return scores
@@ -554,7 +325,7 @@ class TileContext:
     """Scaled where needed, biased, masked `q.k` of one lane `[rows, w]`."""
     plan = self.plan
     if not plan.selects_unscaled:
-      s = s * plan.scale
+      s = s * plan.spec.scale
     if bias is not None:
       s = s + bias.astype(jnp.float32)
     valid = None if mask is None else mask != 0
@@ -563,10 +334,10 @@ class TileContext:
       k_pos = (k_start + lane
                + plan.lanes * lax.broadcasted_iota(jnp.int32, s.shape, 1))
       positional = (q_pos < self.q_limit) & (k_pos < self.kv_limit)
-      if plan.is_causal:
+      if plan.spec.is_causal:
         positional &= k_pos <= q_pos
-      if plan.window is not None:
-        left, right = plan.window
+      if plan.spec.window is not None:
+        left, right = plan.spec.window
         positional &= (k_pos >= q_pos - left) & (k_pos <= q_pos + right)
       if masked is not True:  # traced (interpret mode): interior tiles pass all
         positional |= jnp.logical_not(masked)
@@ -578,7 +349,7 @@ class TileContext:
     maximum (`select_n_of_m`; the lanes' scores themselves for `m = 1`)."""
     if self.plan.lanes == 1:
       return lane_scores, lane_scores[0]
-    wins, group_max = select_n_of_m(lane_scores, self.plan.n,
+    wins, group_max = select_n_of_m(lane_scores, self.plan.spec.n,
                                     ptx=not self.plan.interpret)
     kept = [jnp.where(w, s, -jnp.inf) for w, s in zip(wins, lane_scores)]
     return kept, group_max
@@ -587,7 +358,7 @@ class TileContext:
     """The reference's keep-masks of the lanes (`nm_keep`)."""
     if self.plan.lanes == 1:
       return [s != -jnp.inf for s in lane_scores]
-    return nm_keep(lane_scores, self.plan.n)
+    return nm_keep(lane_scores, self.plan.spec.n)
 
 
 def broadcast_spec(full: tuple[bool, ...], block: tuple[int | None, int, int],
@@ -614,12 +385,12 @@ def operand_specs(plan: Plan, q_spec, kv_spec, extra_block, extra_index_map,
   Every kernel takes these operands first; `extra_block` / `extra_index_map`
   describe its bias and mask tile (see `broadcast_spec`).
   """
-  lengths = pl.BlockSpec((plan.batch,), lambda *grid: (0,))
+  lengths = pl.BlockSpec((plan.spec.batch,), lambda *grid: (0,))
   return [
       q_spec, kv_spec, kv_spec,
-      None if bias is None else broadcast_spec(plan.bias_full, extra_block,
+      None if bias is None else broadcast_spec(plan.spec.bias_full, extra_block,
                                                extra_index_map),
-      None if mask is None else broadcast_spec(plan.mask_full, extra_block,
+      None if mask is None else broadcast_spec(plan.spec.mask_full, extra_block,
                                                extra_index_map),
       None if q_lengths is None else lengths,
       None if kv_lengths is None else lengths,

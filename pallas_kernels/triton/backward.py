@@ -22,9 +22,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import _compat
+from pallas_kernels import _compat, tile_plan
 from pallas_kernels.triton import _common
-from pallas_kernels.triton._common import LOG2E, Plan
+from pallas_kernels.call import LOG2E, pad_axis, pad_broadcast
+from pallas_kernels.triton._common import Plan
 
 
 def _probabilities(plan: Plan, kept, lse):
@@ -37,7 +38,7 @@ def _probabilities(plan: Plan, kept, lse):
   """
   shift = (jnp.where(lse == -jnp.inf, jnp.inf, lse) * LOG2E)[:, None]
   if plan.selects_unscaled:
-    kept = [s * plan.scale for s in kept]
+    kept = [s * plan.spec.scale for s in kept]
   return [_common.exp2(plan, s * LOG2E - shift) for s in kept]
 
 
@@ -48,7 +49,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
   q_limit, kv_limit = _common.sequence_limits(plan, q_lengths_ref,
                                               kv_lengths_ref, pl.program_id(1))
   ctx = _common.TileContext(plan, q_limit, kv_limit)
-  tiles = _common.key_tile_range(plan, q0, block_q, block_k, q_limit, kv_limit)
+  tiles = tile_plan.key_tiles(plan.spec, q0, block_q, block_k, q_limit, kv_limit)
   q, d_out = q_ref[...], d_out_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
 
@@ -71,7 +72,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
     return dq + _compat.dot(_common.join_lanes(plan, ds_lanes), key_tile)
 
   dq = _common.loop_tiles(plan, tiles, body, jnp.zeros(q.shape, jnp.float32))
-  dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)
+  dq_ref[...] = (dq * plan.spec.scale).astype(dq_ref.dtype)
   if dbias_ref is not None:
     lo, _, _, hi = tiles
 
@@ -91,7 +92,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
   q_limit, kv_limit = _common.sequence_limits(plan, q_lengths_ref,
                                               kv_lengths_ref, pl.program_id(1))
   ctx = _common.TileContext(plan, q_limit, kv_limit)
-  tiles = _common.query_tile_range(plan, k0, block_k, block_q, q_limit, kv_limit)
+  tiles = tile_plan.query_tiles(plan.spec, k0, block_k, block_q, q_limit, kv_limit)
   cols = [_common.lane_slice(plan, 0, j, block_k) for j in range(plan.lanes)]
   # k, v in lane order; dk, dv come out in it (`_dkv` restores key order)
   key_tile, value_tile = k_ref[...], v_ref[...]
@@ -133,9 +134,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
         dbias_ref[g, lane] = column_sums
     return dk, dv
 
-  zeros = jnp.zeros((block_k, plan.head_dim), jnp.float32)
-  dk, dv = lax.fori_loop(0, plan.groups, head, (zeros, zeros))
-  dk_ref[...] = (dk * plan.scale).astype(dk_ref.dtype)
+  zeros = jnp.zeros((block_k, plan.spec.head_dim), jnp.float32)
+  dk, dv = lax.fori_loop(0, plan.spec.groups, head, (zeros, zeros))
+  dk_ref[...] = (dk * plan.spec.scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -156,7 +157,7 @@ def backward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
   dbias = None
   if bias is not None:
     ds = dbias_rows if dbias_rows is not None else dbias_cols[:, :, None, :]
-    ds = ds[:, :, :plan.q_len, :plan.kv_len]
+    ds = ds[:, :, :plan.spec.q_len, :plan.spec.kv_len]
     summed = tuple(axis for axis in range(4) if bias.shape[axis] == 1)
     dbias = jnp.sum(ds, axis=summed, keepdims=True).astype(bias.dtype)
   return dq, dk, dv, dbias
@@ -165,11 +166,11 @@ def backward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
 def _padded_operands(plan: Plan, block_q: int, block_k: int, q, k, v, bias,
                      mask, d_out, lse, delta):
   t_pad, s_pad = plan.padded_lengths(block_q, block_k)
-  q, d_out = (_common.pad_axis(x, 1, t_pad) for x in (q, d_out))
-  k, v = (_common.pad_axis(x, 1, s_pad) for x in (k, v))
-  lse, delta = (_common.pad_axis(x, 2, t_pad) for x in (lse, delta))
-  bias = _common.pad_broadcast(bias, t_pad, s_pad)
-  mask = _common.mask_as_int8(_common.pad_broadcast(mask, t_pad, s_pad))
+  q, d_out = (pad_axis(x, 1, t_pad) for x in (q, d_out))
+  k, v = (pad_axis(x, 1, s_pad) for x in (k, v))
+  lse, delta = (pad_axis(x, 2, t_pad) for x in (lse, delta))
+  bias = pad_broadcast(bias, t_pad, s_pad)
+  mask = _common.mask_as_int8(pad_broadcast(mask, t_pad, s_pad))
   return t_pad, s_pad, (q, k, v, bias, mask, d_out, lse, delta)
 
 
@@ -178,7 +179,7 @@ def _dq(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
   t_pad, s_pad, (q, k, v, bias, mask, d_out, lse, delta) = _padded_operands(
       plan, block_q, block_k, q, k, v, bias, mask, d_out, lse, delta)
   k, v = (_common.lane_order(plan, x, block_k) for x in (k, v))
-  groups, dim = plan.groups, plan.head_dim
+  groups, dim = plan.spec.groups, plan.spec.head_dim
 
   def q_block(i, b, h):
     return b, i, h, 0
@@ -203,14 +204,14 @@ def _dq(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
   ]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   out_specs = [pl.BlockSpec((None, block_q, None, dim), q_block)]
-  writes_dbias = bias is not None and plan.bias_full[2]
+  writes_dbias = bias is not None and plan.spec.bias_full[2]
   if writes_dbias:
-    out_shape.append(jax.ShapeDtypeStruct((plan.batch, plan.heads, t_pad, s_pad),
+    out_shape.append(jax.ShapeDtypeStruct((plan.spec.batch, plan.spec.heads, t_pad, s_pad),
                                           jnp.float32))
     out_specs.append(pl.BlockSpec((None, None, block_q, s_pad), row_block))
   results = pl.pallas_call(
       functools.partial(_dq_kernel, plan=plan, block_q=block_q, block_k=block_k),
-      grid=(t_pad // block_q, plan.batch, plan.heads),
+      grid=(t_pad // block_q, plan.spec.batch, plan.spec.heads),
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
@@ -219,7 +220,7 @@ def _dq(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
       interpret=plan.interpret,
       name="nm_flash_backward_dq",
   )(q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta)
-  dq = results[0][:, :plan.q_len]
+  dq = results[0][:, :plan.spec.q_len]
   return dq, (results[1] if writes_dbias else None)
 
 
@@ -228,7 +229,7 @@ def _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
   t_pad, s_pad, (q, k, v, bias, mask, d_out, lse, delta) = _padded_operands(
       plan, block_q, block_k, q, k, v, bias, mask, d_out, lse, delta)
   k, v = (_common.lane_order(plan, x, block_k) for x in (k, v))
-  groups, dim = plan.groups, plan.head_dim
+  groups, dim = plan.spec.groups, plan.spec.head_dim
 
   def group_block(i, b, h):
     del i
@@ -255,15 +256,15 @@ def _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype),
                jax.ShapeDtypeStruct(v.shape, v.dtype)]
   out_specs = [pl.BlockSpec((None, block_k, None, dim), kv_block)] * 2
-  writes_dbias = bias is not None and not plan.bias_full[2]
+  writes_dbias = bias is not None and not plan.spec.bias_full[2]
   if writes_dbias:
-    out_shape.append(jax.ShapeDtypeStruct((plan.batch, plan.heads, s_pad),
+    out_shape.append(jax.ShapeDtypeStruct((plan.spec.batch, plan.spec.heads, s_pad),
                                           jnp.float32))
     out_specs.append(pl.BlockSpec((None, groups, block_k),
                                   lambda i, b, h: (b, h, i)))
   results = pl.pallas_call(
       functools.partial(_dkv_kernel, plan=plan, block_q=block_q, block_k=block_k),
-      grid=(s_pad // block_k, plan.batch, plan.kv_heads),
+      grid=(s_pad // block_k, plan.spec.batch, plan.spec.kv_heads),
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
@@ -272,6 +273,6 @@ def _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
       interpret=plan.interpret,
       name="nm_flash_backward_dkv",
   )(q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta)
-  dk, dv = (_common.lane_order(plan, x, block_k, inverse=True)[:, :plan.kv_len]
+  dk, dv = (_common.lane_order(plan, x, block_k, inverse=True)[:, :plan.spec.kv_len]
             for x in results[:2])
   return dk, dv, (results[2] if writes_dbias else None)

@@ -53,7 +53,7 @@ class TuningConfig:
 
 def default_tuning(head_dim: int, tiled_bias_or_mask: bool = False,
                    itemsize: int = 2) -> TuningConfig:
-  """The tuning measured best on an H100 (docs/BENCHMARKS.md, "Triton kernel").
+  """The tuning measured best on an H100 (docs/benchmarks_history.md, "Triton kernel").
 
   Swept at head_dim 128, S=4096, 2:4 in bf16; smaller head dims reuse the
   tiles with half the warps, 256 takes smaller tiles to fit shared memory

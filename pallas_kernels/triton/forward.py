@@ -17,9 +17,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import _compat
+from pallas_kernels import _compat, tile_plan
 from pallas_kernels.triton import _common
-from pallas_kernels.triton._common import LOG2E, Plan
+from pallas_kernels.call import LOG2E, pad_axis, pad_broadcast
+from pallas_kernels.triton._common import Plan
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
@@ -31,7 +32,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
   q_limit, kv_limit = _common.sequence_limits(plan, q_lengths_ref,
                                               kv_lengths_ref, pl.program_id(1))
   ctx = _common.TileContext(plan, q_limit, kv_limit)
-  tiles = _common.key_tile_range(plan, q0, block_q, block_k, q_limit, kv_limit)
+  tiles = tile_plan.key_tiles(plan.spec, q0, block_q, block_k, q_limit, kv_limit)
   q = q_ref[...]
   exponent = LOG2E * plan.score_unit  # tile scores to base-2 exponents
 
@@ -84,7 +85,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
 
 def forward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, *,
             return_keep: bool = False):
-  """Runs the forward kernel on canonical operands (see `_common.plan_call`).
+  """Runs the forward kernel on canonical operands (the arrays of an `AttentionCall`).
 
   Returns `out [B, T, H, D]`, `lse [B, H, T]` float32 and, with `return_keep`,
   the kernel's N:M keep-mask `[B, H, T, S]` (bool).
@@ -92,14 +93,14 @@ def forward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, *,
   block_q, block_k = plan.forward_blocks
   t_pad, s_pad = plan.padded_lengths(block_q, block_k)
   num_q_tiles = t_pad // block_q
-  q = _common.pad_axis(q, 1, t_pad)
-  k = _common.pad_axis(k, 1, s_pad)
-  v = _common.pad_axis(v, 1, s_pad)
+  q = pad_axis(q, 1, t_pad)
+  k = pad_axis(k, 1, s_pad)
+  v = pad_axis(v, 1, s_pad)
   k, v = (_common.lane_order(plan, x, block_k) for x in (k, v))
-  bias = _common.pad_broadcast(bias, t_pad, s_pad)
-  mask = _common.mask_as_int8(_common.pad_broadcast(mask, t_pad, s_pad))
-  groups = plan.groups
-  dim = plan.head_dim
+  bias = pad_broadcast(bias, t_pad, s_pad)
+  mask = _common.mask_as_int8(pad_broadcast(mask, t_pad, s_pad))
+  groups = plan.spec.groups
+  dim = plan.spec.head_dim
 
   def q_block(i, b, h):
     return b, num_q_tiles - 1 - i, h, 0
@@ -116,12 +117,12 @@ def forward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, *,
       pl.BlockSpec((None, s_pad, None, dim), kv_block), (None, block_q, s_pad),
       row_block, bias, mask, q_lengths, kv_lengths)
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-               jax.ShapeDtypeStruct((plan.batch, plan.heads, t_pad), jnp.float32)]
+               jax.ShapeDtypeStruct((plan.spec.batch, plan.spec.heads, t_pad), jnp.float32)]
   out_specs = [pl.BlockSpec((None, block_q, None, dim), q_block),
                pl.BlockSpec((None, None, block_q),
                             lambda i, b, h: (b, h, num_q_tiles - 1 - i))]
   if return_keep:
-    out_shape.append(jax.ShapeDtypeStruct((plan.batch, plan.heads, t_pad, s_pad),
+    out_shape.append(jax.ShapeDtypeStruct((plan.spec.batch, plan.spec.heads, t_pad, s_pad),
                                           jnp.int8))
     out_specs.append(pl.BlockSpec((None, None, block_q, s_pad), row_block))
   kernel = functools.partial(_forward_kernel, plan=plan, block_q=block_q,
@@ -131,7 +132,7 @@ def forward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, *,
   num_stages = min(plan.tuning.num_stages, 2) if return_keep else plan.tuning.num_stages
   results = pl.pallas_call(
       kernel,
-      grid=(num_q_tiles, plan.batch, plan.heads),
+      grid=(num_q_tiles, plan.spec.batch, plan.spec.heads),
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
@@ -140,8 +141,8 @@ def forward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, *,
       interpret=plan.interpret,
       name="nm_flash_forward",
   )(q, k, v, bias, mask, q_lengths, kv_lengths)
-  out = results[0][:, :plan.q_len]
-  lse = results[1][:, :, :plan.q_len]
+  out = results[0][:, :plan.spec.q_len]
+  lse = results[1][:, :, :plan.spec.q_len]
   if not return_keep:
     return out, lse
-  return out, lse, results[2][:, :, :plan.q_len, :plan.kv_len] != 0
+  return out, lse, results[2][:, :, :plan.spec.q_len, :plan.spec.kv_len] != 0

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _compat
+from pallas_kernels.call import AttentionSpec
 from pallas_kernels.triton._common import (MAX_FLOAT32_HEAD_DIM, SUPPORTED_DTYPES,
                                            SUPPORTED_HEAD_DIMS)
 
@@ -19,13 +20,14 @@ def runs_natively() -> bool:
   return capability is not None and capability >= MIN_COMPUTE_CAPABILITY
 
 
-def unsupported_reason(*, head_dim: int, dtype) -> str | None:
-  """None if the kernels can run such a call on the default device, else why not.
+def unsupported_reason(spec: AttentionSpec) -> str | None:
+  """None if the kernels can run a call with `spec` on the default device,
+  else why not.
 
   On a CPU they run in Pallas interpret mode (slow; for tests). Other
   arguments (masks, lengths, window, GQA, any n:m) are always supported.
   """
-  dtype = jnp.dtype(dtype).name
+  dtype, head_dim = jnp.dtype(spec.dtype).name, spec.head_dim
   if dtype not in SUPPORTED_DTYPES:
     return f"dtype {dtype} is not supported (supported: {', '.join(SUPPORTED_DTYPES)})"
   if head_dim not in SUPPORTED_HEAD_DIMS:
