@@ -8,7 +8,6 @@ CUDA through Mosaic GPU rather than Triton.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -38,28 +37,3 @@ def cuda_compute_capability() -> tuple[int, int] | None:
     return None
   major, minor = str(capability).split(".")
   return int(major), int(minor)
-
-
-@contextlib.contextmanager
-def captured_mosaic_gpu_modules():
-  """Collects the text of every Mosaic GPU kernel module lowered inside the block.
-
-  Lowering (e.g. `jax.export` for "cuda") builds the kernel IR on any
-  machine; the hook is Mosaic GPU's serialisation step, a private function.
-  """
-  from jax.experimental.mosaic.gpu import core  # pylint: disable=g-import-not-at-top
-  original = getattr(core, "_run_serde_pass", None)
-  if original is None:
-    raise NotImplementedError(
-        f"jax {jax.__version__}: Mosaic GPU has no _run_serde_pass to hook")
-  texts = []
-
-  def spy(module, **kwargs):
-    texts.append(str(module))
-    return original(module, **kwargs)
-
-  core._run_serde_pass = spy  # pylint: disable=protected-access
-  try:
-    yield texts
-  finally:
-    core._run_serde_pass = original  # pylint: disable=protected-access

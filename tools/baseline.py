@@ -4,9 +4,9 @@ One process can then run the working tree's kernels next to an earlier
 version's, on the same inputs and in turn with cuDNN, which is how
 BENCHMARKS.md wants a change timed against its predecessor:
 
-  python -m experiments.bench.baseline COMMIT DIR      # here: needs git
-  python -m pallas_kernels.mosaic_gpu.probe --baseline DIR --sections time,ir ...
-  python -m experiments.bench.triton_ab --baseline DIR ...    # the Triton kernels
+  python -m tools.baseline COMMIT DIR      # here: needs git
+  python -m tools.mosaic_probe --baseline DIR --sections time,ir ...
+  python -m tools.triton_ab --baseline DIR ...    # the Triton kernels
 
 `DIR` goes to the GPU machine as a carried path (the device gets the work
 tree without `.git`). The probe labels the baseline's rows "base ...".

@@ -1,6 +1,6 @@
 """What the GPU machine has: versions, device, and the dense attention baselines.
 
-  python -m experiments.bench.env_probe
+  python -m tools.env_probe
 """
 
 from __future__ import annotations

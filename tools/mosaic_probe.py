@@ -1,6 +1,6 @@
 """Device checks and timings of the Hopper kernel, in one process.
 
-  python -m pallas_kernels.mosaic_gpu.probe --out DIR [--sections micro,correct,select,time]
+  python -m tools.mosaic_probe --out DIR [--sections micro,correct,select,time]
       [--sizes 4096,8192,16384] [--variants "2:4 sparse-pv,4:4 dense"] [--causal false,true]
       [--rounds 2] [--head-dim 64] [--calls 20] [--baseline DIR]
 
@@ -15,7 +15,7 @@ Sections:
            kernel (Mosaic GPU profiler; trace JSON under DIR/profile);
   sass     per `--variants` kernel: ptxas registers and spills, and every
            loop's static schedule from the SASS control bits (stall cycles,
-           scoreboard waits by producer; `experiments.bench.sass_schedule`);
+           scoreboard waits by producer; `tools.sass_schedule`);
            needs ptxas and cuobjdump on PATH; PTX and cubins under DIR/sass;
   ir       (CPU is enough) op counts of each `--variants` kernel's Mosaic GPU
            IR at head_dim 128, non-causal: comparisons, selects, min/max,
@@ -58,11 +58,11 @@ import numpy as np
 
 from experiments.bench.timing import attention_flops, median_seconds
 import nmattn
-from pallas_kernels import _compat
 from nmattn import masking, reference
 from nmattn._validation import canonicalize
 from pallas_kernels.mosaic_gpu import forward as fw
 from pallas_kernels.mosaic_gpu import sparse_fragments as sf
+from tools import mosaic_ir
 
 
 def _micro_call(n_cols: int):
@@ -361,7 +361,7 @@ def section_ir(names, head_dim=128, seq=1024, forwards=TREE):
   q = jax.ShapeDtypeStruct((1, seq, 2, head_dim), jnp.bfloat16)
   for name, cfg, forward in _variants(names, forwards):
     kernel = _variant_kernel(cfg, forward)
-    with _compat.captured_mosaic_gpu_modules() as texts:
+    with mosaic_ir.captured_mosaic_gpu_modules() as texts:
       jax.export.export(kernel, platforms=["cuda"])(q, q, q, None, None, None,
                                                     None)
     counts = count_ir_ops(texts[-1])
@@ -378,9 +378,9 @@ def section_sass(names, out_dir, head_dim=128, seq=1024, forwards=TREE):
 
   Compiles each kernel with its PTX dumped (`MOSAIC_GPU_DUMP_TO`, read at
   every compilation), assembles it with the local ptxas and reads the SASS
-  control bits (`experiments.bench.sass_schedule`).
+  control bits (`tools.sass_schedule`).
   """
-  from experiments.bench import sass_schedule  # pylint: disable=g-import-not-at-top
+  from tools import sass_schedule  # pylint: disable=g-import-not-at-top
   rows = []
   q = jnp.ones((1, seq, 2, head_dim), jnp.bfloat16)
   for name, cfg, forward in _variants(names, forwards):
@@ -547,7 +547,7 @@ def main():
                       help="JSON MosaicTuning fields for the correct and profile "
                            "sections")
   parser.add_argument("--baseline", default=None,
-                      help="directory from `python -m experiments.bench.baseline"
+                      help="directory from `python -m tools.baseline"
                            " COMMIT DIR`: time, ir and ncu also run its kernels")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
@@ -561,7 +561,7 @@ def main():
   causals = [c == "true" for c in args.causal.split(",")]
   forwards = TREE
   if args.baseline:
-    from experiments.bench import baseline  # pylint: disable=g-import-not-at-top
+    from tools import baseline  # pylint: disable=g-import-not-at-top
     forwards += (("base", baseline.load(args.baseline)),)
   for name in sections:
     t0 = time.perf_counter()

@@ -20,9 +20,9 @@ A loop whose `stall_cycles` is far above its instruction count is latency
 bound for a single warp: other warps of the scheduler can fill the stalls,
 the same warp cannot.
 
-  python -m experiments.bench.sass_schedule KERNEL.cubin [--json OUT.json]
-  python -m experiments.bench.sass_schedule KERNEL.sass   # cuobjdump -sass text
-  python -m experiments.bench.sass_schedule KERNEL.ptx    # assembled by ptxas
+  python -m tools.sass_schedule KERNEL.cubin [--json OUT.json]
+  python -m tools.sass_schedule KERNEL.sass   # cuobjdump -sass text
+  python -m tools.sass_schedule KERNEL.ptx    # assembled by ptxas
 
 The Hopper kernel's probe has a `sass` section that does this for its
 variants (PTX from Mosaic GPU's `MOSAIC_GPU_DUMP_TO`).

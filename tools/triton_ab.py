@@ -2,8 +2,8 @@
 
 How docs/BENCHMARKS.md times a change to `pallas_kernels/triton`:
 
-  python -m experiments.bench.baseline COMMIT DIR             # here: needs git
-  python3 -m experiments.bench.triton_ab --baseline DIR --seq 4096 8192  # GPU
+  python -m tools.baseline COMMIT DIR             # here: needs git
+  python3 -m tools.triton_ab --baseline DIR --seq 4096 8192  # GPU
 
 (`DIR` carried to the GPU machine.) For every sequence length and causal
 flag, on the same random inputs: the dense row (cuDNN on a GPU, XLA
@@ -26,7 +26,7 @@ import statistics
 import jax
 import jax.numpy as jnp
 
-from experiments.bench import baseline
+from tools import baseline
 from experiments.bench.timing import median_seconds
 from pallas_kernels import triton as tree_triton
 
@@ -112,7 +112,7 @@ def summarize(records: list[dict]) -> list[dict]:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--baseline", required=True,
-                      help="folder holding one experiments.bench.baseline copy")
+                      help="folder holding one tools.baseline copy")
   parser.add_argument("--seq", type=int, nargs="+", default=[4096, 8192])
   parser.add_argument("--tokens", type=int, default=16384, help="batch * seq")
   parser.add_argument("--heads", type=int, default=16)

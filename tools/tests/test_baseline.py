@@ -1,4 +1,4 @@
-"""experiments.bench.baseline: an older commit's kernels beside the tree's, on the CPU."""
+"""tools.baseline: an older commit's kernels beside the tree's, on the CPU."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from experiments.bench import baseline
+from tools import baseline
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _has_git_history():
@@ -20,7 +20,7 @@ def _has_git_history():
 
 @pytest.mark.skipif(not _has_git_history(), reason="needs git and the checkout")
 def test_copy_of_head_builds_the_same_kernel_ir(tmp_path):
-  from pallas_kernels.mosaic_gpu import probe
+  from tools import mosaic_probe as probe
   if subprocess.run(["git", "-C", REPO, "diff", "--quiet", "HEAD", "--",
                      "pallas_kernels"]).returncode:
     pytest.skip("pallas_kernels has uncommitted changes: HEAD is not the tree")

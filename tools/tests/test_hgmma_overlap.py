@@ -1,4 +1,4 @@
-"""`experiments.bench.hgmma_overlap`: the generated source, the parser, the arithmetic."""
+"""`tools.hgmma_overlap`: the generated source, the parser, the arithmetic."""
 
 import re
 import shutil
@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from experiments.bench import hgmma_overlap as hb
+from tools import hgmma_overlap as hb
 
 RESULT = ("RESULT name=SS+MINMAX roles=SS,MINMAX,MINMAX r=10 l=20 l2=0 total=1500 "
           "c0=1000 pa0=0 pb0=0 pi0=0 c1=1200 pa1=0 pb1=0 pi1=0 c2=1100 pa2=0 pb2=0 pi2=0 "

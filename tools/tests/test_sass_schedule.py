@@ -1,11 +1,11 @@
-"""experiments.bench.sass_schedule: control-bit decoding, loops, static schedule."""
+"""tools.sass_schedule: control-bit decoding, loops, static schedule."""
 
 import shutil
 import subprocess
 
 import pytest
 
-from experiments.bench import sass_schedule as ss
+from tools import sass_schedule as ss
 
 # cuobjdump -sass (CUDA 13.0, sm_90a) of a loop body this test's author
 # compiled: a = exp2(fma(a, b, 1)); b = max(a, b); a = shfl_xor(a, 1).

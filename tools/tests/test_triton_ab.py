@@ -1,4 +1,4 @@
-"""experiments.bench.triton_ab: the tree's Triton kernels against a copy, on the CPU."""
+"""tools.triton_ab: the tree's Triton kernels against a copy, on the CPU."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import subprocess
 import jax.numpy as jnp
 import pytest
 
-from experiments.bench import baseline, triton_ab
+from tools import baseline, triton_ab
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_summarize_takes_medians_and_ratios():

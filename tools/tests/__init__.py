@@ -1,0 +1,1 @@
+"""Tests of the developer tools (CPU; `make test` collects them with `tests`)."""
