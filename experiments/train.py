@@ -1,9 +1,10 @@
 """The single training entry point for every experiment.
 
   python -m experiments.train --config=experiments/configs/NAME.py \
-      [--config.some.field=value ...] [--workdir=DIR]
+      [--config.some.field=value ...] [--workdir=DIR] [--force_resume]
 
-The work dir (default `runs/NAME`, after the config file) receives:
+The work dir (default `runs/NAME/OVERRIDES`, after the config file and the
+`--config.*` overrides, see `default_workdir`) receives:
   config.json          the resolved config
   checkpoints/         orbax checkpoints every `checkpoint_every` steps
   metrics.csv          step,split,metric,value (train, valid, test rows)
@@ -16,6 +17,18 @@ N:M attention. Re-running with the same work dir resumes from the latest
 checkpoint and continues the same run: the data order is a function of (seed, step), and
 metrics logged after the checkpoint are dropped and recomputed.
 
+A run is right or it stops:
+  * resuming a work dir whose `config.json` differs from the new config in
+    any field outside `RESUMABLE_FIELDS` is a ValueError naming the fields
+    (`--force_resume` continues anyway and records the changes);
+  * a latest checkpoint that does not restore, or restores to a state that is
+    not finite or not shaped as this config's state, is moved to
+    `rejected_checkpoints/` with a warning and the one before it is used;
+  * a non-finite training loss or gradient norm (checked at every log and
+    before every checkpoint, so no non-finite state is saved) or a non-finite
+    evaluation metric raises `NonFiniteError` (exit code 1); nothing
+    non-finite is ever written as a result.
+
 Training is data-parallel over all local devices (a 1-D `jax.sharding.Mesh`
 named "data"; parameters replicated, the batch split). With
 `--jax_distributed` the process joins a multi-host job through
@@ -26,10 +39,12 @@ environment) and the mesh spans every host's devices.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import logging
 import math
-import os
 import pathlib
+import shutil
 import sys
 import time
 
@@ -42,28 +57,43 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from experiments import tasks
 
+log = logging.getLogger(__name__)
+
+# Config fields that may differ between a work dir's `config.json` and the
+# config that resumes it: they change how long the run goes on and what is
+# logged, evaluated or kept, not what is trained up to the checkpoint. (A new
+# `num_steps` also moves the end of the cosine decay, so a lengthened run
+# differs from one started with that length from the checkpoint on.)
+RESUMABLE_FIELDS = frozenset({
+    "num_steps", "log_every", "eval_every", "checkpoint_every",
+    "max_checkpoints_to_keep", "eval_batch_size", "eval_splits",
+    "final_eval_splits"})
+
+
+class NonFiniteError(FloatingPointError):
+  """A training loss, gradient norm or evaluation metric is NaN or infinite."""
+
 
 def validate(config) -> None:
   """Raises ValueError naming the field and value of a bad config."""
+  tasks.import_task_module(config)  # registers a user's task
   if config.task not in tasks.TASKS:
     raise ValueError(f"config.task must be one of {tasks.TASKS}; got "
                      f"config.task={config.task!r}")
   tasks.attention_spec(config)  # validates attention.kind / n / m
-  positive = ("batch_size", "eval_batch_size", "log_every", "eval_every",
-              "checkpoint_every")
-  for name in positive:
+  for name in ("batch_size", "eval_batch_size", "log_every"):
     if config[name] < 1:
       raise ValueError(f"config.{name} must be >= 1; got "
                        f"config.{name}={config[name]}")
-  if config.num_steps < 0:
-    raise ValueError(f"config.num_steps must be >= 0; got "
-                     f"config.num_steps={config.num_steps}")
-  if config.checkpoint_every % config.log_every:
-    raise ValueError(
-        "config.checkpoint_every must be a multiple of config.log_every (the "
-        "logged train averages then restart at checkpoints); got "
-        f"config.checkpoint_every={config.checkpoint_every}, "
-        f"config.log_every={config.log_every}")
+  # 0: no periodic evaluation / only the final checkpoint.
+  for name in ("num_steps", "eval_every", "checkpoint_every"):
+    if config[name] < 0:
+      raise ValueError(f"config.{name} must be >= 0; got "
+                       f"config.{name}={config[name]}")
+  if config.max_checkpoints_to_keep < 1:
+    raise ValueError("config.max_checkpoints_to_keep must be >= 1; got "
+                     "config.max_checkpoints_to_keep="
+                     f"{config.max_checkpoints_to_keep}")
   optimizer = config.optimizer
   if optimizer.learning_rate <= 0:
     raise ValueError("config.optimizer.learning_rate must be > 0; got "
@@ -213,13 +243,141 @@ def _config_to_json(config) -> str:
   return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
-def train_and_evaluate(config, workdir) -> dict:
-  """Trains `config` in `workdir` (resuming if it holds a checkpoint).
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  """`{"a": {"b": 1}}` -> `{"a.b": 1}`."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
 
-  Returns the final metrics (also written to `workdir/final_metrics.json`).
+
+_ABSENT = "<absent>"
+
+
+def config_differences(saved_json: str, config) -> dict[str, tuple]:
+  """`{field: (saved value, new value)}` for every field in which `config`
+  differs from a saved `config.json` (compared as JSON, so tuples equal
+  lists); a field missing on one side reads `"<absent>"`."""
+  saved = _flatten(json.loads(saved_json))
+  new = _flatten(json.loads(_config_to_json(config)))
+  return {name: (saved.get(name, _ABSENT), new.get(name, _ABSENT))
+          for name in sorted(saved.keys() | new.keys())
+          if saved.get(name, _ABSENT) != new.get(name, _ABSENT)}
+
+
+def default_workdir(config_file: str, overrides: dict) -> pathlib.Path:
+  """`runs/<config file stem>/<overrides>`: a run's default work dir.
+
+  No overrides give `runs/NAME/default`; otherwise the overrides, sorted by
+  field, read `kind=nm_m=4_n=2` (the fields' last name parts; cut at 64
+  characters) followed by the first 8 hex digits of a SHA-256 of all
+  overrides, so any two different sets of overrides get different dirs and
+  the same set (in any order) the same one.
+  """
+  root = pathlib.Path("runs") / pathlib.Path(config_file).stem
+  if not overrides:
+    return root / "default"
+  fields = sorted(overrides)
+  readable = "_".join(f"{field.split('.')[-1]}={overrides[field]}"
+                      for field in fields)
+  readable = "".join(c if c.isalnum() or c in "=_-.:@" else "-"
+                     for c in readable)[:64]
+  canonical = json.dumps([[field, overrides[field]] for field in fields],
+                         default=repr)
+  digest = hashlib.sha256(canonical.encode()).hexdigest()[:8]
+  return root / f"{readable}-{digest}"
+
+
+def _state_problem(state, reference, step: int) -> str | None:
+  """Why a restored train state cannot continue the run, or None: its tree,
+  shapes and dtypes must be `reference`'s, its step `step`, and every
+  floating-point leaf finite."""
+  if jax.tree.structure(state) != jax.tree.structure(reference):
+    return "its tree structure differs from this config's train state"
+  leaves = jax.tree_util.tree_leaves_with_path(state)
+  for (path, leaf), ref in zip(leaves, jax.tree.leaves(reference)):
+    if (leaf.shape, leaf.dtype) != (ref.shape, ref.dtype):
+      return (f"{jax.tree_util.keystr(path)} is {leaf.dtype}{list(leaf.shape)}"
+              f", this config's is {ref.dtype}{list(ref.shape)}")
+  if int(state["step"]) != step:
+    return f"it holds step {int(state['step'])}"
+  for path, leaf in leaves:
+    if jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(
+        jnp.all(jnp.isfinite(leaf))):
+      return f"{jax.tree_util.keystr(path)} is not finite"
+  return None
+
+
+def _restore_latest_intact(make_manager, reference, workdir: pathlib.Path,
+                           is_chief: bool):
+  """(manager, state, step) from the newest checkpoint that restores to a
+  valid state (`_state_problem`); (manager, None, 0) if none does.
+
+  Each newer checkpoint that fails is moved to `workdir/rejected_checkpoints/`
+  with a warning (so that later saves of its step do not collide with it).
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, reference)
+  while True:
+    manager = make_manager()
+    step = manager.latest_step()
+    if step is None:
+      return manager, None, 0
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      problem = _state_problem(state, reference, step)
+    except Exception as error:  # pylint: disable=broad-except
+      # orbax and tensorstore raise many types (ValueError, OSError,
+      # tensorstore errors) for a truncated, rewritten or empty step dir.
+      problem = f"it does not restore ({type(error).__name__}: {error})"
+    if problem is None:
+      return manager, state, step
+    manager.close()
+    rejected = workdir / "rejected_checkpoints" / str(step)
+    log.warning("checkpoint %s is not used: %s; moving it to %s and "
+                "resuming from the checkpoint before it", step,
+                problem[:500], rejected)
+    if is_chief:
+      suffix = 0
+      while rejected.exists():
+        suffix += 1
+        rejected = rejected.with_name(f"{step}.{suffix}")
+      rejected.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(workdir / "checkpoints" / str(step)), str(rejected))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"rejected checkpoint {step}")
+
+
+def _raise_if_not_finite(step_metrics, name: str) -> None:
+  """NonFiniteError at the first (step, {metric: value}) whose loss or
+  gradient norm is NaN or infinite."""
+  for step, metrics in step_metrics:
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+      raise NonFiniteError(
+          f"{name}: the training loss is not finite at step {step} "
+          f"(loss={loss}, grad_norm={grad_norm}); the run stops here and "
+          "saves nothing from this step on (lower "
+          "config.optimizer.learning_rate, or check the data)")
+
+
+def train_and_evaluate(config, workdir, force_resume: bool = False) -> dict:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint).
+
+  Returns the final summary (also written to `workdir/final_metrics.json`:
+  the final metrics under "metrics", run statistics) and, only in the
+  returned dict, "state": the final train state, a dict of "step", "params"
+  and "opt_state" (replicated arrays).
+
+  Raises ValueError if `workdir/config.json` differs from `config` outside
+  `RESUMABLE_FIELDS` (unless `force_resume`), or if `config.num_steps` is
+  below the step of the checkpoint it resumes; NonFiniteError on a
+  non-finite training loss or evaluation metric.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   validate(config)
   workdir = pathlib.Path(workdir).absolute()
@@ -230,10 +388,20 @@ def train_and_evaluate(config, workdir) -> dict:
       raise ValueError(
           f"config.{name} must be divisible by the {parallel.num_devices} "
           f"devices; got config.{name}={config[name]}")
-  if is_chief:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(_config_to_json(config))
-
+  name = config.get("name", config.task)
+  config_path = workdir / "config.json"
+  changes = {}
+  if config_path.exists():
+    changes = config_differences(config_path.read_text(), config)
+    refused = sorted(set(changes) - RESUMABLE_FIELDS)
+    if refused and not force_resume:
+      raise ValueError(
+          f"workdir={str(workdir)!r} holds a run of another config; it "
+          "differs in " + ", ".join(
+              f"{field} ({changes[field][0]!r} there, {changes[field][1]!r} "
+              "here)" for field in refused) +
+          ". Choose another work dir, or resume with force_resume "
+          "(--force_resume) to continue that run with this config")
   task = tasks.build(config)
   tx, schedule = make_optimizer(config)
 
@@ -245,23 +413,67 @@ def train_and_evaluate(config, workdir) -> dict:
                params)}
   num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
 
-  manager = ocp.CheckpointManager(
-      workdir / "checkpoints",
-      options=ocp.CheckpointManagerOptions(
-          save_interval_steps=config.checkpoint_every,
-          max_to_keep=config.max_checkpoints_to_keep, create=True))
-  start_step = 0
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  if manager.latest_step() is not None:
-    start_step = manager.latest_step()
-    state = manager.restore(start_step,
-                            args=ocp.args.StandardRestore(abstract))
-  elif config.init_from:
-    state["params"] = _params_of_run(config.init_from, abstract)
+  def make_manager():
+    return ocp.CheckpointManager(
+        workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.max_checkpoints_to_keep, create=True))
+
+  manager, restored, start_step = _restore_latest_intact(
+      make_manager, state, workdir, is_chief)
+  if restored is not None:
+    if start_step > config.num_steps:
+      manager.close()
+      raise ValueError(
+          f"config.num_steps must be >= the step of the checkpoint it "
+          f"resumes ({start_step} in {workdir / 'checkpoints'}); got "
+          f"config.num_steps={config.num_steps}")
+    state = restored
+  if jax.process_count() > 1:  # every process has read config.json
+    multihost_utils.sync_global_devices("config compared")
+  if is_chief:
+    config_path.write_text(_config_to_json(config))
+    # The summary of an earlier session is not this config's result.
+    (workdir / "final_metrics.json").unlink(missing_ok=True)
+  if restored is None and config.init_from:
+    state["params"] = _params_of_run(
+        config.init_from, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
   writer = MetricWriter(workdir, enabled=is_chief)
+  try:
+    summary = _train_loop(config, task, tx, schedule, state, start_step,
+                          manager, writer, parallel)
+  finally:
+    writer.close()
+    manager.close()
+  state = summary.pop("state")
+  summary = {
+      "name": name,
+      "task": config.task,
+      "attention": tasks.attention_spec(config).label,
+      "num_steps": config.num_steps,
+      "resumed_from_step": start_step,
+      "config_changes_on_resume": {field: list(values)
+                                   for field, values in changes.items()},
+      "num_params": int(num_params),
+      "num_devices": parallel.num_devices,
+      "num_processes": jax.process_count(),
+      **summary,
+  }
+  if is_chief:
+    (workdir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
+  return {**summary, "state": state}
+
+
+def _train_loop(config, task, tx, schedule, state, start_step, manager,
+                writer, parallel) -> dict:
+  """Steps `start_step` to `config.num_steps`, logging, evaluating and
+  checkpointing; then the final evaluation. Returns the run statistics, the
+  final metrics and the final state."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  name = config.get("name", config.task)
+  is_chief = jax.process_index() == 0
   # Evaluations at num_steps are the final ones, which this run redoes.
   writer.resume(start_step, final=start_step == config.num_steps)
-
   dropout_key = jax.random.key(config.seed + 1)
 
   @jax.jit
@@ -285,66 +497,69 @@ def train_and_evaluate(config, workdir) -> dict:
     for split in splits:
       results[split] = evaluate(task, predict, state["params"], split,
                                 config.eval_batch_size, parallel)
+      bad = {k: v for k, v in results[split].items()
+             if not math.isfinite(v)}
+      if bad:
+        raise NonFiniteError(f"{name}: {split} metrics at step {step} are "
+                             f"not finite: {bad}")
       writer.write(step, split, results[split])
     return results
 
+  def every(period, done):
+    return period > 0 and done % period == 0
+
   progress = tqdm(total=config.num_steps, initial=start_step,
-                  desc=config.get("name", config.task), disable=not is_chief,
+                  desc=name, disable=not is_chief,
                   dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
-  accumulated, count = [], 0
+  # Metrics of the log window, and of the steps whose loss is unchecked
+  # (checked at each log and before each checkpoint, not every step, so that
+  # steps are dispatched ahead of the host).
+  accumulated, unchecked = [], []
   window_start = time.perf_counter()
   train_seconds = 0.0
   for step in range(start_step, config.num_steps):
     batch = parallel.shard(task.train_batch(step))
     state, metrics = train_step(state, batch)
-    accumulated.append(metrics)
-    count += 1
-    progress.update(1)
     done = step + 1
-    if done % config.log_every == 0 or done == config.num_steps:
+    accumulated.append(metrics)
+    unchecked.append((done, metrics))
+    progress.update(1)
+    final_step = done == config.num_steps
+    if every(config.log_every, done) or final_step:
+      _raise_if_not_finite(unchecked, name)
+      unchecked = []
       means = {k: float(np.mean([float(m[k]) for m in accumulated]))
                for k in accumulated[0]}
       elapsed = time.perf_counter() - window_start
       train_seconds += elapsed
-      means["examples_per_second"] = count * config.batch_size / elapsed
+      means["examples_per_second"] = (len(accumulated) * config.batch_size
+                                      / elapsed)
       writer.write(done, "train", means)
       progress.set_postfix(loss=f"{means['loss']:.4f}",
                            ex_per_s=f"{means['examples_per_second']:.1f}")
-      accumulated, count = [], 0
-    if done % config.eval_every == 0 and done != config.num_steps:
-      run_eval(done, config.eval_splits)
-    if done % config.checkpoint_every == 0 or done == config.num_steps:
-      manager.save(done, args=ocp.args.StandardSave(state), force=True)
-    if done % config.log_every == 0:
+      accumulated = []
       window_start = time.perf_counter()
+    if every(config.eval_every, done) and not final_step:
+      run_eval(done, config.eval_splits)
+    if every(config.checkpoint_every, done) or final_step:
+      _raise_if_not_finite(unchecked, name)
+      unchecked = []
+      manager.save(done, args=ocp.args.StandardSave(state), force=True)
   progress.close()
   manager.wait_until_finished()
 
   final = run_eval(config.num_steps, config.final_eval_splits)
-  summary = {
-      "name": config.get("name", config.task),
-      "task": config.task,
-      "attention": tasks.attention_spec(config).label,
-      "num_steps": config.num_steps,
-      "resumed_from_step": start_step,
-      "num_params": int(num_params),
-      "num_devices": parallel.num_devices,
-      "num_processes": jax.process_count(),
-      "train_seconds_this_session": round(train_seconds, 2),
-      "metrics": final,
-  }
-  if is_chief:
-    (workdir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
-  writer.close()
-  manager.close()
-  return summary
+  return {"train_seconds_this_session": round(train_seconds, 2),
+          "metrics": final, "state": state}
 
 
 def main(argv):
   """absl entry point; flags are defined in `_define_flags`."""
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   config = flags.FLAGS.config
   if flags.FLAGS.jax_distributed:
     jax.distributed.initialize(
@@ -353,9 +568,17 @@ def main(argv):
         process_id=flags.FLAGS.process_id)
   workdir = flags.FLAGS.workdir
   if workdir is None:
-    config_name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
-    workdir = os.path.join("runs", config_name)
-  summary = train_and_evaluate(config, workdir)
+    workdir = default_workdir(
+        flags.FLAGS["config"].config_filename,
+        config_flags.get_override_values(flags.FLAGS["config"]))
+    if jax.process_index() == 0:
+      print(f"work dir: {workdir}", flush=True)
+  try:
+    summary = train_and_evaluate(config, workdir,
+                                 force_resume=flags.FLAGS.force_resume)
+  except (ValueError, NonFiniteError) as error:
+    raise SystemExit(f"experiments.train: {type(error).__name__}: "
+                     f"{error}") from error
   if jax.process_index() == 0:
     print(json.dumps(summary["metrics"], indent=2, sort_keys=True))
 
@@ -368,7 +591,11 @@ def _define_flags():
       lock_config=True)
   flags.mark_flag_as_required("config")
   flags.DEFINE_string("workdir", None,
-                      "Output directory; default runs/<config name>.")
+                      "Output directory; default runs/<config name>/"
+                      "<overrides>.")
+  flags.DEFINE_bool("force_resume", False,
+                    "Resume a work dir whose config.json differs from this "
+                    "config in fields that may not change on resume.")
   flags.DEFINE_bool("jax_distributed", False,
                     "Call jax.distributed.initialize (multi-host run).")
   flags.DEFINE_string("coordinator_address", None,

@@ -174,7 +174,9 @@ def test_four_fake_devices_and_two_hosts_equal_one_device(tmp_path):
     ("attention.kind", "sparse", "kind='sparse'"),
     ("batch_size", 0, "config.batch_size=0"),
     ("num_steps", -1, "config.num_steps=-1"),
-    ("checkpoint_every", 10, "config.checkpoint_every=10"),
+    ("checkpoint_every", -1, "config.checkpoint_every=-1"),
+    ("eval_every", -1, "config.eval_every=-1"),
+    ("max_checkpoints_to_keep", 0, "config.max_checkpoints_to_keep=0"),
     ("optimizer.learning_rate", 0.0, "learning_rate=0.0"),
     ("final_eval_splits", ("dev",), "config.final_eval_splits=('dev',)"),
 ])

@@ -13,6 +13,9 @@ def base_config(task: str, name: str) -> ml_collections.ConfigDict:
   config.seed = 0
   # A run dir whose latest checkpoint's params initialise this run ("": none).
   config.init_from = ""
+  # A module to import before the task is looked up, whose import registers
+  # `task` (experiments.tasks.register); "": a built-in task.
+  config.task_module = ""
 
   # Attention of every layer: kind in (dense, nm, topk, local); the density of
   # nm, topk and local is n / m.
@@ -31,6 +34,11 @@ def base_config(task: str, name: str) -> ml_collections.ConfigDict:
       "end_learning_rate_fraction": 0.0, "b1": 0.9, "b2": 0.98,
       "grad_clip_norm": 1.0})
 
+  # Train averages every `log_every` steps; evaluation of `eval_splits` and
+  # a checkpoint every `eval_every` / `checkpoint_every` steps (0: none but
+  # the final ones). A resume reproduces the uninterrupted run's logged
+  # averages where `checkpoint_every` is a multiple of `log_every` (otherwise
+  # its first average covers the steps from the checkpoint only).
   config.log_every = 50
   config.eval_every = 500
   config.checkpoint_every = 500
