@@ -143,7 +143,7 @@ def canonical_modes(block_pattern: Any, *, batch: int, heads: int, q_len: int,
   try:
     values = np.asarray(modes)
   except jax.errors.TracerArrayConversionError:
-    values = None  # traced: checked by nobody, read safely (see above)
+    values = None  # traced: unchecked, read as the docstring says
   if values is not None:
     bad = np.setdiff1d(np.unique(values), MODES)
     if bad.size:

@@ -1,4 +1,4 @@
-"""Block patterns: the pytree, validation, element modes, every constructor by hand-built blocks."""
+"""Block patterns: pytree, validation, element modes, each constructor by hand."""
 
 import jax
 import jax.numpy as jnp
@@ -68,12 +68,14 @@ def test_block_sizes_must_be_positive_ints(block_q, block_k):
 @pytest.mark.parametrize("bad,match", [
     (np.ones((2, 4, 3, 3), np.int8), r"block_pattern must be an nmattn.BlockPattern"),
     (BlockPattern(np.ones((3, 3), np.int8), 4, 6), r"block_k must be a multiple of m=4"),
-    (BlockPattern([[1, 1, 1]], 4, 8), r"modes must be an int8 array; got block_pattern.modes=list"),
+    (BlockPattern([[1, 1, 1]], 4, 8),
+     r"modes must be an int8 array; got block_pattern.modes=list"),
     (BlockPattern(np.ones((3, 3), np.int32), 4, 8), r"modes.dtype=int32"),
     (BlockPattern(jnp.ones((3, 3), jnp.float32), 4, 8), r"modes.dtype=float32"),
     (BlockPattern(np.ones((3, 4), np.int8), 4, 8), r"modes.shape=\(3, 4\)"),
     (BlockPattern(np.ones((3, 3, 3), np.int8), 4, 8), r"modes.shape=\(3, 3, 3\)"),
-    (BlockPattern(np.ones((1, 1, 1, 3, 3), np.int8), 4, 8), r"modes.shape=\(1, 1, 1, 3, 3\)"),
+    (BlockPattern(np.ones((1, 1, 1, 3, 3), np.int8), 4, 8),
+     r"modes.shape=\(1, 1, 1, 3, 3\)"),
     (BlockPattern(np.full((3, 3), 3, np.int8), 4, 8), r"got values \[3\]"),
     (BlockPattern(jnp.asarray([[0, -1, 2]], jnp.int8), 4, 8), r"got values \[-1\]"),
 ], ids=["not_a_pattern", "block_k", "list", "int32", "float32", "shape", "heads",
@@ -101,7 +103,8 @@ def test_element_modes_match_indexing(rng):
   tile = jax.jit(lambda start: patterns.element_modes(
       jnp.asarray(modes), start + jnp.arange(4), jnp.arange(32), block_q=4,
       block_k=8))(jnp.int32(8))
-  np.testing.assert_array_equal(tile, np.repeat(modes[:, :, 2:3], 4, axis=2).repeat(8, 3))
+  np.testing.assert_array_equal(
+      tile, np.repeat(modes[:, :, 2:3], 4, axis=2).repeat(8, axis=3))
 
 
 # --- static constructors -------------------------------------------------------
@@ -173,8 +176,9 @@ def test_segments_by_hand():
       [[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1]],
       [[1, 0, 0, 0], [0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1]]])
   # Cross-attention: separate key ids, other block sizes; padding meets nothing.
-  cross = patterns.segments(jnp.array([[0, 0, 1, 1]]), jnp.array([[1, 1, 1, -1, 0, 0]]),
-                            block_q=2, block_k=3, mode=DENSE)
+  cross = patterns.segments(jnp.array([[0, 0, 1, 1]]),
+                            jnp.array([[1, 1, 1, -1, 0, 0]]), block_q=2,
+                            block_k=3, mode=DENSE)
   np.testing.assert_array_equal(cross.modes[0, 0], [[0, 2], [2, 0]])
 
 

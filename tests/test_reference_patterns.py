@@ -1,4 +1,4 @@
-"""The reference with block patterns against a naive loop, block-sparse dense attention and finite differences."""
+"""The reference with block patterns: a naive loop, block-sparse dense, finite differences."""
 
 import functools
 
@@ -105,7 +105,8 @@ def test_all_nm_pattern_is_bit_identical_to_no_pattern(rng):
     pattern = BlockPattern(np.ones((2, 1, -(-11 // block_q), -(-20 // block_k)),
                                    np.int8), block_q, block_k)
     np.testing.assert_array_equal(
-        reference.nm_attention_reference(q, k, v, bias, block_pattern=pattern, **kwargs),
+        reference.nm_attention_reference(q, k, v, bias, block_pattern=pattern,
+                                         **kwargs),
         reference.nm_attention_reference(q, k, v, bias, **kwargs))
     np.testing.assert_array_equal(
         reference.nm_attention_weights(q, k, bias, block_pattern=pattern, **kwargs),
@@ -122,10 +123,12 @@ def test_n_equal_m_is_block_sparse_dense_attention(rng):
   element_mask = jnp.asarray(np.repeat(np.repeat(modes != SKIP, 6, 2), 8, 3)[
       :, :, :18, :28])
 
+  @jax.jit
   def ours(q, k, v):
     return reference.nm_attention_reference(q, k, v, bias, is_causal=True, n=4,
                                             m=4, block_pattern=pattern)
 
+  @jax.jit
   def dense(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, bias, element_mask, is_causal=True)
 
@@ -158,8 +161,8 @@ def test_check_grads_float64(rng, enable_x64):
   pattern = BlockPattern(modes, 2, 8)
   q, k, v, bias = _well_separated(rng, batch=1, q_len=6, kv_len=16,
                                   heads=2, kv_heads=1, head_dim=4)
-  fn = functools.partial(reference.nm_attention_reference, n=2, m=4,
-                         block_pattern=pattern)
+  fn = jax.jit(functools.partial(reference.nm_attention_reference, n=2, m=4,
+                                 block_pattern=pattern))
   check_grads(fn, (q, k, v, bias), order=1, modes=["rev"], eps=1e-6)
   # No gradient reaches a score that is not kept (a SKIP block, pruned, masked).
   dbias = jax.grad(lambda b: jnp.sum(fn(q, k, v, b) ** 2))(bias)
