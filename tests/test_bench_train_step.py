@@ -1,0 +1,58 @@
+"""experiments.bench.train_step at a tiny size on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.bench import train_step
+
+TINY = train_step.Sizes(hidden_size=32, num_heads=2, mlp_size=64, num_layers=1,
+                        dtype="float32", warmup=1, iters=2)
+
+
+def test_quick_run_reports_every_kind(tmp_path, capsys):
+  out = tmp_path / "train_step.json"
+  report = train_step.main(
+      ["--quick", "--sizes=32", "--tokens=64", "--models=decoder",
+       "--kinds=cudnn,nm,none", "--hidden_size=32", "--dtype=float32",
+       "--iters=2", f"--json={out}"])
+  assert json.loads(out.read_text()) == report
+  rows = {row["kind"]: row for row in report["rows"]}
+  assert set(rows) == {"cudnn", "nm", "none"}
+  if jax.default_backend() != "gpu":
+    assert "needs a CUDA GPU" in rows["cudnn"]["skipped"]
+  nm, none = rows["nm"], rows["none"]
+  assert (nm["batch"], nm["seq_len"]) == (2, 32)
+  for row in (nm, none):
+    assert 0 < np.log(256) - 1 < row["loss"] < np.log(256) + 1
+    for key in ("step_ms", "gradient_ms", "forward_ms"):
+      assert row[key] > 0
+    assert row["train_tokens_per_s"] == pytest.approx(64e3 / row["step_ms"])
+  assert nm["attention_ms"] == pytest.approx(nm["step_ms"] - none["step_ms"])
+  assert nm["rest_ms"] == pytest.approx(
+      nm["step_ms"] - nm["attention_ms"] - nm["optimizer_ms"])
+  printed = capsys.readouterr().out
+  assert "train tok/s" in printed and "decoder  nm" in printed
+
+
+@pytest.mark.parametrize("model_name", train_step.MODELS)
+def test_kind_none_removes_every_attention_layer(model_name):
+  params = {kind: train_step.Bench(model_name, kind, 16, 2, TINY).params
+            for kind in ("nm", "none")}
+  layers = lambda p: p["layer_0"] if model_name == "decoder" else p["encoder"][
+      "layer_0"]
+  assert "attention" in layers(params["nm"])
+  assert "attention" not in layers(params["none"])
+  assert set(layers(params["none"])) == set(layers(params["nm"])) - {
+      "attention"}
+
+
+def test_bad_arguments_raise():
+  with pytest.raises(ValueError, match="tokens=100, S=32"):
+    train_step.run((32,), 100, ("nm",), ("decoder",), TINY)
+  with pytest.raises(SystemExit):
+    train_step.main(["--kinds=sparse"])
