@@ -35,7 +35,7 @@ def test_pattern_is_a_pytree_with_static_block_sizes(rng):
   # Through jit the block sizes stay Python ints (static), the modes traced.
   @jax.jit
   def shift(p):
-    assert isinstance(p.block_q, int) and isinstance(p.modes, jax.core.Tracer)
+    assert isinstance(p.block_q, int) and isinstance(p.modes, jax.Array)
     return BlockPattern(jnp.minimum(p.modes + 1, DENSE).astype(jnp.int8),
                         p.block_q, p.block_k)
   out = shift(pattern)

@@ -180,6 +180,17 @@ def test_unbatched_inputs_and_rank_three_modes(rng):
       out, reference.nm_attention_reference(q, k, v, block_pattern=pattern)[0])
 
 
+def test_vmap_over_examples_and_their_patterns(rng):
+  q, k, v = random_inputs(rng, batch=3, q_len=8, kv_len=16, heads=2, kv_heads=1,
+                          head_dim=8)
+  modes = jnp.asarray(_random_modes(rng, (3, 2, 2, 2)))
+  mapped = jax.vmap(lambda q, k, v, modes: reference.nm_attention_reference(
+      q, k, v, block_pattern=BlockPattern(modes, 4, 8)))(q, k, v, modes)
+  batched = reference.nm_attention_reference(q, k, v,
+                                             block_pattern=BlockPattern(modes, 4, 8))
+  assert rel_err(mapped, batched) < 1e-6
+
+
 def test_traced_out_of_range_modes_act_as_skip(rng):
   q, k, v = random_inputs(rng, batch=1, q_len=8, kv_len=16, heads=2, kv_heads=1,
                           head_dim=8)
