@@ -47,6 +47,8 @@ import os
 import re
 import time
 import traceback
+from types import ModuleType
+from typing import Callable, NamedTuple
 from unittest import mock
 
 import jax
@@ -144,15 +146,33 @@ def _inputs(key, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype):
   return q, k, v
 
 
+class Version(NamedTuple):
+  """A kernel version: its row label, forward module and the `canonicalize` of its `nmattn`."""
+  label: str
+  forward: ModuleType
+  canonicalize: Callable
+
+
+# The versions whose variants the time, sass, ir and ncu sections run.
+TREE = (Version("mosaic", fw, canonicalize),)
+
+
 def _kernel_fn(tuning=None, *, is_causal=False, window=None, n=2, m=4,
-               profile_dir=None, forward=fw):
+               profile_dir=None, version=None):
   """The jitted kernel: `(q, k, v, bias, mask, q_lengths, kv_lengths) -> (out, lse)`.
 
-  `forward`: the kernel module (this tree's, or a `--baseline` copy's).
+  `version`: this tree's (default) or a `--baseline` copy's `Version`.
   """
-  return jax.jit(lambda q, k, v, b, mk, ql, kl: forward.nm_flash_attention_fwd(
-      q, k, v, b, mk, ql, kl, scale=q.shape[-1] ** -0.5, is_causal=is_causal,
-      window=window, n=n, m=m, tuning=tuning, profile_dir=profile_dir))
+  version = version or TREE[0]
+
+  def kernel(q, k, v, bias, mask, q_lengths, kv_lengths):
+    call, _ = version.canonicalize(
+        q, k, v, bias, mask, is_causal=is_causal, query_seq_lengths=q_lengths,
+        key_value_seq_lengths=kv_lengths, local_window_size=window, n=n, m=m)
+    return version.forward.nm_flash_attention_fwd(call, tuning=tuning,
+                                                  profile_dir=profile_dir)
+
+  return jax.jit(kernel)
 
 
 def _run_kernel(q, k, v, tuning, *, bias=None, mask=None, q_lengths=None,
@@ -269,33 +289,29 @@ TIME_VARIANTS = {
 DEFAULT_TIME_VARIANTS = "2:4 sparse-pv,2:4 dense-pv,4:4 dense"
 
 
-# (label, kernel module) pairs whose variants the time, sass, ir and ncu sections run.
-TREE = (("mosaic", fw),)
-
-
-def _variant_kernel(cfg, forward, is_causal=False):
+def _variant_kernel(cfg, version, is_causal=False):
   """`_kernel_fn` of a TIME_VARIANTS entry (n, m and MosaicTuning fields)."""
   tuning = {k: v for k, v in cfg.items() if k not in ("n", "m")}
-  return _kernel_fn(forward.MosaicTuning(**tuning), is_causal=is_causal,
-                    n=cfg["n"], m=cfg["m"], forward=forward)
+  return _kernel_fn(version.forward.MosaicTuning(**tuning), is_causal=is_causal,
+                    n=cfg["n"], m=cfg["m"], version=version)
 
 
-def _time_fn(cfg, causal, forward=fw):
+def _time_fn(cfg, causal, version=None):
   if cfg is None:
     return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation="cudnn"))
-  kernel = _variant_kernel(cfg, forward, causal)
+  kernel = _variant_kernel(cfg, version or TREE[0], causal)
   return lambda q, k, v: kernel(q, k, v, None, None, None, None)[0]
 
 
-def _variants(names, forwards):
-  """`(row label, TIME_VARIANTS entry, kernel module)` for each name and module."""
-  return [(f"{label} {name}", TIME_VARIANTS[name], forward)
-          for name in names for label, forward in forwards]
+def _variants(names, versions):
+  """`(row label, TIME_VARIANTS entry, Version)` for each name and version."""
+  return [(f"{version.label} {name}", TIME_VARIANTS[name], version)
+          for name in names for version in versions]
 
 
 def section_time(key, sizes, names, causals=(False, True), rounds=1,
-                 head_dim=128, calls=1, forwards=TREE):
+                 head_dim=128, calls=1, versions=TREE):
   """Every variant `rounds` times in turn (cuDNN first in each round).
 
   `calls`: calls per synchronisation (`median_seconds`); 1 gives the
@@ -303,7 +319,7 @@ def section_time(key, sizes, names, causals=(False, True), rounds=1,
   overlapped (closer to the kernels' own, and less noisy).
   """
   rows = []
-  variants = [("cudnn", None, None)] + _variants(names, forwards)
+  variants = [("cudnn", None, None)] + _variants(names, versions)
   for seq in sizes:
     batch, heads = BATCH_HEADS[seq]
     key, k1 = jax.random.split(key)
@@ -312,11 +328,11 @@ def section_time(key, sizes, names, causals=(False, True), rounds=1,
       flops = attention_flops(batch, heads, seq, seq, head_dim, causal=causal)
       base = None
       fns, compile_s = {}, {}
-      for rnd, (name, cfg, forward) in ((r, v) for r in range(rounds)
+      for rnd, (name, cfg, version) in ((r, v) for r in range(rounds)
                                         for v in variants):
         try:
           if name not in fns:
-            fns[name] = _time_fn(cfg, causal, forward)
+            fns[name] = _time_fn(cfg, causal, version)
             t0 = time.perf_counter()
             jax.block_until_ready(fns[name](q, k, v))
             compile_s[name] = time.perf_counter() - t0
@@ -355,12 +371,12 @@ def count_ir_ops(text: str) -> dict[str, int]:
   return dict(counts)
 
 
-def section_ir(names, head_dim=128, seq=1024, forwards=TREE):
+def section_ir(names, head_dim=128, seq=1024, versions=TREE):
   """Per variant: its kernel IR's op counts by `IR_KINDS`, and the total."""
   rows = []
   q = jax.ShapeDtypeStruct((1, seq, 2, head_dim), jnp.bfloat16)
-  for name, cfg, forward in _variants(names, forwards):
-    kernel = _variant_kernel(cfg, forward)
+  for name, cfg, version in _variants(names, versions):
+    kernel = _variant_kernel(cfg, version)
     with mosaic_ir.captured_mosaic_gpu_modules() as texts:
       jax.export.export(kernel, platforms=["cuda"])(q, q, q, None, None, None,
                                                     None)
@@ -373,7 +389,7 @@ def section_ir(names, head_dim=128, seq=1024, forwards=TREE):
   return rows
 
 
-def section_sass(names, out_dir, head_dim=128, seq=1024, forwards=TREE):
+def section_sass(names, out_dir, head_dim=128, seq=1024, versions=TREE):
   """Per variant: ptxas resources and the static schedule of every loop.
 
   Compiles each kernel with its PTX dumped (`MOSAIC_GPU_DUMP_TO`, read at
@@ -383,11 +399,11 @@ def section_sass(names, out_dir, head_dim=128, seq=1024, forwards=TREE):
   from tools import sass_schedule  # pylint: disable=g-import-not-at-top
   rows = []
   q = jnp.ones((1, seq, 2, head_dim), jnp.bfloat16)
-  for name, cfg, forward in _variants(names, forwards):
+  for name, cfg, version in _variants(names, versions):
     dump = os.path.join(out_dir, "sass", re.sub(r"\W+", "_", name))
     os.makedirs(dump, exist_ok=True)
     with mock.patch.dict(os.environ, MOSAIC_GPU_DUMP_TO=dump):
-      jax.block_until_ready(_variant_kernel(cfg, forward)(q, q, q, None, None,
+      jax.block_until_ready(_variant_kernel(cfg, version)(q, q, q, None, None,
                                                           None, None))
     ptx = sorted(f for f in os.listdir(dump) if f.endswith(".ptx"))
     if not ptx:
@@ -473,7 +489,7 @@ def section_profile(key, out_dir, seq=4096, heads=16, tune_all=None):
   return rows
 
 
-def section_ncu(key, sizes, names, causals, head_dim=128, forwards=TREE):
+def section_ncu(key, sizes, names, causals, head_dim=128, versions=TREE):
   """Every kernel once per (size, causal) between cuProfilerStart and Stop."""
   cuda = ctypes.CDLL("libcuda.so.1")
   rows = []
@@ -483,8 +499,8 @@ def section_ncu(key, sizes, names, causals, head_dim=128, forwards=TREE):
     q, k, v = _inputs(k1, batch, seq, seq, heads, heads, head_dim, jnp.bfloat16)
     for causal in causals:
       fns = {"cudnn": _time_fn(None, causal)}
-      fns.update({name: _time_fn(cfg, causal, forward)
-                  for name, cfg, forward in _variants(names, forwards)})
+      fns.update({name: _time_fn(cfg, causal, version)
+                  for name, cfg, version in _variants(names, versions)})
       fns["triton 2:4"] = jax.jit(functools.partial(
           nmattn.nm_attention, is_causal=causal, n=2, m=4,
           implementation="pallas_triton"))
@@ -559,10 +575,12 @@ def main():
   sizes = [int(s) for s in args.sizes.split(",")]
   variants = args.variants.split(",")
   causals = [c == "true" for c in args.causal.split(",")]
-  forwards = TREE
+  versions = TREE
   if args.baseline:
     from tools import baseline  # pylint: disable=g-import-not-at-top
-    forwards += (("base", baseline.load(args.baseline)),)
+    versions += (Version(
+        "base", baseline.load(args.baseline, "pallas_kernels.mosaic_gpu.forward"),
+        baseline.load(args.baseline, "nmattn._validation").canonicalize),)
   for name in sections:
     t0 = time.perf_counter()
     try:
@@ -574,16 +592,16 @@ def main():
         rows += section_select(key)
       elif name == "time":
         rows += section_time(key, sizes, variants, causals, args.rounds,
-                             args.head_dim, args.calls, forwards)
+                             args.head_dim, args.calls, versions)
       elif name == "profile":
         rows += section_profile(key, args.out, tune_all=json.loads(args.tune))
       elif name == "sass":
-        rows += section_sass(variants, args.out, args.head_dim, forwards=forwards)
+        rows += section_sass(variants, args.out, args.head_dim, versions=versions)
       elif name == "ir":
-        rows += section_ir(variants, args.head_dim, forwards=forwards)
+        rows += section_ir(variants, args.head_dim, versions=versions)
       elif name == "ncu":
         rows += section_ncu(key, sizes, variants, causals, args.head_dim,
-                            forwards)
+                            versions)
       else:
         raise ValueError(f"unknown section {name!r}")
     except Exception as e:  # pylint: disable=broad-except

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 
 import numpy as np
+import pytest
 
+from tools import baseline
 from tools import mosaic_probe as probe
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_profile_trace_summary(tmp_path):
@@ -80,3 +87,24 @@ def test_ncu_source_summary():
   assert second["kernel"] == "second" and second["samples"] == 6
   np.testing.assert_allclose(second["stall_shares"]["selected"], 4 / 6)
 
+
+
+def _has_git_history():
+  return shutil.which("git") is not None and subprocess.run(
+      ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _has_git_history(), reason="needs git and the checkout")
+def test_ir_section_of_a_baseline_copy(tmp_path):
+  baseline.make("HEAD", str(tmp_path), repo=REPO)
+  base = probe.Version(
+      "base", baseline.load(str(tmp_path), "pallas_kernels.mosaic_gpu.forward"),
+      baseline.load(str(tmp_path), "nmattn._validation").canonicalize)
+  tree, copy = (dict(r) for r in probe.section_ir(["2:4 sparse-pv"],
+                                                  versions=probe.TREE + (base,)))
+  assert (tree.pop("variant"), copy.pop("variant")) == (
+      "mosaic 2:4 sparse-pv", "base 2:4 sparse-pv")
+  assert copy["select"] > 0
+  if subprocess.run(["git", "-C", REPO, "diff", "--quiet", "HEAD", "--",
+                     *baseline.PACKAGES]).returncode == 0:
+    assert tree == copy  # the same code builds the same kernel
