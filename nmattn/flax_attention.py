@@ -7,11 +7,48 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.linen.dtypes import promote_dtype
+from flax.linen.dtypes import promote_dtype as linen_promote_dtype
 
-from nmattn import reference
+from nmattn import backends, reference
+from nmattn._validation import check_nm
 from nmattn.attention import nm_attention
 from nmattn.backends import UnsupportedCallError
+
+
+def check_layer_config(n, m, implementation) -> None:
+  """Raises ValueError unless a layer's `n`, `m` and `implementation` are valid.
+
+  The layers call it at construction, so a bad value fails there rather than
+  on the first call.
+  """
+  check_nm(n, m)
+  if not (implementation is None
+          or isinstance(implementation, backends.Backend)
+          or (isinstance(implementation, str)
+              and implementation in backends.BACKENDS)):
+    raise ValueError(
+        f"implementation must be None, one of {tuple(backends.BACKENDS)} or an "
+        f"nmattn.backends.Backend object; got implementation={implementation!r}")
+
+
+def _check_fused_products(einsum_dot_general, qk_attn_weights_einsum,
+                          attn_weights_value_einsum) -> None:
+  """Raises ValueError for a custom product that nmattn cannot run.
+
+  q.k and p.v run inside nmattn (a kernel, or the reference that the N:M
+  selection is defined on), so only Flax's defaults apply: `None`, or
+  `jax.lax.dot_general` / `jnp.einsum` given explicitly.
+  """
+  for name, value, default in (
+      ("einsum_dot_general", einsum_dot_general, jax.lax.dot_general),
+      ("qk_attn_weights_einsum", qk_attn_weights_einsum, jnp.einsum),
+      ("attn_weights_value_einsum", attn_weights_value_einsum, jnp.einsum)):
+    if value is not None and value is not default:
+      raise ValueError(
+          f"{name} cannot apply: nmattn computes q.k and p.v itself (its "
+          "kernels select the N:M scores in float32), so a custom product "
+          "(e.g. a quantized einsum) cannot run; leave it None; got "
+          f"{name}={value!r}")
 
 
 def _flatten_batch(name, x, batch_shape):
@@ -38,8 +75,13 @@ def _flatten_batch(name, x, batch_shape):
 def nm_dot_product_attention(query, key, value, bias=None, mask=None,
                              broadcast_dropout=True, dropout_rng=None,
                              dropout_rate=0.0, deterministic=False, dtype=None,
-                             precision=None, module=None, *, is_causal=False,
-                             n=2, m=4, implementation=None):
+                             precision=None, module=None,
+                             force_fp32_for_softmax=False,
+                             einsum_dot_general=None,
+                             qk_attn_weights_einsum=None,
+                             attn_weights_value_einsum=None, *,
+                             promote_dtype=None, is_causal=False, n=2, m=4,
+                             implementation=None):
   """N:M sparse attention with the signature of `flax.linen.dot_product_attention`.
 
   Use it as `attention_fn=functools.partial(nm_dot_product_attention, n=2, m=4)`
@@ -59,6 +101,17 @@ def nm_dot_product_attention(query, key, value, bias=None, mask=None,
     precision: matmul precision of the materialised path (dropout or `module`).
     module: if given, the pruned weights `[batch..., heads, q_len, kv_len]` are
       sown into its intermediates as `attention_weights`.
+    force_fp32_for_softmax: the softmax always runs in float32 (float64 for
+      float64 inputs), so this changes only the materialised path: its
+      probabilities stay float32 for sowing, dropout and `p @ v`, as in Flax.
+      The output is in the computation dtype either way.
+    einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum: Flax's
+      hooks for custom products; only their defaults apply (`None`, or
+      `jax.lax.dot_general` / `jnp.einsum`): nmattn computes both products
+      itself, so anything else raises a ValueError.
+    promote_dtype: as in `flax.nnx.dot_product_attention`: called as
+      `promote_dtype((query, key, value), dtype=dtype)`; default: promoted
+      by `flax.linen.dtypes.promote_dtype`.
     is_causal: causal masking (passed by `flax.nnx.MultiHeadAttention`).
     n, m, implementation: as in `nmattn.nm_attention`.
 
@@ -68,7 +121,15 @@ def nm_dot_product_attention(query, key, value, bias=None, mask=None,
   Dropout and `module` need the probabilities, so they run on a materialised
   XLA path; with an explicit kernel `implementation` they raise.
   """
-  query, key, value = promote_dtype(query, key, value, dtype=dtype)
+  if not isinstance(force_fp32_for_softmax, bool):
+    raise ValueError("force_fp32_for_softmax must be a bool; got "
+                     f"force_fp32_for_softmax={force_fp32_for_softmax!r}")
+  _check_fused_products(einsum_dot_general, qk_attn_weights_einsum,
+                        attn_weights_value_einsum)
+  if promote_dtype is None:
+    query, key, value = linen_promote_dtype(query, key, value, dtype=dtype)
+  else:
+    query, key, value = promote_dtype((query, key, value), dtype=dtype)
   if not query.ndim == key.ndim == value.ndim:
     raise ValueError("query, key and value must have the same rank; got "
                      f"query.shape={query.shape}, key.shape={key.shape}, "
@@ -100,7 +161,8 @@ def nm_dot_product_attention(query, key, value, bias=None, mask=None,
         "attention weights; use implementation=None or 'xla'")
   weights = reference.nm_attention_weights(q, k, bias, mask,
                                            is_causal=is_causal, n=n, m=m)
-  weights = weights.astype(query.dtype)
+  if not force_fp32_for_softmax:
+    weights = weights.astype(query.dtype)
   if module is not None:
     sown = weights.reshape(batch_shape + weights.shape[1:])
     collection = (nnx.Intermediate if isinstance(module, nnx.Module)
@@ -115,4 +177,4 @@ def nm_dot_product_attention(query, key, value, bias=None, mask=None,
     keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
     weights = weights * (keep.astype(weights.dtype) / keep_prob)
   out = reference.apply_weights(weights, v, precision=precision)
-  return out.reshape(query.shape[:-1] + (value.shape[-1],))
+  return out.astype(query.dtype).reshape(query.shape[:-1] + (value.shape[-1],))

@@ -1,24 +1,36 @@
 """Flax linen attention layers with N:M sparse scores.
 
 Subclasses of Flax's own layers: the parameter tree is Flax's, so a dense
-checkpoint loads unchanged, and `n == m` reproduces the dense layer.
+checkpoint loads unchanged, and `n == m` reproduces the dense layer up to
+rounding.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 from flax import linen as nn
 
-from nmattn.flax_attention import nm_dot_product_attention
+from nmattn.flax_attention import (check_layer_config,
+                                   nm_dot_product_attention)
+
+
+class _DerivedAttentionFn(functools.partial):
+  """The `attention_fn` a layer derives from its `n`, `m` and `implementation`.
+
+  Its type tells it apart from a function given by the user when `clone`
+  (or Flax's module machinery) passes the fields back to the constructor.
+  """
 
 
 class NMMultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
   """`flax.linen.MultiHeadDotProductAttention` keeping `n` of every `m` scores.
 
   Fields and call signature are Flax's (inputs `[batch..., length, features]`)
-  plus `n`, `m` and `implementation` (see `nmattn.nm_attention`). The
-  `attention_fn` field is derived from those three and must not be set.
+  plus `n`, `m` and `implementation` (see `nmattn.nm_attention`), checked at
+  construction (ValueError). The `attention_fn` field is derived from those
+  three; setting it raises a ValueError at construction.
 
   Calling it with `inputs_q [batch..., q_len, features]`, optional `inputs_k`
   and `inputs_v [batch..., kv_len, features]` (default: `inputs_q`) and an
@@ -26,22 +38,24 @@ class NMMultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
   (True = attend) returns `[batch..., q_len, out_features]` (`out_features`
   defaults to `features`).
   """
+  attention_fn: Callable[..., Any] | None = None
   n: int = 2
   m: int = 4
   implementation: str | None = None
 
   def __post_init__(self):
-    if self.attention_fn is not nn.dot_product_attention and not (
-        isinstance(self.attention_fn, functools.partial)
-        and self.attention_fn.func is nm_dot_product_attention):
+    # Linen runs __post_init__ when a module is constructed (and cloned).
+    if not (self.attention_fn is None
+            or isinstance(self.attention_fn, _DerivedAttentionFn)):
       raise ValueError(
           f"{type(self).__name__} sets attention_fn from n, m and "
           f"implementation; got attention_fn={self.attention_fn!r}")
+    check_layer_config(self.n, self.m, self.implementation)
     # Linen modules are frozen dataclasses; derived fields are set this way.
     object.__setattr__(
         self, "attention_fn",
-        functools.partial(nm_dot_product_attention, n=self.n, m=self.m,
-                          implementation=self.implementation))
+        _DerivedAttentionFn(nm_dot_product_attention, n=self.n, m=self.m,
+                            implementation=self.implementation))
     super().__post_init__()
 
 

@@ -6,7 +6,8 @@ import functools
 
 from flax import nnx
 
-from nmattn.flax_attention import nm_dot_product_attention
+from nmattn.flax_attention import (check_layer_config,
+                                   nm_dot_product_attention)
 
 
 class NMMultiHeadAttention(nnx.MultiHeadAttention):
@@ -14,7 +15,8 @@ class NMMultiHeadAttention(nnx.MultiHeadAttention):
 
   Takes the arguments of `nnx.MultiHeadAttention` (same parameters, so dense
   weights load unchanged) plus keyword-only `n`, `m` and `implementation`
-  (see `nmattn.nm_attention`); `attention_fn` is derived from them.
+  (see `nmattn.nm_attention`), checked at construction (ValueError);
+  `attention_fn` is derived from them.
 
   Calling it with `inputs_q [batch..., q_len, in_features]`, optional
   `inputs_k` and `inputs_v [batch..., kv_len, in_features]` (default:
@@ -29,6 +31,7 @@ class NMMultiHeadAttention(nnx.MultiHeadAttention):
       raise ValueError(
           "NMMultiHeadAttention sets attention_fn from n, m and implementation;"
           f" got attention_fn={kwargs['attention_fn']!r}")
+    check_layer_config(n, m, implementation)
     super().__init__(
         *args,
         attention_fn=functools.partial(nm_dot_product_attention, n=n, m=m,

@@ -162,3 +162,119 @@ def test_nnx_layer_sows_and_rejects_attention_fn(rng):
   with pytest.raises(ValueError, match="attention_fn"):
     nmattn.nnx.NMMultiHeadAttention(num_heads=4, in_features=32, rngs=nnx.Rngs(0),
                                     attention_fn=nnx.dot_product_attention)
+
+
+def test_force_fp32_for_softmax_through_linen_layer_matches_flax(rng):
+  # Flax's layer passes force_fp32_for_softmax to attention_fn: the sown
+  # probabilities are float32 with it and the computation dtype without.
+  x = _inputs(rng)
+  for force in (False, True):
+    kwargs = dict(num_heads=4, qkv_features=32, dtype=jnp.bfloat16,
+                  force_fp32_for_softmax=force)
+    dense = nn.MultiHeadDotProductAttention(**kwargs)
+    sparse = nmattn.layers.NMMultiHeadDotProductAttention(**kwargs, n=4, m=4)
+    params = dense.init(jax.random.key(0), x)
+    outs, sown = [], []
+    for layer in (dense, sparse):
+      out, state = layer.apply(params, x, sow_weights=True,
+                               mutable=["intermediates"])
+      outs.append(out)
+      sown.append(state["intermediates"]["attention_weights"][0])
+    assert sown[1].dtype == sown[0].dtype
+    assert sown[1].dtype == (jnp.float32 if force else jnp.bfloat16)
+    assert rel_err(sown[1], sown[0]) < 1e-2
+    assert outs[1].dtype == outs[0].dtype == jnp.bfloat16
+    assert rel_err(outs[1], outs[0]) < 2e-2
+    assert rel_err(sparse.apply(params, x), outs[0]) < 2e-2
+
+
+def test_force_fp32_for_softmax_keeps_dropout_probabilities_float32(rng, seed):
+  q, k, v = (x.astype(jnp.bfloat16) for x in random_inputs(rng, q_len=12, kv_len=12))
+  kwargs = dict(dropout_rng=jax.random.key(seed), dropout_rate=0.3,
+                deterministic=False, force_fp32_for_softmax=True)
+  want = nn.dot_product_attention(q, k, v, **kwargs)  # float32 in Flax
+  got = nmattn.nm_dot_product_attention(q, k, v, n=4, m=4, **kwargs)
+  assert got.dtype == jnp.bfloat16
+  assert rel_err(got, want) < 1e-2
+  with pytest.raises(ValueError, match="force_fp32_for_softmax must be a bool; "
+                     "got force_fp32_for_softmax='yes'"):
+    nmattn.nm_dot_product_attention(q, k, v, force_fp32_for_softmax="yes")
+
+
+def test_force_fp32_for_softmax_through_nnx_layer(rng):
+  # nnx.MultiHeadAttention passes no such argument; it reaches the function
+  # through the partial.
+  x = _inputs(rng)
+  kwargs = dict(num_heads=4, in_features=32, qkv_features=32, decode=False,
+                dtype=jnp.bfloat16)
+  dense = nnx.MultiHeadAttention(**kwargs, rngs=nnx.Rngs(0))
+  plugged = nnx.MultiHeadAttention(
+      **kwargs, attention_fn=_nm_fn(4, 4, force_fp32_for_softmax=True),
+      rngs=nnx.Rngs(1))
+  nnx.update(plugged, nnx.state(dense, nnx.Param))
+  out = plugged(x, sow_weights=True)
+  (weights,) = nnx.state(plugged, nnx.Intermediate)["attention_weights"].get_value()
+  assert weights.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)
+  assert out.dtype == jnp.bfloat16 and rel_err(out, dense(x)) < 2e-2
+
+
+def test_default_products_given_explicitly_are_flax_attention(rng):
+  q, k, v = random_inputs(rng, q_len=12, kv_len=20)
+  want = nn.dot_product_attention(q, k, v)
+  got = nmattn.nm_dot_product_attention(
+      q, k, v, einsum_dot_general=jax.lax.dot_general,
+      qk_attn_weights_einsum=jnp.einsum, attn_weights_value_einsum=jnp.einsum,
+      n=4, m=4)
+  assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["einsum_dot_general", "qk_attn_weights_einsum",
+                                  "attn_weights_value_einsum"])
+def test_custom_products_raise(rng, name):
+  q, k, v = random_inputs(rng, q_len=8, kv_len=8)
+  custom = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+  with pytest.raises(ValueError, match=f"{name} cannot apply.*got {name}="):
+    nmattn.nm_dot_product_attention(q, k, v, **{name: custom})
+
+
+def test_linen_layer_with_custom_einsums_raises(rng):
+  custom = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+  layer = nmattn.layers.NMMultiHeadDotProductAttention(
+      num_heads=4, qk_attn_weights_einsum_cls=lambda: custom,
+      attn_weights_value_einsum_cls=lambda: custom)
+  with pytest.raises(ValueError, match="qk_attn_weights_einsum cannot apply"):
+    layer.init(jax.random.key(0), _inputs(rng))
+
+
+def test_promote_dtype_is_nnx_style(rng):
+  q, k, v = random_inputs(rng, q_len=12, kv_len=20)
+  to_half = lambda arrays, dtype: tuple(x.astype(jnp.float16) for x in arrays)
+  got = nmattn.nm_dot_product_attention(q, k, v, promote_dtype=to_half, n=4, m=4)
+  want = nnx.dot_product_attention(q, k, v, dtype=jnp.float16)
+  assert got.dtype == want.dtype == jnp.float16
+  assert rel_err(got, want) < 5e-3
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n=0), "n must be >= 1; got n=0"),
+    (dict(n=5, m=4), "n must be <= m; got n=5, m=4"),
+    (dict(m=3), r"m must be one of .*; got m=3"),
+    (dict(n=2.0), "n must be a Python int; got n=2.0"),
+    (dict(implementation="cuda"), "got implementation='cuda'"),
+])
+def test_layers_validate_at_construction(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    nmattn.nnx.NMMultiHeadAttention(num_heads=2, in_features=16, decode=False,
+                                    rngs=nnx.Rngs(0), **kwargs)
+  with pytest.raises(ValueError, match=match):
+    nmattn.layers.NMMultiHeadDotProductAttention(num_heads=2, **kwargs)
+
+
+@pytest.mark.parametrize("attention_fn", [nn.dot_product_attention,
+                                          _nm_fn(1, 2)])
+def test_linen_layer_rejects_any_given_attention_fn(attention_fn):
+  # Also Flax's default and nmattn's own function: either would be replaced.
+  with pytest.raises(ValueError, match="sets attention_fn"):
+    nmattn.layers.NMMultiHeadDotProductAttention(num_heads=2, n=2, m=4,
+                                                 attention_fn=attention_fn)
