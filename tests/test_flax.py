@@ -278,3 +278,24 @@ def test_linen_layer_rejects_any_given_attention_fn(attention_fn):
   with pytest.raises(ValueError, match="sets attention_fn"):
     nmattn.layers.NMMultiHeadDotProductAttention(num_heads=2, n=2, m=4,
                                                  attention_fn=attention_fn)
+
+
+def test_attention_fn_without_rank_promotion(rng, seed):
+  # Several batch dims, a float mask and a broadcast bias on the fused path,
+  # dropout on the materialised one, with implicit rank promotion an error.
+  shape = (2, 3, 10, 2, 8)
+  q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3))
+  mask = nn.make_causal_mask(jnp.ones((2, 3, 10)))  # float32 [2, 3, 1, 10, 10]
+  bias = jnp.asarray(rng.standard_normal((1, 3, 2, 1, 10)), jnp.float32)
+  dropout = dict(dropout_rng=jax.random.key(seed), dropout_rate=0.3,
+                 deterministic=False)
+  for kwargs in (dict(), dropout):
+    attention = functools.partial(nmattn.nm_dot_product_attention, q, k, v,
+                                  bias, mask, n=2, m=4, **kwargs)
+    with jax.numpy_rank_promotion("raise"):
+      got = attention()
+    # The setting only adds checks: the result is the default setting's.
+    np.testing.assert_array_equal(got, attention())
+    dense = nmattn.nm_dot_product_attention(q, k, v, bias, mask, n=4, m=4,
+                                            **kwargs)
+    assert rel_err(got, dense) > 0.05
