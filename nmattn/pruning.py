@@ -78,6 +78,16 @@ def accumulate_tokens(cumulative: jax.Array, key_importance: jax.Array):
   return cumulative + jnp.sum(key_importance.astype(jnp.float32), axis=-2)
 
 
+def _broadcast_flags(name: str, flags, shape: tuple[int, ...]) -> jax.Array:
+  """`flags` broadcast to `shape`, or a ValueError naming the argument."""
+  flags_shape = tuple(np.shape(flags))
+  if len(flags_shape) > len(shape) or any(
+      a not in (1, b) for a, b in zip(flags_shape[::-1], shape[::-1])):
+    raise ValueError(f"{name} must be broadcastable to scores.shape={shape}; "
+                     f"got {name}.shape={flags_shape}")
+  return jnp.broadcast_to(jnp.asarray(flags, bool), shape)
+
+
 def top_indices(scores: jax.Array, keep: int, *, valid: jax.Array | None = None,
                 pinned: jax.Array | None = None) -> jax.Array:
   """Indices of the `keep` highest-ranked entries along the last axis, ascending.
@@ -90,10 +100,10 @@ def top_indices(scores: jax.Array, keep: int, *, valid: jax.Array | None = None,
   Args:
     scores: float `[..., length]` (e.g. cumulative token importance).
     keep: static int in `[1, length]`.
-    valid: optional bool `[..., length]`, False for padding.
-    pinned: optional bool `[..., length]`, entries kept before all others
-      (e.g. a `[CLS]` token); if more than `keep` are pinned, they rank
-      among themselves by score, then index.
+    valid: optional bool, broadcastable to `scores`, False for padding.
+    pinned: optional bool, broadcastable to `scores`, entries kept before all
+      others (e.g. a `[CLS]` token); if more than `keep` are pinned, they
+      rank among themselves by score, then index.
 
   Returns:
     int32 `[..., keep]`, increasing along the last axis.
@@ -102,10 +112,8 @@ def top_indices(scores: jax.Array, keep: int, *, valid: jax.Array | None = None,
   if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or not (
       1 <= keep <= length):
     raise ValueError(f"keep must be an int in [1, {length}]; got keep={keep!r}")
-  for name, x in (("valid", valid), ("pinned", pinned)):
-    if x is not None and x.shape != scores.shape:
-      raise ValueError(f"{name} must have the shape of scores {scores.shape}; "
-                       f"got {name}.shape={x.shape}")
+  valid, pinned = (None if x is None else _broadcast_flags(name, x, scores.shape)
+                   for name, x in (("valid", valid), ("pinned", pinned)))
   # Class 0 pinned, 1 valid, 2 padding; lax.sort orders by (class, -score,
   # index) and treats -0.0 as 0.0, so equal scores fall back to the index.
   rank_class = jnp.ones(scores.shape, jnp.int32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -11,11 +13,15 @@ import pytest
 from flax import linen as nn
 
 import nmattn
+import nmattn.importance
+import nmattn.pruning
 from experiments.models import attention
 from experiments.models.attention import AttentionSpec
-from experiments.models.transformer import (Decoder, SentenceEncoder,
+from experiments.models.transformer import (Decoder, Encoder, EncoderLayer,
+                                            SentenceEncoder,
                                             SequenceClassifier,
-                                            TransformerConfig)
+                                            TransformerConfig, decode_logits,
+                                            mean_pool)
 
 KINDS = [AttentionSpec("dense"), AttentionSpec("nm", 2, 4),
          AttentionSpec("nm", 1, 2), AttentionSpec("topk", 2, 4),
@@ -151,3 +157,158 @@ def test_encoders_ignore_padding(model, rng):
                              atol=1e-5)
   if isinstance(model, SentenceEncoder):
     np.testing.assert_allclose(np.linalg.norm(out, axis=-1), 1.0, rtol=1e-5)
+
+
+PRUNED = dataclasses.replace(TINY, num_layers=2, token_keep=(8, 8))
+
+
+def _tokens_and_mask(rng, lengths=(14, 20)):
+  tokens = jnp.asarray(rng.integers(1, TINY.vocab_size, (len(lengths), 20)))
+  mask = jnp.arange(20)[None, :] < jnp.asarray(lengths)[:, None]
+  return tokens, mask
+
+
+def test_encoder_without_pruning_is_the_plain_layer_stack(rng):
+  """token_keep=() runs exactly the layers one after another, as before."""
+  tokens, mask = _tokens_and_mask(rng)
+  spec = AttentionSpec("nm", 2, 4)
+  config = dataclasses.replace(PRUNED, token_keep=())
+  encoder = Encoder(config, spec)
+  params = encoder.init(jax.random.key(0), tokens, mask)["params"]
+  hidden, kept = jax.jit(functools.partial(encoder.apply, return_kept=True))(
+      {"params": params}, tokens, mask)
+
+  @jax.jit
+  def plain_stack(params, tokens, mask):
+    x = sum(nn.Embed(n, config.hidden_size).apply({"params": params[name]}, ids)
+            for name, n, ids in (
+                ("word_embeddings", config.vocab_size, tokens),
+                ("position_embeddings", config.max_len, jnp.arange(20)[None]),
+                ("token_type_embeddings", 2, jnp.zeros_like(tokens))))
+    x = nn.LayerNorm(epsilon=config.layer_norm_epsilon).apply(
+        {"params": params["embeddings_ln"]}, x)
+    attention_mask = nn.make_attention_mask(mask, mask)
+    for i in range(2):
+      x = EncoderLayer(config, spec).apply({"params": params[f"layer_{i}"]}, x,
+                                           attention_mask, True)
+    return x
+
+  x = plain_stack(params, tokens, mask)
+  np.testing.assert_array_equal(hidden, x)
+  np.testing.assert_array_equal(kept, mask)
+
+
+def test_keeping_every_token_matches_the_unpruned_encoder(rng):
+  tokens, mask = _tokens_and_mask(rng)
+  spec = AttentionSpec("dense")
+  pruned = SentenceEncoder(dataclasses.replace(PRUNED, token_keep=(1.0, 20)),
+                           spec)
+  plain = SentenceEncoder(dataclasses.replace(PRUNED, token_keep=()), spec)
+  params = plain.init(jax.random.key(0), tokens, mask)
+  assert (jax.tree.structure(pruned.init(jax.random.key(0), tokens, mask))
+          == jax.tree.structure(params))
+  np.testing.assert_allclose(jax.jit(pruned.apply)(params, tokens, mask),
+                             jax.jit(plain.apply)(params, tokens, mask),
+                             rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", [AttentionSpec("dense"),
+                                  AttentionSpec("nm", 1, 2)],
+                         ids=lambda s: s.label)
+def test_encoder_prunes_to_the_most_important_tokens(spec, rng):
+  """Keep 8 of 20 after layer 0: layer 1 runs on those 8 only."""
+  tokens, mask = _tokens_and_mask(rng, lengths=(6, 20))
+  encoder = Encoder(PRUNED, spec)
+  params = encoder.init(jax.random.key(0), tokens, mask)["params"]
+  (hidden, kept), state = jax.jit(functools.partial(
+      encoder.apply, return_kept=True, capture_intermediates=True,
+      mutable=["intermediates"]))({"params": params}, tokens, mask)
+  captured = state["intermediates"]
+  attention = captured["layer_0"]["attention"]
+  n = spec.m if spec.kind == "dense" else spec.n
+  importance = nmattn.importance.key_importance(
+      attention["query"]["__call__"][0], attention["key"]["__call__"][0],
+      mask=nn.make_attention_mask(mask, mask).astype(bool), n=n, m=spec.m)
+  expected = nmattn.pruning.top_indices(
+      importance.sum(1), 8, valid=mask, pinned=jnp.arange(20)[None] == 0)
+  kept_indices = [np.flatnonzero(row) for row in np.asarray(kept)]
+  # Row 0 has 6 real tokens: all of them, then the best 2 padding tokens
+  # (which the kept mask does not count).
+  np.testing.assert_array_equal(kept_indices[0], np.arange(6))
+  np.testing.assert_array_equal(kept_indices[1], expected[1])
+  assert kept[:, 0].all()
+  layer_0, _ = captured["layer_0"]["__call__"][0]  # (states, importance)
+  dropped = ~np.isin(np.arange(20), np.asarray(expected[1]))
+  np.testing.assert_array_equal(hidden[1, dropped], layer_0[1, dropped])
+  gathered, valid = nmattn.pruning.gather_tokens((layer_0, mask), expected)
+  layer_1 = EncoderLayer(PRUNED, spec).apply(
+      {"params": params["layer_1"]}, gathered,
+      nn.make_attention_mask(valid, valid), True)
+  np.testing.assert_allclose(hidden[1, expected[1]], layer_1[1], rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_sentence_encoder_pools_kept_or_scattered_tokens(rng):
+  tokens, mask = _tokens_and_mask(rng)
+  spec = AttentionSpec("nm", 2, 4)
+  encoder = Encoder(PRUNED, spec)
+  params = encoder.init(jax.random.key(0), tokens, mask)["params"]
+  hidden, kept = encoder.apply({"params": params}, tokens, mask,
+                               return_kept=True)
+  for pooling, over in (("kept", kept), ("scattered", mask)):
+    model = SentenceEncoder(dataclasses.replace(PRUNED, token_pooling=pooling),
+                            spec)
+    got = jax.jit(model.apply)({"params": {"encoder": params}}, tokens, mask)
+    pooled = np.asarray(mean_pool(hidden, over))
+    np.testing.assert_allclose(
+        got, pooled / np.linalg.norm(pooled, axis=-1, keepdims=True),
+        rtol=1e-5, atol=1e-6)
+
+
+def test_token_pruning_rejects_bad_config(rng):
+  with pytest.raises(ValueError, match="one entry per layer"):
+    dataclasses.replace(PRUNED, token_keep=(8,))
+  with pytest.raises(ValueError, match="must not increase"):
+    dataclasses.replace(PRUNED, token_keep=(4, 8))
+  with pytest.raises(ValueError, match="token_pooling='max'"):
+    dataclasses.replace(PRUNED, token_pooling="max")
+  tokens, mask = _tokens_and_mask(rng)
+  with pytest.raises(ValueError, match="kind='topk'"):
+    Encoder(PRUNED, AttentionSpec("topk", 2, 4)).init(jax.random.key(0),
+                                                      tokens, mask)
+
+
+@pytest.mark.parametrize("spec", [AttentionSpec("dense"),
+                                  AttentionSpec("nm", 2, 4)],
+                         ids=lambda s: s.label)
+def test_cached_decoding_matches_the_forward_pass(spec, rng):
+  config = dataclasses.replace(TINY, num_layers=2)
+  tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 20)))
+  params = Decoder(config, spec).init(jax.random.key(0), tokens)["params"]
+  full = jax.jit(Decoder(config, spec).apply)({"params": params}, tokens)
+  decode = functools.partial(decode_logits, params, tokens, config=config,
+                             attention=spec)
+  for budget in (20, 24):
+    np.testing.assert_allclose(decode(budget=budget), full, rtol=1e-5,
+                               atol=1e-5)
+  # Over budget the first 8 positions are unaffected, later ones see less.
+  for policy in ("importance", "recent"):
+    small = decode(budget=8, policy=policy)
+    np.testing.assert_allclose(small[:, :8], full[:, :8], rtol=1e-5, atol=1e-5)
+    assert np.isfinite(small).all()
+    assert not np.allclose(small[:, 8:], full[:, 8:], atol=1e-3)
+
+
+def test_cached_decoding_rejects(rng):
+  tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (1, 8)))
+  params = Decoder(TINY, AttentionSpec("dense")).init(jax.random.key(0),
+                                                      tokens)["params"]
+  with pytest.raises(ValueError, match="kind='local'"):
+    decode_logits(params, tokens, config=TINY,
+                  attention=AttentionSpec("local", 2, 4), budget=8)
+  with pytest.raises(ValueError, match="max_len=24"):
+    decode_logits(params, jnp.zeros((1, 30), jnp.int32), config=TINY,
+                  attention=AttentionSpec("dense"), budget=8)
+  with pytest.raises(ValueError, match="policy='lru'"):
+    decode_logits(params, tokens, config=TINY,
+                  attention=AttentionSpec("dense"), budget=8, policy="lru")

@@ -85,8 +85,8 @@ def test_top_indices_rejects():
       pruning.top_indices(scores, keep)
   with pytest.raises(ValueError, match=r"valid.shape=\(2, 4\)"):
     pruning.top_indices(scores, 2, valid=jnp.ones((2, 4), bool))
-  with pytest.raises(ValueError, match=r"pinned.shape=\(5,\)"):
-    pruning.top_indices(scores, 2, pinned=jnp.ones((5,), bool))
+  with pytest.raises(ValueError, match=r"pinned.shape=\(3, 5\)"):
+    pruning.top_indices(scores, 2, pinned=jnp.ones((3, 5), bool))
 
 
 def test_gather_scatter_and_pool(rng):
