@@ -278,19 +278,19 @@ def test_token_pruning_rejects_bad_config(rng):
                                                       tokens, mask)
 
 
-@pytest.mark.parametrize("spec", [AttentionSpec("dense"),
-                                  AttentionSpec("nm", 2, 4)],
-                         ids=lambda s: s.label)
-def test_cached_decoding_matches_the_forward_pass(spec, rng):
+@pytest.mark.parametrize("spec,budget", [(AttentionSpec("dense"), 20),
+                                         (AttentionSpec("nm", 2, 4), 24)],
+                         ids=["dense", "2:4"])
+def test_cached_decoding_matches_the_forward_pass(spec, budget, rng):
   config = dataclasses.replace(TINY, num_layers=2)
   tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 20)))
   params = Decoder(config, spec).init(jax.random.key(0), tokens)["params"]
   full = jax.jit(Decoder(config, spec).apply)({"params": params}, tokens)
   decode = functools.partial(decode_logits, params, tokens, config=config,
                              attention=spec)
-  for budget in (20, 24):
-    np.testing.assert_allclose(decode(budget=budget), full, rtol=1e-5,
-                               atol=1e-5)
+  np.testing.assert_allclose(decode(budget=budget), full, rtol=1e-5, atol=1e-5)
+  if spec.kind == "dense":
+    return
   # Over budget the first 8 positions are unaffected, later ones see less.
   for policy in ("importance", "recent"):
     small = decode(budget=8, policy=policy)
