@@ -1,11 +1,17 @@
-"""experiments.launch: sweeps of real training runs, a failing trial, resume."""
+"""experiments.launch: sweeps of real training runs, a failing trial, resume,
+a killed launcher, a trial another launcher runs, the xmanager executor."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 
 import pytest
 
@@ -63,7 +69,7 @@ def test_sweep_survives_a_failing_trial_and_resumes(tmp_path, capsys):
   table = (sweep_dir / "results.md").read_text()
   assert table.count("| done |") == 2 and table.count("| failed |") == 1
   out = capsys.readouterr().out
-  assert "1 of 3 trials failed: 001_" in out
+  assert "1 of 3 trials are not done: 001_" in out
 
   # Resuming keeps the finished trials and re-runs only the failed one.
   assert launch.main(argv) == 1
@@ -85,3 +91,121 @@ def test_xm_without_xmanager_says_so(tmp_path):
   with pytest.raises(SystemExit, match="--xm needs xmanager"):
     launch.main([f"--sweep={sweep_file}", f"--workdir={tmp_path / 'w'}",
                  "--xm"])
+
+
+def write_sweep(path: pathlib.Path, overrides: dict, trials: str):
+  path.write_text(textwrap.dedent(f"""
+      from experiments.launch import Sweep, product
+
+      def get_sweep():
+        return Sweep(config={str(REPO / "experiments/configs/listops.py")!r},
+                     trials=product([{overrides!r}], {trials}))
+      """))
+  return path
+
+
+def alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return True
+
+
+def launcher_env(tmp_path):
+  return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+              HOME=str(tmp_path))  # xmanager's database goes to ~/.xmanager
+
+
+def test_killing_the_launcher_stops_its_trials_and_a_rerun_resumes(tmp_path):
+  sweep_file = write_sweep(
+      tmp_path / "long.py", {**TINY, "num_steps": 600, "log_every": 10,
+                             "eval_every": 0, "checkpoint_every": 10},
+      '[{"seed": 0}, {"seed": 1}]')
+  sweep_dir = tmp_path / "sweep"
+  argv = [f"--sweep={sweep_file}", f"--workdir={sweep_dir}", "--parallel=2"]
+  launcher = subprocess.Popen(
+      [sys.executable, "-m", "experiments.launch", *argv], cwd=REPO,
+      env=launcher_env(tmp_path), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  trial_dirs = [launch.Trial(sweep_dir, i, overrides).workdir for i, overrides
+                in enumerate(launch.load_sweep(str(sweep_file)).trials)]
+  def checkpointed(trial_dir):
+    checkpoints = trial_dir / "checkpoints"
+    return checkpoints.is_dir() and any(
+        p.name.isdigit() for p in checkpoints.iterdir())
+
+  deadline = time.monotonic() + 300
+  while not all(checkpointed(d) for d in trial_dirs):
+    assert launcher.poll() is None, launcher.stdout.read()[-3000:]
+    assert time.monotonic() < deadline
+    time.sleep(0.1)
+  pids = [json.loads((d / "status.json").read_text())["pid"]
+          for d in trial_dirs]
+  launcher.send_signal(signal.SIGTERM)
+  out, _ = launcher.communicate(timeout=120)
+  assert launcher.returncode == 128 + signal.SIGTERM, out[-3000:]
+  assert "stopped by SIGTERM" in out
+  for trial_dir, pid in zip(trial_dirs, pids):
+    status = json.loads((trial_dir / "status.json").read_text())
+    assert (status["status"], status["signal"]) == ("interrupted", "SIGTERM")
+    assert not alive(pid)
+    assert not (trial_dir / "final_metrics.json").exists()
+
+  assert launch.main(argv) == 0
+  for trial_dir in trial_dirs:
+    assert json.loads((trial_dir / "status.json").read_text())[
+        "status"] == "done"
+    final = json.loads((trial_dir / "final_metrics.json").read_text())
+    assert 10 <= final["resumed_from_step"] < 600
+    assert (trial_dir / "log.txt").read_text().count("=== ") == 2
+
+
+def test_a_trial_running_elsewhere_is_left_alone(tmp_path, capsys):
+  sweep_file = write_sweep(tmp_path / "one.py", TINY, '[{"seed": 0}]')
+  sweep_dir = tmp_path / "sweep"
+  trial = launch.Trial(sweep_dir, 0, {**TINY, "seed": 0})
+  # A live process of this trial's command line, as another launcher's.
+  other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)",
+                            f"--workdir={trial.workdir}"])
+  try:
+    trial.set_status(status="running", pid=other.pid)
+    argv = [f"--sweep={sweep_file}", f"--workdir={sweep_dir}"]
+    assert launch.main(argv) == 1
+    assert f"running elsewhere (pid {other.pid}), left alone" in (
+        capsys.readouterr().out)
+    assert not (trial.workdir / "log.txt").exists()
+  finally:
+    other.kill()
+    other.wait()
+  # Its pid is dead now: the stale "running" trial starts again.
+  assert launch.main(argv) == 0
+  assert trial.status()["status"] == "done"
+
+
+def test_xm_runs_a_two_trial_sweep_on_the_local_executor(tmp_path):
+  sweep_file = write_sweep(tmp_path / "xm_sweep.py", TINY,
+                           '[{"attention.kind": "dense"}, '
+                           '{"attention.kind": "nm", "attention.n": 2}]')
+  sweep_dir = tmp_path / "sweep"
+  sweep = launch.load_sweep(str(sweep_file))
+  trial = launch.Trial(sweep_dir, 1, sweep.trials[1])
+  args = launch.xm_trial_args(sweep, trial)
+  assert args[:2] == ["-m", "experiments.train"]
+  assert "--config.attention.n=2" in args
+  assert args[-1] == f"--workdir={trial.workdir}"
+
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.launch", f"--sweep={sweep_file}",
+       f"--workdir={sweep_dir}", "--xm"], cwd=REPO, env=launcher_env(tmp_path),
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  labels = []
+  for index, overrides in enumerate(sweep.trials):
+    trial = launch.Trial(sweep_dir, index, overrides)
+    status = trial.status()
+    assert status["status"] == "done" and status["xm_work_unit_id"] >= 1
+    labels.append(trial.final_metrics()["attention"])
+  assert labels == ["dense", "2:4"]
+  assert (tmp_path / ".xmanager" / "experiments.sqlite3").exists()
+  assert "| done |" in (sweep_dir / "results.md").read_text()
