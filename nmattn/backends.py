@@ -15,6 +15,7 @@ toolchain (docs/ARCHITECTURE.md, "Backends").
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import jax
@@ -34,6 +35,10 @@ class UnsupportedCallError(NotImplementedError, ValueError):
   `NotImplementedError`. `implementation=None` never raises it: it falls back
   to "xla".
   """
+
+
+# Block patterns run on the xla backend only, so far.
+_NO_PATTERNS = "block_pattern (supported by implementation='xla' only, so far)"
 
 
 def _check_config(backend: str, config: Any, expected: type) -> None:
@@ -96,6 +101,8 @@ class PallasTriton(Backend):
       _check_config("PallasTriton", self.config, _triton().TuningConfig)
 
   def unsupported_reason(self, spec):
+    if spec.has_pattern:
+      return _NO_PATTERNS
     return _triton().unsupported_reason(spec)
 
   def auto_eligible(self, spec):
@@ -146,6 +153,8 @@ class PallasMosaic(Backend):
     return self.config if self.config is not None else _mosaic().MosaicTuning()
 
   def unsupported_reason(self, spec):
+    if spec.has_pattern:
+      return _NO_PATTERNS
     reason = _mosaic().unsupported_reason(spec, self._tuning())
     if reason is None and (vjp_reason := self.vjp.unsupported_reason(spec)):
       reason = f"its vjp backend {self.vjp.name!r} cannot: {vjp_reason}"
@@ -166,13 +175,17 @@ class Cudnn(Backend):
   `jax.nn.dot_product_attention(..., implementation="cudnn")`, with
   nmattn's semantics kept: a query row with no valid key gives zeros and
   zero gradients. cuDNN itself attends uniformly (or gives NaN gradients)
-  on a row masked entirely by `mask` or a `-inf` bias (tools/
-  cudnn_semantics.py measured it); such rows are given every key before the
-  call and zeroed after it, so they receive no gradient either.
+  on a row that `mask` masks entirely (tools/cudnn_semantics.py measured
+  it on an H200); such rows are given every key before the call and zeroed
+  after it, so they receive no gradient either. A `bias` is not taken:
+  cuDNN rounds it to the input dtype, and its bias gradient disagreed with
+  the reference (relative error 2.6 on an H200, jax 0.11.2).
   """
   name: ClassVar[str] = "cudnn"
 
   def unsupported_reason(self, spec):
+    if spec.has_pattern:
+      return _NO_PATTERNS
     if not spec.is_dense:
       return (f"it computes dense attention only (n == m); got n={spec.n}, "
               f"m={spec.m}")
@@ -186,6 +199,8 @@ class Cudnn(Backend):
     if spec.head_dim > _CUDNN_MAX_HEAD_DIM or spec.head_dim % 8:
       return (f"head_dim={spec.head_dim} (supported: multiples of 8 up to "
               f"{_CUDNN_MAX_HEAD_DIM})")
+    if spec.bias_shape is not None:
+      return "a bias (see nmattn.backends.Cudnn)"
     if spec.window is not None and not (
         spec.is_causal and spec.window[1] == 0 and not spec.has_kv_lengths
         and spec.q_len <= spec.kv_len):
@@ -193,40 +208,66 @@ class Cudnn(Backend):
       # conditions keep every row's own key valid (no row empty by position).
       return (f"local_window_size={spec.window} (supported: (left, 0) with "
               "is_causal, q_len <= kv_len and no key_value_seq_lengths)")
-    return None
+    return _cudnn_trace_reason(spec)
 
   def run(self, call):
     spec = call.spec
-    bias, mask = call.bias, call.mask
-    row_valid = _rows_with_a_key(call) if bias is not None or mask is not None else None
+    mask = call.mask
+    row_valid = None if mask is None else _rows_with_a_key(call)
     if row_valid is not None:
-      every_key = jnp.logical_not(row_valid)[..., None]
-      if mask is not None:
-        mask = mask | every_key
-      if bias is not None:
-        bias = jnp.where(every_key, jnp.zeros((), bias.dtype), bias)
-    out = jax.nn.dot_product_attention(
-        call.query, call.key, call.value, bias, mask, scale=spec.scale,
-        is_causal=spec.is_causal, query_seq_lengths=call.q_lengths,
-        key_value_seq_lengths=call.kv_lengths,
-        local_window_size=spec.window, implementation="cudnn")
+      mask = mask | jnp.logical_not(row_valid)[..., None]
+    out = _cudnn_attention(spec, call.query, call.key, call.value, mask,
+                           call.q_lengths, call.kv_lengths)
     if row_valid is not None:
       keep = jnp.transpose(row_valid, (0, 2, 1))[..., None]  # [B|1, T, H|1, 1]
       out = jnp.where(keep, out, jnp.zeros((), out.dtype))
     return out
 
 
+def _cudnn_attention(spec, query, key, value, mask, q_lengths, kv_lengths):
+  return jax.nn.dot_product_attention(
+      query, key, value, None, mask, scale=spec.scale,
+      is_causal=spec.is_causal, query_seq_lengths=q_lengths,
+      key_value_seq_lengths=kv_lengths, local_window_size=spec.window,
+      implementation="cudnn")
+
+
+@functools.lru_cache(maxsize=256)
+def _cudnn_trace_reason(spec: AttentionSpec) -> str | None:
+  """What `jax.nn.dot_product_attention`'s own checks (they differ between
+  jax and cuDNN versions) say of the call's forward and backward, traced on
+  shapes only: None if it accepts both."""
+  def shape(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+  q = shape((spec.batch, spec.q_len, spec.heads, spec.head_dim), spec.dtype)
+  kv = shape((spec.batch, spec.kv_len, spec.kv_heads, spec.head_dim), spec.dtype)
+  mask = None if spec.mask_shape is None else shape(spec.mask_shape, jnp.bool_)
+  lengths = shape((spec.batch,), jnp.int32)
+
+  def forward_and_backward(q, k, v, mask, q_lengths, kv_lengths):
+    attention = lambda q, k, v: _cudnn_attention(spec, q, k, v, mask, q_lengths,
+                                                 kv_lengths)
+    out, vjp = jax.vjp(attention, q, k, v)
+    return vjp(out)
+
+  try:
+    jax.eval_shape(forward_and_backward, q, kv, kv, mask,
+                   lengths if spec.has_q_lengths else None,
+                   lengths if spec.has_kv_lengths else None)
+  except (ValueError, NotImplementedError, TypeError) as e:
+    return f"cuDNN refuses the call: {str(e).splitlines()[0]}"
+  return None
+
+
 def _rows_with_a_key(call: AttentionCall):
-  """`[B|1, H|1, T]` bool: whether each query row has a valid key, counting
-  the mask, a `-inf` bias and the positional masks."""
+  """`[B|1, H|1, T]` bool: whether each query row has a valid key under the
+  mask and the positional masks."""
   spec = call.spec
   valid = masking.validity_mask(
       jnp.arange(spec.q_len), jnp.arange(spec.kv_len), mask=call.mask,
       is_causal=spec.is_causal, window=spec.window,
       kv_lengths=call.kv_lengths)
-  if call.bias is not None:
-    finite = call.bias > -jnp.inf
-    valid = finite if valid is None else valid & finite
   return jnp.any(valid, axis=-1)
 
 

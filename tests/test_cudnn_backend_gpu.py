@@ -26,9 +26,11 @@ pytestmark = pytest.mark.gpu
 class TestCudnnAttention(AttentionTestBase):
   implementation = "cudnn"
   dtypes = (jnp.bfloat16, jnp.float16)
-  # cuDNN takes a window only as (left, 0) with causal masking.
+  # cuDNN takes a window only as (left, 0) with causal masking, no bias
+  # (nmattn.backends.Cudnn says why) and, training, no odd 17 x 45 shape.
   case_names = tuple(name for name in AttentionTestBase.case_names
-                     if name not in ("window", "causal_window_mask"))
+                     if name not in ("window", "causal_window_mask", "bias",
+                                     "bias_broadcast", "ragged_kv"))
 
   def make_case(self, rng, name, dtype):
     # The base's fully-masked-row and NaN tests use float32, which cuDNN
@@ -54,19 +56,6 @@ class TestCudnnAttention(AttentionTestBase):
     out = self.attention(q, k, v, **kwargs)
     assert rel_err(out, reference.nm_attention_reference(q, k, v, **kwargs)) < 1e-2
 
-  def test_rows_masked_by_a_minus_inf_bias_give_zeros(self, rng):
-    (q, k, v), _ = self.make_case(rng, "dense", jnp.bfloat16)
-    bias = jnp.asarray(rng.standard_normal((1, 1, q.shape[1], k.shape[1])),
-                       jnp.float32).at[:, :, 2:6].set(-jnp.inf)
-    loss = lambda q, k, v: jnp.sum(self.attention(q, k, v, bias, n=4, m=4)
-                                   .astype(jnp.float32) ** 2)
-    out = self.attention(q, k, v, bias, n=4, m=4)
-    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-    assert np.all(np.asarray(out[:, 2:6], np.float32) == 0.0)
-    assert rel_err(out, reference.nm_attention_reference(q, k, v, bias, n=4, m=4)) < 1e-2
-    assert np.all(np.asarray(grads[0][:, 2:6], np.float32) == 0.0)
-    assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in grads)
-
 
 def test_auto_sends_dense_calls_to_cudnn_and_nm_calls_elsewhere(rng):
   q, k, v = random_inputs(rng, batch=1, q_len=256, kv_len=256, heads=2,
@@ -81,6 +70,13 @@ def test_auto_sends_dense_calls_to_cudnn_and_nm_calls_elsewhere(rng):
                         implementation="cudnn")
   with pytest.raises(nmattn.UnsupportedCallError, match="dense attention only"):
     nmattn.nm_attention(q, k, v, n=2, m=4, implementation="cudnn")
+  bias = jnp.asarray(rng.standard_normal((1, 2, 256, 256)), jnp.float32)
+  assert select_backend(canonicalize(q, k, v, bias, n=4, m=4)[0].spec).name != "cudnn"
+  with pytest.raises(nmattn.UnsupportedCallError, match="a bias"):
+    nmattn.nm_attention(q, k, v, bias, n=4, m=4, implementation="cudnn")
+  odd = canonicalize(q[:, :17], k[:, :45], v[:, :45], n=4, m=4)[0].spec
+  reason = nmattn.backends.Cudnn().unsupported_reason(odd)
+  assert select_backend(odd).name == "cudnn" if reason is None else "cuDNN refuses" in reason
   out = nmattn.nm_attention(q, k, v, n=4, m=4, is_causal=True)
   want = jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                       implementation="cudnn")
