@@ -4,19 +4,21 @@ In every group of `m` consecutive keys only the `n` largest attention scores
 survive; softmax and `P V` run on the survivors (DFSS, arXiv 2203.00091).
 """
 
-from nmattn import backends, layers, nnx, reference
+from nmattn import backends, layers, nnx, patterns, pruning, reference
 from nmattn._validation import SUPPORTED_M
 from nmattn.attention import IMPLEMENTATIONS, nm_attention
 from nmattn.backends import UnsupportedCallError
 from nmattn.flax_attention import nm_dot_product_attention
+from nmattn.importance import key_importance
 from nmattn.masking import nm_mask
+from nmattn.patterns import DENSE, NM, SKIP, BlockPattern
 from nmattn.reference import nm_attention_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "IMPLEMENTATIONS", "SUPPORTED_M", "UnsupportedCallError", "backends",
-    "nm_attention",
-    "layers", "nm_attention_weights", "nm_dot_product_attention", "nm_mask",
-    "nnx", "reference",
+    "BlockPattern", "DENSE", "IMPLEMENTATIONS", "NM", "SKIP", "SUPPORTED_M",
+    "UnsupportedCallError", "backends", "key_importance", "layers",
+    "nm_attention", "nm_attention_weights", "nm_dot_product_attention",
+    "nm_mask", "nnx", "patterns", "pruning", "reference",
 ]

@@ -9,6 +9,7 @@ consumes as it is; docs/ARCHITECTURE.md, "The call description").
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
@@ -91,7 +92,7 @@ def _lengths(name: str, x: Any, batch: int):
 def canonicalize(query, key, value, bias=None, mask=None, *, scale=None,
                  is_causal=False, query_seq_lengths=None,
                  key_value_seq_lengths=None, local_window_size=None, n=2,
-                 m=4) -> tuple[AttentionCall, bool]:
+                 m=4, block_pattern=None) -> tuple[AttentionCall, bool]:
   """Validates arguments; returns the canonical call and whether a batch dim was added.
 
   Query `[batch, q_len, heads, head_dim]` (or without `batch`), key and value
@@ -167,5 +168,15 @@ def canonicalize(query, key, value, bias=None, mask=None, *, scale=None,
       has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None,
       scale=float(scale), is_causal=bool(is_causal),
       window=canonical_window(local_window_size), n=int(n), m=int(m))
-  call = AttentionCall(query, key, value, bias, mask, q_lengths, kv_lengths, spec)
+  modes = None
+  if block_pattern is not None:
+    from nmattn import patterns  # pylint: disable=g-import-not-at-top
+    modes = jnp.asarray(patterns.canonical_modes(
+        block_pattern, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
+        m=spec.m), jnp.int8)
+    spec = dataclasses.replace(
+        spec, block_q=block_pattern.block_q, block_k=block_pattern.block_k,
+        modes_shape=tuple(modes.shape))
+  call = AttentionCall(query, key, value, bias, mask, q_lengths, kv_lengths,
+                       spec, modes)
   return call, added_batch

@@ -8,6 +8,21 @@ from nmattn._validation import canonicalize
 IMPLEMENTATIONS = (None,) + tuple(backends.BACKENDS)
 
 
+def resolve_implementation(implementation) -> backends.Backend | None:
+  """The backend object `implementation` names (None stays None).
+
+  Raises ValueError unless it is None, a name of `backends.BACKENDS` or a
+  `backends.Backend` object.
+  """
+  if implementation is None or isinstance(implementation, backends.Backend):
+    return implementation
+  if isinstance(implementation, str) and implementation in backends.BACKENDS:
+    return backends.BACKENDS[implementation]
+  raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or an "
+                   "nmattn.backends.Backend object; got "
+                   f"implementation={implementation!r}")
+
+
 def select_backend(spec, implementation=None) -> backends.Backend:
   """The backend that runs a call with this spec.
 
@@ -16,20 +31,13 @@ def select_backend(spec, implementation=None) -> backends.Backend:
   `backends.Backend` object raises `UnsupportedCallError` (a ValueError)
   when that backend cannot run the call.
   """
-  if implementation is None:
+  backend = resolve_implementation(implementation)
+  if backend is None:
     for name in backends.AUTO_ORDER:
       backend = backends.BACKENDS[name]
       if backend.auto_eligible(spec) and backend.unsupported_reason(spec) is None:
         return backend
     raise AssertionError("the xla backend supports every call")
-  if isinstance(implementation, backends.Backend):
-    backend = implementation
-  elif isinstance(implementation, str) and implementation in backends.BACKENDS:
-    backend = backends.BACKENDS[implementation]
-  else:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or an "
-                     "nmattn.backends.Backend object; got "
-                     f"implementation={implementation!r}")
   reason = backend.unsupported_reason(spec)
   if reason is not None:
     raise backends.UnsupportedCallError(
@@ -57,7 +65,7 @@ def _run(backend: backends.Backend, call):
 def nm_attention(query, key, value, bias=None, mask=None, *, scale=None,
                  is_causal=False, query_seq_lengths=None,
                  key_value_seq_lengths=None, local_window_size=None, n=2, m=4,
-                 implementation=None):
+                 block_pattern=None, implementation=None):
   """Scaled dot-product attention keeping `n` of every `m` consecutive scores.
 
   The signature of `jax.nn.dot_product_attention` plus `n` and `m`. Scores
@@ -86,6 +94,11 @@ def nm_attention(query, key, value, bias=None, mask=None, *, scale=None,
       `i - left ... i + right`.
     n: scores kept per group, `1 <= n <= m`.
     m: group size, one of `nmattn.SUPPORTED_M`.
+    block_pattern: optional `nmattn.BlockPattern`: per (batch, head, query
+      block, key block) a mode, `SKIP` (masked), `NM` (pruned N:M) or
+      `DENSE` (kept whole); docs/ARCHITECTURE.md, "The semantics", rule 7.
+      Runs on "xla" (and "pallas_triton" where it says so); may be computed
+      under `jit` (`nmattn.patterns`).
     implementation: None (the fastest backend that supports the call on the
       current device, else "xla"; dense calls, `n == m`, go to cuDNN on a
       GPU where it supports them), a name ("xla", "pallas_triton",
@@ -105,6 +118,7 @@ def nm_attention(query, key, value, bias=None, mask=None, *, scale=None,
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
-      local_window_size=local_window_size, n=n, m=m)
+      local_window_size=local_window_size, n=n, m=m,
+      block_pattern=block_pattern)
   out = _run(select_backend(call.spec, implementation), call)
   return out[0] if added_batch else out

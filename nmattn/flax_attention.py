@@ -9,9 +9,9 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen.dtypes import promote_dtype as linen_promote_dtype
 
-from nmattn import backends, reference
+from nmattn import reference
 from nmattn._validation import check_nm
-from nmattn.attention import nm_attention
+from nmattn.attention import nm_attention, resolve_implementation
 from nmattn.backends import UnsupportedCallError
 
 
@@ -22,13 +22,7 @@ def check_layer_config(n, m, implementation) -> None:
   on the first call.
   """
   check_nm(n, m)
-  if not (implementation is None
-          or isinstance(implementation, backends.Backend)
-          or (isinstance(implementation, str)
-              and implementation in backends.BACKENDS)):
-    raise ValueError(
-        f"implementation must be None, one of {tuple(backends.BACKENDS)} or an "
-        f"nmattn.backends.Backend object; got implementation={implementation!r}")
+  resolve_implementation(implementation)
 
 
 def _check_fused_products(einsum_dot_general, qk_attn_weights_einsum,
@@ -81,7 +75,7 @@ def nm_dot_product_attention(query, key, value, bias=None, mask=None,
                              qk_attn_weights_einsum=None,
                              attn_weights_value_einsum=None, *,
                              promote_dtype=None, is_causal=False, n=2, m=4,
-                             implementation=None):
+                             block_pattern=None, implementation=None):
   """N:M sparse attention with the signature of `flax.linen.dot_product_attention`.
 
   Use it as `attention_fn=functools.partial(nm_dot_product_attention, n=2, m=4)`
@@ -113,7 +107,8 @@ def nm_dot_product_attention(query, key, value, bias=None, mask=None,
       `promote_dtype((query, key, value), dtype=dtype)`; default: promoted
       by `flax.linen.dtypes.promote_dtype`.
     is_causal: causal masking (passed by `flax.nnx.MultiHeadAttention`).
-    n, m, implementation: as in `nmattn.nm_attention`.
+    n, m, block_pattern, implementation: as in `nmattn.nm_attention`
+      (the batch dims flatten into one, which the pattern's modes index).
 
   Returns:
     `[batch..., q_len, heads, head_dim]`.
@@ -152,6 +147,7 @@ def nm_dot_product_attention(query, key, value, bias=None, mask=None,
   dropout = not deterministic and dropout_rate > 0.0
   if not dropout and module is None:
     out = nm_attention(q, k, v, bias, mask, is_causal=is_causal, n=n, m=m,
+                       block_pattern=block_pattern,
                        implementation=implementation)
     return out.reshape(query.shape[:-1] + (value.shape[-1],))
 
@@ -160,7 +156,8 @@ def nm_dot_product_attention(query, key, value, bias=None, mask=None,
         f"implementation={implementation!r} cannot apply dropout or sow "
         "attention weights; use implementation=None or 'xla'")
   weights = reference.nm_attention_weights(q, k, bias, mask,
-                                           is_causal=is_causal, n=n, m=m)
+                                           is_causal=is_causal, n=n, m=m,
+                                           block_pattern=block_pattern)
   if not force_fp32_for_softmax:
     weights = weights.astype(query.dtype)
   if module is not None:

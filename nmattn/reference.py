@@ -70,33 +70,26 @@ def call_scores(call: AttentionCall) -> jax.Array:
   return s
 
 
-def call_keep(call: AttentionCall, scores: jax.Array,
-              block_pattern: patterns.BlockPattern | None = None) -> jax.Array:
+def call_keep(call: AttentionCall, scores: jax.Array) -> jax.Array:
   """Which of the masked `scores` (`call_scores`) are kept: bool `[B, H, T, S]`.
 
-  N:M selection, or with `block_pattern` the selection of each block's mode.
+  N:M selection, or with the call's block pattern the selection of each
+  block's mode.
   """
   spec = call.spec
-  if block_pattern is None:
+  if not spec.has_pattern:
     return masking.nm_mask(scores, spec.n, spec.m)
-  modes = patterns.canonical_modes(
-      block_pattern, batch=spec.batch, heads=spec.heads, q_len=spec.q_len,
-      kv_len=spec.kv_len, m=spec.m)
   element_modes = patterns.element_modes(
-      modes, jnp.arange(spec.q_len), jnp.arange(spec.kv_len),
-      block_q=block_pattern.block_q, block_k=block_pattern.block_k)
+      call.block_modes, jnp.arange(spec.q_len), jnp.arange(spec.kv_len),
+      block_q=spec.block_q, block_k=spec.block_k)
   return patterns.keep_mask(scores, element_modes, spec.n, spec.m)
 
 
-def call_weights(call: AttentionCall,
-                 block_pattern: patterns.BlockPattern | None = None) -> jax.Array:
-  """Pruned attention probabilities `[batch, heads, q_len, kv_len]`.
-
-  N:M-pruned, or pruned block by block as `block_pattern` says.
-  """
+def call_weights(call: AttentionCall) -> jax.Array:
+  """Pruned attention probabilities `[batch, heads, q_len, kv_len]`: N:M, or
+  block by block as the call's pattern says."""
   s = call_scores(call)
-  keep = call_keep(call, s, block_pattern)
-  return masked_softmax(jnp.where(keep, s, -jnp.inf))
+  return masked_softmax(jnp.where(call_keep(call, s), s, -jnp.inf))
 
 
 def apply_weights(weights: jax.Array, value: jax.Array,
@@ -125,8 +118,9 @@ def nm_attention_weights(query, key, bias=None, mask=None, *, scale=None,
       query, key, key, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
-      local_window_size=local_window_size, n=n, m=m)
-  weights = call_weights(call, block_pattern)
+      local_window_size=local_window_size, n=n, m=m,
+      block_pattern=block_pattern)
+  weights = call_weights(call)
   return weights[0] if added_batch else weights
 
 
@@ -167,7 +161,8 @@ def nm_attention_reference(query, key, value, bias=None, mask=None, *,
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
-      local_window_size=local_window_size, n=n, m=m)
-  out = apply_weights(call_weights(call, block_pattern),
+      local_window_size=local_window_size, n=n, m=m,
+      block_pattern=block_pattern)
+  out = apply_weights(call_weights(call),
                       call.value).astype(call.spec.dtype)
   return out[0] if added_batch else out

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nmattn import masking
+from nmattn import masking, patterns
 from nmattn.reference import HIGHEST, compute_dtype
 from pallas_kernels.call import (KEY_ALIGN, AttentionCall, AttentionSpec,
                                  pad_axis, pad_broadcast, round_up)
@@ -60,7 +60,7 @@ class _Problem:
   """Padded operands and the per-tile score computation shared by fwd and bwd."""
 
   def __init__(self, spec: AttentionSpec, tuning: XlaTuning, q, k, v, bias,
-               mask, q_lengths, kv_lengths):
+               mask, q_lengths, kv_lengths, block_modes=None):
     self.spec, self.tuning = spec, tuning
     self.bq, self.bk = tuning.block_q, tuning.block_k
     self.nq = -(-spec.q_len // self.bq)
@@ -75,6 +75,7 @@ class _Problem:
     self.bias = pad_broadcast(bias, tq, tk)
     self.mask = pad_broadcast(mask, tq, tk)
     self.q_lengths, self.kv_lengths = q_lengths, kv_lengths
+    self.block_modes = block_modes
 
   def q_tile(self, x, qi):
     return lax.dynamic_slice_in_dim(x, qi * self.bq, self.bq, axis=1)
@@ -98,7 +99,15 @@ class _Problem:
         kv_len=spec.kv_len if self.nk * self.bk != spec.kv_len else None)
     if valid is not None:
       s = jnp.where(valid, s, -jnp.inf)
-    s = jnp.where(masking.nm_mask(s, spec.n, spec.m), s, -jnp.inf)
+    if spec.has_pattern:
+      modes = patterns.element_modes(
+          self.block_modes, qi * self.bq + jnp.arange(self.bq),
+          ki * self.bk + jnp.arange(self.bk), block_q=spec.block_q,
+          block_k=spec.block_k)
+      keep = patterns.keep_mask(s, modes, spec.n, spec.m)
+    else:
+      keep = masking.nm_mask(s, spec.n, spec.m)
+    s = jnp.where(keep, s, -jnp.inf)
     return s.reshape(spec.batch, spec.kv_heads, self.groups, self.bq, self.bk)
 
   def unblock_q(self, blocks):
@@ -107,9 +116,11 @@ class _Problem:
     return b.reshape(b.shape[:3] + (self.nq * self.bq,) + b.shape[5:])
 
 
-def _forward(spec, tuning, q, k, v, bias, mask, q_lengths, kv_lengths):
+def _forward(spec, tuning, q, k, v, bias, mask, q_lengths, kv_lengths,
+             block_modes=None):
   """Returns out `[B, T, H, D]` and the log-sum-exp `[B, K, G, T_padded]`."""
-  pr = _Problem(spec, tuning, q, k, v, bias, mask, q_lengths, kv_lengths)
+  pr = _Problem(spec, tuning, q, k, v, bias, mask, q_lengths, kv_lengths,
+                block_modes)
   stats_shape = (spec.batch, spec.kv_heads, pr.groups, pr.bq)
 
   def q_block(qi):
@@ -143,8 +154,9 @@ def _forward(spec, tuning, q, k, v, bias, mask, q_lengths, kv_lengths):
 
 
 def _backward(spec, tuning, residuals, d_out):
-  q, k, v, bias, mask, q_lengths, kv_lengths, out, lse = residuals
-  pr = _Problem(spec, tuning, q, k, v, bias, mask, q_lengths, kv_lengths)
+  q, k, v, bias, mask, q_lengths, kv_lengths, block_modes, out, lse = residuals
+  pr = _Problem(spec, tuning, q, k, v, bias, mask, q_lengths, kv_lengths,
+                block_modes)
   tq = pr.nq * pr.bq
   shape5 = (spec.batch, tq, spec.kv_heads, pr.groups, spec.head_dim)
   d_out = pad_axis(d_out, 1, tq).reshape(shape5)
@@ -204,17 +216,22 @@ def _backward(spec, tuning, residuals, d_out):
   dv = unblock_k(dv).astype(v.dtype)
   if dbias is not None:
     dbias = dbias[:, :, :bias.shape[2], :bias.shape[3]].astype(bias.dtype)
-  return dq, dk, dv, dbias, None, None, None
+  return dq, dk, dv, dbias, None, None, None, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(spec, tuning, q, k, v, bias, mask, q_lengths, kv_lengths):
-  return _forward(spec, tuning, q, k, v, bias, mask, q_lengths, kv_lengths)[0]
+def _attention(spec, tuning, q, k, v, bias, mask, q_lengths, kv_lengths,
+               block_modes):
+  return _forward(spec, tuning, q, k, v, bias, mask, q_lengths, kv_lengths,
+                  block_modes)[0]
 
 
-def _attention_fwd(spec, tuning, q, k, v, bias, mask, q_lengths, kv_lengths):
-  out, lse = _forward(spec, tuning, q, k, v, bias, mask, q_lengths, kv_lengths)
-  return out, (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
+def _attention_fwd(spec, tuning, q, k, v, bias, mask, q_lengths, kv_lengths,
+                   block_modes):
+  out, lse = _forward(spec, tuning, q, k, v, bias, mask, q_lengths, kv_lengths,
+                      block_modes)
+  return out, (q, k, v, bias, mask, q_lengths, kv_lengths, block_modes, out,
+               lse)
 
 
 _attention.defvjp(_attention_fwd, _backward)
@@ -223,5 +240,6 @@ _attention.defvjp(_attention_fwd, _backward)
 def nm_attention_xla(call: AttentionCall, tuning: XlaTuning | None = None):
   """Runs a canonical call (see `nmattn._validation.canonicalize`)."""
   spec = call.spec
-  return _attention(spec, tuning or default_tuning(spec), call.query, call.key, call.value, call.bias,
-                    call.mask, call.q_lengths, call.kv_lengths)
+  return _attention(spec, tuning or default_tuning(spec), call.query, call.key,
+                    call.value, call.bias, call.mask, call.q_lengths,
+                    call.kv_lengths, call.block_modes)

@@ -39,7 +39,9 @@ class AttentionSpec:
   Shapes follow Flax: query `[batch, q_len, heads, head_dim]`, key/value
   `[batch, kv_len, kv_heads, head_dim]`; `bias_shape` / `mask_shape` are the
   4-D canonical shapes (each dim 1 or full) or None; `window` is
-  `(left, right)` or None.
+  `(left, right)` or None. A block pattern (rule 7 of docs/ARCHITECTURE.md,
+  "The semantics") has its block sizes here and its modes, int8
+  `[B|1, H|1, ceil(q_len / block_q), ceil(kv_len / block_k)]`, in the call.
   """
   batch: int
   q_len: int
@@ -57,6 +59,14 @@ class AttentionSpec:
   window: tuple[int, int] | None
   n: int
   m: int
+  block_q: int | None = None
+  block_k: int | None = None
+  modes_shape: tuple[int, int, int, int] | None = None
+
+  @property
+  def has_pattern(self) -> bool:
+    """Whether the call carries a block pattern."""
+    return self.modes_shape is not None
 
   @property
   def groups(self) -> int:
@@ -90,7 +100,8 @@ class AttentionSpec:
 
 
 class AttentionCall(NamedTuple):
-  """Canonical arrays (query/key/value 4-D, bias/mask 4-D or None) plus spec."""
+  """Canonical arrays (query/key/value 4-D, bias/mask 4-D or None) plus spec;
+  `block_modes` the int8 block modes of a pattern, or None."""
   query: Any
   key: Any
   value: Any
@@ -99,6 +110,7 @@ class AttentionCall(NamedTuple):
   q_lengths: Any
   kv_lengths: Any
   spec: AttentionSpec
+  block_modes: Any = None
 
 
 def pad_axis(x, axis: int, size: int, value=0):
