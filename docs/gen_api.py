@@ -33,10 +33,31 @@ PUBLIC = (
     ("nmattn.layers.NMSelfAttention", None),
     ("nmattn.nnx.NMMultiHeadAttention", None),
     ("nmattn.UnsupportedCallError", None),
+    ("nmattn.BlockPattern", None),
+    ("nmattn.patterns.canonical_modes", None),
+    ("nmattn.patterns.causal", None),
+    ("nmattn.patterns.local_band", None),
+    ("nmattn.patterns.sinks", None),
+    ("nmattn.patterns.dilated", None),
+    ("nmattn.patterns.segments", None),
+    ("nmattn.patterns.union", None),
+    ("nmattn.patterns.intersect", None),
+    ("nmattn.patterns.with_mode", None),
+    ("nmattn.patterns.topk_blocks", None),
+    ("nmattn.patterns.sample_attention", None),
+    ("nmattn.key_importance", None),
+    ("nmattn.backends.Xla", None),
+    ("nmattn.backends.PallasTriton", None),
+    ("nmattn.backends.PallasMosaic", None),
+    ("nmattn.backends.Cudnn", None),
+    ("nmattn.SKIP", "Block mode: every score of the block is masked."),
+    ("nmattn.NM", "Block mode: N:M selection inside the block."),
+    ("nmattn.DENSE", "Block mode: every valid score of the block is kept."),
     ("nmattn.SUPPORTED_M", "The group sizes `m` that every function accepts."),
     ("nmattn.IMPLEMENTATIONS",
-     "The values of `implementation`: `None` picks the fastest backend that "
-     "supports the call on the current device, else `\"xla\"`."),
+     "The values of `implementation` besides a backend object "
+     "(`nmattn.backends`): `None` picks the fastest backend that supports "
+     "the call on the current device, else `\"xla\"`."),
 )
 
 SECTION = re.compile(r"^(Args|Arguments|Attributes|Returns|Raises|Yields):\s*$")
@@ -133,7 +154,8 @@ def class_markdown(name: str, cls) -> list[str]:
   own_fields = [f for f in inspect.get_annotations(cls)
                 if f not in ("parent", "name")]
   if own_fields:
-    defaults = ", ".join(f"`{f}={getattr(cls, f)!r}`" for f in own_fields)
+    defaults = ", ".join(f"`{f}={getattr(cls, f)!r}`" if hasattr(cls, f)
+                         else f"`{f}`" for f in own_fields)
     out.append(f"Fields added to the parent's: {defaults}.\n")
   for method_name in ("__init__", "__call__"):
     method = cls.__dict__.get(method_name)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -101,10 +102,13 @@ class Bench:
         mlp_size=sizes.mlp_size, num_layers=sizes.num_layers)
     spec = AttentionSpec("dense" if kind == "none" else kind, 2, 4)
     self.model_name, self.kind = model_name, kind
-    if model_name == "decoder":
-      self.model = Decoder(config, spec)
-    else:
-      self.model = SequenceClassifier(config, spec, num_classes=NUM_CLASSES)
+    build = (functools.partial(Decoder, config) if model_name == "decoder" else
+             functools.partial(SequenceClassifier, config,
+                               num_classes=NUM_CLASSES))
+    self.model = build(spec)
+    # Every kind has the same parameter tree; initialised in float32 through
+    # the dense kind, since "cudnn" takes 16-bit activations only.
+    self.init_model = build(AttentionSpec("dense", 2, 4))
     self.dtype = jnp.dtype(sizes.dtype)
     rng = np.random.default_rng(seed)
     tokens = jnp.asarray(rng.integers(0, sizes.vocab_size, (batch, seq_len + 1)),
@@ -137,8 +141,9 @@ class Bench:
   def _init(self, rng, batch):
     tokens = batch["tokens"][:1, :-1]
     if self.model_name == "decoder":
-      return self.model.init(rng, tokens)["params"]
-    return self.model.init(rng, tokens, jnp.ones(tokens.shape, bool))["params"]
+      return self.init_model.init(rng, tokens)["params"]
+    return self.init_model.init(rng, tokens,
+                                jnp.ones(tokens.shape, bool))["params"]
 
   def loss(self, params, batch):
     logits = self._apply(params, batch)
