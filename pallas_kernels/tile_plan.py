@@ -57,6 +57,35 @@ def sequence_limits(spec: AttentionSpec, q_length=None, kv_length=None):
   return jnp.maximum(q_limit, 0), jnp.maximum(kv_limit, 0)
 
 
+def _band(spec: AttentionSpec) -> tuple[int | None, int | None]:
+  """Bounds `(lo, hi)` on `key - query` of a valid pair (None: unbounded)."""
+  lo = hi = None
+  if spec.is_causal:
+    hi = 0
+  if spec.window is not None:
+    left, right = spec.window
+    lo, hi = -left, right if hi is None else min(hi, right)
+  return lo, hi
+
+
+def _band_tiles(r0, block_r: int, block_c: int, r_limit, c_limit, lo, hi,
+                masks_rows: bool) -> TileRange:
+  """Column tiles that the row tile `[r0, r0 + block_r)` visits, for pairs
+  valid when `lo <= c - r <= hi`, `r < r_limit` and `c < c_limit`."""
+  r1 = r0 + block_r
+  lo_c, hi_c = jnp.int32(0), c_limit
+  full_lo, full_hi = jnp.int32(0), _div(c_limit, block_c)
+  if lo is not None:
+    lo_c = jnp.maximum(r0 + lo, 0)
+    full_lo = _cdiv(jnp.maximum(r1 - 1 + lo, 0), block_c)
+  if hi is not None:
+    hi_c = jnp.minimum(hi_c, jnp.minimum(r1, r_limit) + hi)
+    full_hi = jnp.minimum(full_hi, _div(r0 + hi + 1, block_c))
+  if masks_rows:
+    full_hi = jnp.where(r1 <= r_limit, full_hi, 0)
+  return _tile_range(lo_c, hi_c, r0 < r_limit, block_c, full_lo, full_hi)
+
+
 def key_tiles(spec: AttentionSpec, q0, block_q: int, block_k: int, q_limit,
               kv_limit, *, masks_queries: bool = True) -> TileRange:
   """Key tiles that the query tile `[q0, q0 + block_q)` visits.
@@ -65,42 +94,19 @@ def key_tiles(spec: AttentionSpec, q0, block_q: int, block_k: int, q_limit,
   query tile reaching past it is never full); a kernel that discards such
   rows instead passes False.
   """
-  q1 = q0 + block_q
-  valid_q1 = jnp.minimum(q1, q_limit)
-  lo_key, hi_key = jnp.int32(0), kv_limit
-  full_lo, full_hi = jnp.int32(0), _div(kv_limit, block_k)
-  if spec.is_causal:
-    hi_key = jnp.minimum(hi_key, valid_q1)
-    full_hi = jnp.minimum(full_hi, _div(q0 + 1, block_k))
-  if spec.window is not None:
-    left, right = spec.window
-    lo_key = jnp.maximum(q0 - left, 0)
-    hi_key = jnp.minimum(hi_key, valid_q1 + right)
-    full_lo = _cdiv(jnp.maximum(q1 - 1 - left, 0), block_k)
-    full_hi = jnp.minimum(full_hi, _div(q0 + right + 1, block_k))
-  if masks_queries:
-    full_hi = jnp.where(q1 <= q_limit, full_hi, 0)
-  return _tile_range(lo_key, hi_key, q0 < q_limit, block_k, full_lo, full_hi)
+  lo, hi = _band(spec)
+  return _band_tiles(q0, block_q, block_k, q_limit, kv_limit, lo, hi,
+                     masks_queries)
 
 
 def query_tiles(spec: AttentionSpec, k0, block_k: int, block_q: int, q_limit,
                 kv_limit) -> TileRange:
-  """Query tiles that the key tile `[k0, k0 + block_k)` meets (as `key_tiles`)."""
-  k1 = k0 + block_k
-  valid_k1 = jnp.minimum(k1, kv_limit)
-  lo_q, hi_q = jnp.int32(0), q_limit
-  full_lo, full_hi = jnp.int32(0), _div(q_limit, block_q)
-  if spec.is_causal:
-    lo_q = jnp.maximum(lo_q, k0)
-    full_lo = _cdiv(k1 - 1, block_q)
-  if spec.window is not None:
-    left, right = spec.window
-    lo_q = jnp.maximum(lo_q, jnp.maximum(k0 - right, 0))
-    hi_q = jnp.minimum(hi_q, valid_k1 + left)
-    full_lo = jnp.maximum(full_lo, _cdiv(jnp.maximum(k1 - 1 - right, 0), block_q))
-    full_hi = jnp.minimum(full_hi, _div(k0 + left + 1, block_q))
-  full_hi = jnp.where(k1 <= kv_limit, full_hi, 0)
-  return _tile_range(lo_q, hi_q, k0 < kv_limit, block_q, full_lo, full_hi)
+  """Query tiles that the key tile `[k0, k0 + block_k)` meets (as `key_tiles`,
+  with the band `lo <= key - query <= hi` read as `-hi <= query - key <= -lo`)."""
+  lo, hi = _band(spec)
+  return _band_tiles(k0, block_k, block_q, kv_limit, q_limit,
+                     None if hi is None else -hi, None if lo is None else -lo,
+                     masks_rows=True)
 
 
 def _tile_range(lo_pos, hi_pos, any_valid, block, full_lo, full_hi) -> TileRange:
