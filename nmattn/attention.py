@@ -56,7 +56,7 @@ def _run(backend: backends.Backend, call):
     raise NotImplementedError(
         "nm_attention supports reverse-mode differentiation (jax.grad, "
         "jax.vjp) only: each backend's gradient is a custom VJP, so "
-        "jax.jvp / jax.jacfwd / jax.linearize cannot run through it "
+        "jax.jvp and jax.jacfwd cannot run through it "
         f"(implementation={backend.name!r}). Use jax.vjp or jax.jacrev, or "
         "differentiate nmattn.reference.nm_attention_reference, which "
         "materialises the scores.") from e

@@ -52,3 +52,32 @@ def test_default_tuning_bounds_the_tile():
   assert (tuning.block_q, tuning.block_k) == (16, 512)
   small, _ = canonicalize(*[jax.ShapeDtypeStruct((1, 70, 2, 8), jnp.float32)] * 3)
   assert default_tuning(small.spec) == XlaTuning(block_q=80, block_k=80)
+
+
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd"])
+def test_forward_mode_raises_and_says_what_works(rng, transform):
+  """Every backend's gradient is a custom VJP (no forward mode): the error
+  says so and names the reverse-mode way out, instead of JAX's bare TypeError."""
+  q, k, v = random_inputs(rng, batch=1, q_len=8, kv_len=8, heads=1, kv_heads=1,
+                          head_dim=16)
+  fn = lambda q: nmattn.nm_attention(q, k, v)
+  run = {"jvp": lambda: jax.jvp(fn, (q,), (q,)),
+         "jacfwd": lambda: jax.jacfwd(fn)(q)}[transform]
+  with pytest.raises(NotImplementedError, match=r"reverse-mode .*jax\.vjp"):
+    run()
+  # Reverse mode runs, and matches the reference.
+  out, vjp = jax.vjp(fn, q)
+  want = jax.vjp(lambda q: reference.nm_attention_reference(q, k, v), q)[1](out)
+  assert rel_err(vjp(out)[0], want[0]) < 1e-5
+
+
+def test_backend_objects_carry_their_tuning(rng):
+  q, k, v = random_inputs(rng, q_len=40, kv_len=56)
+  backend = nmattn.backends.Xla(config=XlaTuning(block_q=16, block_k=16))
+  out = nmattn.nm_attention(q, k, v, is_causal=True, implementation=backend)
+  call, _ = canonicalize(q, k, v, is_causal=True)
+  assert jnp.array_equal(out, nm_attention_xla(call, XlaTuning(16, 16)))
+  with pytest.raises(ValueError, match=r"Xla\(config=...\) must be a XlaTuning"):
+    nmattn.backends.Xla(config=(16, 16))
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    nmattn.nm_attention(q, k, v, implementation=XlaTuning(16, 16))
