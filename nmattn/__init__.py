@@ -5,7 +5,6 @@ survive; softmax and `P V` run on the survivors (DFSS, arXiv 2203.00091).
 """
 
 from nmattn import backends, layers, nnx, patterns, pruning, reference
-from nmattn._validation import SUPPORTED_M
 from nmattn.attention import IMPLEMENTATIONS, nm_attention
 from nmattn.backends import UnsupportedCallError
 from nmattn.flax_attention import nm_dot_product_attention
@@ -13,6 +12,7 @@ from nmattn.importance import key_importance
 from nmattn.masking import nm_mask
 from nmattn.patterns import DENSE, NM, SKIP, BlockPattern
 from nmattn.reference import nm_attention_weights
+from pallas_kernels.call import SUPPORTED_M
 
 __version__ = "0.1.0"
 

@@ -15,22 +15,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.call import SUPPORTED_M, AttentionCall, AttentionSpec
+from nmattn import patterns
+from nmattn.masking import check_nm
+from pallas_kernels.call import AttentionCall, AttentionSpec
 
 INPUT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
-
-
-def check_nm(n: Any, m: Any) -> None:
-  """Raises ValueError unless `n:m` is a supported sparsity pattern."""
-  for name, value in (("n", n), ("m", m)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-      raise ValueError(f"{name} must be a Python int; got {name}={value!r}")
-  if m not in SUPPORTED_M:
-    raise ValueError(f"m must be one of {SUPPORTED_M}; got m={m}")
-  if n < 1:
-    raise ValueError(f"n must be >= 1; got n={n}")
-  if n > m:
-    raise ValueError(f"n must be <= m; got n={n}, m={m}")
 
 
 def canonical_window(local_window_size: Any) -> tuple[int, int] | None:
@@ -170,7 +159,6 @@ def canonicalize(query, key, value, bias=None, mask=None, *, scale=None,
       window=canonical_window(local_window_size), n=int(n), m=int(m))
   modes = None
   if block_pattern is not None:
-    from nmattn import patterns  # pylint: disable=g-import-not-at-top
     modes = jnp.asarray(patterns.canonical_modes(
         block_pattern, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len,
         m=spec.m), jnp.int8)

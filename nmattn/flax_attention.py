@@ -10,7 +10,7 @@ from flax import nnx
 from flax.linen.dtypes import promote_dtype as linen_promote_dtype
 
 from nmattn import reference
-from nmattn._validation import check_nm
+from nmattn.masking import check_nm
 from nmattn.attention import nm_attention, resolve_implementation
 from nmattn.backends import UnsupportedCallError
 

@@ -1,4 +1,4 @@
-"""N:M selection and the attention validity masks (ARCHITECTURE.md rules 2 and 3).
+"""N:M selection and the validity masks (docs/ARCHITECTURE.md rules 2 and 3).
 
 Both are written for arbitrary key/query offsets so that the reference (one
 block covering everything) and the blocked XLA backend share them.
@@ -6,10 +6,26 @@ block covering everything) and the blocked XLA backend share them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from nmattn._validation import check_nm
+from pallas_kernels.call import SUPPORTED_M
+
+
+def check_nm(n: Any, m: Any) -> None:
+  """Raises ValueError unless `n:m` is a supported sparsity pattern."""
+  for name, value in (("n", n), ("m", m)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise ValueError(f"{name} must be a Python int; got {name}={value!r}")
+  if m not in SUPPORTED_M:
+    raise ValueError(f"m must be one of {SUPPORTED_M}; got m={m}")
+  if n < 1:
+    raise ValueError(f"n must be >= 1; got n={n}")
+  if n > m:
+    raise ValueError(f"n must be <= m; got n={n}, m={m}")
 
 
 def group_rank(groups: jax.Array) -> jax.Array:
