@@ -32,7 +32,7 @@ demo: $(VENV)/.experiments
 	$(PY) -m experiments.launch --sweep=experiments/sweeps/demo.py --workdir=runs/demo
 
 test: $(VENV)/.test
-	$(PY) -m pytest -n $(PYTEST_WORKERS) tests tools/tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=15 tests tools/tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
