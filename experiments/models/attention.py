@@ -13,7 +13,13 @@
     JAX user has on a GPU. It needs a CUDA GPU and 16-bit inputs (bf16, fp16):
     on any other backend, or with float32 activations, the layer raises a
     ValueError naming the kind rather than run something else; use "dense"
-    there.
+    there;
+  * "pattern": hierarchical N:M attention (`nmattn.nm_dot_product_attention`
+    with `block_pattern=`): `block_pattern(query, key)` gives the
+    `nmattn.BlockPattern` of each call from that layer's projected query and
+    key (a static pattern may ignore them), with `n:m` inside its NM blocks.
+    The fraction of scores kept depends on the pattern and the inputs, so the
+    spec has no fixed density; the kind is built in code, not from a config.
 
 "topk" and "local" are the comparison patterns of the DFSS paper; they run on
 a materialised score matrix (fine at experiment sizes) with the same parameter
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,15 +38,20 @@ from flax import linen as nn
 
 import nmattn
 
-KINDS = ("dense", "nm", "topk", "local", "cudnn")
+KINDS = ("dense", "nm", "topk", "local", "cudnn", "pattern")
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
-  """Which attention a model uses: `kind` in KINDS and the density n / m."""
+  """Which attention a model uses: `kind` in KINDS and the density n / m.
+
+  `block_pattern` (kind "pattern" only, and required there) maps a layer's
+  `query [batch, q_len, heads, d]` and `key` to its `nmattn.BlockPattern`.
+  """
   kind: str = "dense"
   n: int = 2
   m: int = 4
+  block_pattern: Callable | None = None
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -51,10 +63,18 @@ class AttentionSpec:
     if not 1 <= self.n <= self.m:
       raise ValueError(f"attention n must be in [1, m={self.m}]; got "
                        f"n={self.n}")
+    if (self.kind == "pattern") != callable(self.block_pattern):
+      raise ValueError("attention block_pattern must be a function (query, key)"
+                       " -> nmattn.BlockPattern for kind 'pattern' and None for"
+                       f" the other kinds; got kind={self.kind!r}, "
+                       f"block_pattern={self.block_pattern!r}")
 
   @property
-  def density(self) -> float:
-    """Fraction of the valid scores kept (1.0 for dense)."""
+  def density(self) -> float | None:
+    """Fraction of the valid scores kept (1.0 for dense; None for "pattern",
+    where it depends on the pattern and the inputs)."""
+    if self.kind == "pattern":
+      return None
     return 1.0 if self.kind in ("dense", "cudnn") else self.n / self.m
 
   @property
@@ -64,6 +84,8 @@ class AttentionSpec:
       return self.kind
     if self.kind == "nm":
       return f"{self.n}:{self.m}"
+    if self.kind == "pattern":
+      return f"pattern+{self.n}:{self.m}"
     return f"{self.kind}@{self.density:.2f}"
 
 
@@ -170,6 +192,21 @@ def cudnn_attention(query, key, value, bias=None, mask=None, *,
                                       implementation=implementation)
 
 
+def pattern_attention(query, key, value, bias=None, mask=None, *, n, m,
+                      block_pattern, is_causal=False, dropout_rate=0.0,
+                      deterministic=True):
+  """N:M attention inside the blocks of `block_pattern(query, key)`: the "pattern" kind.
+
+  The Flax `attention_fn` signature (no attention dropout), shapes as
+  `nmattn.nm_dot_product_attention`; runs on the backend
+  `implementation=None` picks for a patterned call.
+  """
+  _check_no_dropout("pattern", dropout_rate, deterministic)
+  return nmattn.nm_dot_product_attention(
+      query, key, value, bias, mask, deterministic=True, is_causal=is_causal,
+      n=n, m=m, block_pattern=block_pattern(query, key), implementation=None)
+
+
 def multi_head_attention(spec: AttentionSpec, **mha_kwargs) -> nn.Module:
   """A Flax multi-head attention layer of the given kind.
 
@@ -182,6 +219,9 @@ def multi_head_attention(spec: AttentionSpec, **mha_kwargs) -> nn.Module:
         n=n, m=spec.m, implementation=None, **mha_kwargs)
   if spec.kind == "cudnn":
     attention_fn = cudnn_attention
+  elif spec.kind == "pattern":
+    attention_fn = functools.partial(pattern_attention, n=spec.n, m=spec.m,
+                                     block_pattern=spec.block_pattern)
   else:
     attention_fn = functools.partial(density_attention, kind=spec.kind,
                                      density=spec.density)
