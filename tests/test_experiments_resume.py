@@ -119,8 +119,10 @@ DAMAGES = {
 def damage(workdir: pathlib.Path, how: str, seed: int):
   checkpoints = workdir / "checkpoints"
   if how == "truncated latest, stray empty step dir":
-    data = largest_file(checkpoints / "4")
-    data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+    # Every file cut to half: which one a restore reads first varies (the
+    # largest alone was sometimes not read, and the checkpoint restored).
+    for data in (p for p in (checkpoints / "4").rglob("*") if p.is_file()):
+      data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
     (checkpoints / "5").mkdir()
   else:
     poison_with_nan(workdir, 4)
