@@ -2,7 +2,7 @@
 
   python -m experiments.spatten [--out=experiments/results/spatten] \
       [--plot=docs/results/spatten.png] [--workdir=runs/spatten] \
-      [--pairs=500] [--latency_len=512] [--bytelm_steps=250]
+      [--pairs=500] [--latency_len=512] [--bytelm_steps=1500]
 
 Three measurements, all on the CPU, each written as JSON to `--out`:
 
@@ -148,7 +148,8 @@ def _real_tokens_kept(mask: np.ndarray, last_layer_tokens: int) -> float:
 
 
 def encoder_fidelity(config: TransformerConfig, params, inputs: dict,
-                     runs, batch_size: int = 100) -> list[dict]:
+                     runs, batch_size: int = 100,
+                     pooling: str = "kept") -> list[dict]:
   """Retrieval and embedding fidelity of pruned encoders against the unpruned dense one.
 
   Args:
@@ -159,6 +160,9 @@ def encoder_fidelity(config: TransformerConfig, params, inputs: dict,
     runs: `(name, attention, schedule)` triples; `schedule` is a
       `token_keep` (`()`: unpruned).
     batch_size: rows per jitted call.
+    pooling: the pruned runs' `TransformerConfig.token_pooling`: "kept" (the
+      mean over the tokens the last layer ran on) or "scattered" (over every
+      valid token, in its state when removed).
 
   Returns:
     One dict per run: recall@k and MRR (`tasks.retrieval_metrics`), the mean
@@ -168,7 +172,8 @@ def encoder_fidelity(config: TransformerConfig, params, inputs: dict,
     (`encoder_flops`) and the fraction of real tokens the last layer ran on.
   """
   def embeddings(attention, schedule):
-    pruned = dataclasses.replace(config, token_keep=tuple(schedule))
+    pruned = dataclasses.replace(config, token_keep=tuple(schedule),
+                                 token_pooling=pooling)
     apply = jax.jit(SentenceEncoder(pruned, attention).apply)
     return {side: embed(apply, params, inputs[f"{side}_tokens"],
                         inputs[f"{side}_mask"], batch_size)
@@ -197,7 +202,8 @@ def encoder_fidelity(config: TransformerConfig, params, inputs: dict,
               inputs[f"{side}_mask"], lengths[-1])}
     results.append({
         "name": name, "attention": _spec_name(attention),
-        "schedule": list(schedule), **tasks.retrieval_metrics(similarity),
+        "schedule": list(schedule), "pooling": pooling,
+        **tasks.retrieval_metrics(similarity),
         "queries": len(right),
         "cosine_to_dense": float(np.mean(cosine)),
         "min_cosine_to_dense": float(np.min(cosine)),
@@ -314,6 +320,12 @@ def measure_minilm(pairs: int, latency_len: int, latency_batch: int,
   model_config = dataclasses.replace(task.model_config, dropout_rate=0.0)
   runs = minilm_runs(model_config.num_layers)
   fidelity = encoder_fidelity(model_config, params, task.inputs["test"], runs)
+  scattered = [(f"{name} scattered", attention, schedule)
+               for name, attention, schedule in minilm_runs(
+                   model_config.num_layers, final_keeps=(0.5,), early_keeps=())
+               if schedule]
+  fidelity += encoder_fidelity(model_config, params, task.inputs["test"],
+                               scattered, pooling="scattered")
 
   long_config = minilm.transformer_config(latency_len)
   long_params = {"encoder": minilm.encoder_params(long_config)}
@@ -357,13 +369,16 @@ def plot(fidelity: list[dict], bytelm: dict, path: pathlib.Path) -> None:
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
   for attention, marker in (("dense", "o"), ("2:4", "s")):
-    rows = [r for r in fidelity if r["attention"] == attention
-            and "early" not in r["name"]]
-    kept = [r["code"]["layer_lengths"][-1] / r["code"]["length"] for r in rows]
-    axes[0].plot(kept, [100 * r["recall_at_1"] for r in rows], marker=marker,
-                 label=f"{attention}, linear schedules")
-    axes[1].plot(kept, [r["cosine_to_dense"] for r in rows], marker=marker,
-                 label=f"{attention}, linear schedules")
+    for pooling, line in (("kept", "-"), ("scattered", "")):
+      rows = [r for r in fidelity if r["attention"] == attention
+              and r["pooling"] == pooling and "early" not in r["name"]]
+      kept = [r["code"]["layer_lengths"][-1] / r["code"]["length"]
+              for r in rows]
+      label = f"{attention}, linear schedules, {pooling} pooling"
+      axes[0].plot(kept, [100 * r["recall_at_1"] for r in rows], line,
+                   marker=marker, label=label)
+      axes[1].plot(kept, [r["cosine_to_dense"] for r in rows], line,
+                   marker=marker, label=label)
   unpruned = next(r for r in fidelity if r["name"] == "dense unpruned")
   axes[0].axhspan(100 * unpruned["recall_at_1"] - 1,
                   100 * unpruned["recall_at_1"] + 1, color="0.9",
@@ -410,7 +425,7 @@ def main(argv=None) -> None:
   parser.add_argument("--latency_len", type=int, default=512)
   parser.add_argument("--latency_batch", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--bytelm_steps", type=int, default=250)
+  parser.add_argument("--bytelm_steps", type=int, default=1500)
   parser.add_argument("--windows", type=int, default=64)
   parser.add_argument("--budgets", type=lambda s: [int(b) for b in s.split(",")],
                       default=[8, 16, 32, 64])
