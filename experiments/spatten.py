@@ -259,7 +259,8 @@ def kv_budget_bits_per_byte(params, config: TransformerConfig,
     `full_bits_per_byte` (the forward pass), `cached_full_budget_bits_per_byte`
     and per (budget, policy) `bits_per_byte` over every position and
     `bits_per_byte_past_budget` over the positions at or after `budget`
-    (the earlier ones see the whole prefix under every policy).
+    (the earlier ones see the whole prefix under every policy), beside
+    `full_bits_per_byte_past_budget`, the forward pass's over the same ones.
   """
   inputs, targets = windows[:, :-1], windows[:, 1:]
   length = inputs.shape[-1]
@@ -289,7 +290,8 @@ def kv_budget_bits_per_byte(params, config: TransformerConfig,
                                      policy=policy))
       rows.append({"budget": int(budget), "policy": policy,
                    "bits_per_byte": _bits(evicted),
-                   "bits_per_byte_past_budget": _bits(evicted[:, budget:])})
+                   "bits_per_byte_past_budget": _bits(evicted[:, budget:]),
+                   "full_bits_per_byte_past_budget": _bits(full[:, budget:])})
   return {"windows": int(len(windows)), "length": int(length),
           "attention": _spec_name(attention),
           "full_bits_per_byte": _bits(full),
@@ -399,6 +401,9 @@ def plot(fidelity: list[dict], bytelm: dict, path: pathlib.Path) -> None:
   axes[2].set(xscale="log", xlabel="KV cache budget (entries)",
               ylabel="bits per byte (positions >= budget)",
               title=f"byte LM, {bytelm['windows']} x {bytelm['length']} bytes")
+  budgets = sorted({r["budget"] for r in bytelm["rows"]})
+  axes[2].set_xticks(budgets, [str(b) for b in budgets])
+  axes[2].minorticks_off()
   for axis in axes:
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)

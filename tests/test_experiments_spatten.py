@@ -107,6 +107,8 @@ def test_kv_budget_bits_per_byte():
               - row["bits_per_byte_past_budget"] * 6) / 4
     assert prefix == pytest.approx(np.mean(losses[:, :4]) / math.log(2),
                                    abs=1e-4)
+    assert row["full_bits_per_byte_past_budget"] == pytest.approx(
+        np.mean(losses[:, 4:]) / math.log(2), rel=1e-6)
     assert row["bits_per_byte_past_budget"] != pytest.approx(
         np.mean(losses[:, 4:]) / math.log(2), abs=1e-4)
   with pytest.raises(ValueError, match="budget=10"):
