@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import zlib
 
 import numpy as np
 
@@ -94,12 +93,7 @@ class Pair:
 def split_of_query(query: str, valid_percent: int, test_percent: int) -> str:
   """"train", "valid" or "test" by CRC32 of the query's UTF-8 bytes."""
   _check_percents(valid_percent, test_percent)
-  bucket = zlib.crc32(query.encode()) % 100
-  if bucket < valid_percent:
-    return "valid"
-  if bucket < valid_percent + test_percent:
-    return "test"
-  return "train"
+  return stdlib.split_of_key(query, valid_percent, test_percent)
 
 
 def read_pairs(path, query_field: str = "query",

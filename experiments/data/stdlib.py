@@ -46,20 +46,25 @@ def source_files(packages: tuple[str, ...] = ()) -> list[pathlib.Path]:
   return files
 
 
-def split_of(path: pathlib.Path, valid_percent: int = 5,
-             test_percent: int = 5) -> str:
-  """"train", "valid" or "test" for a stdlib file, by CRC32 of its relative path."""
+def split_of_key(key: str, valid_percent: int = 5, test_percent: int = 5) -> str:
+  """"train", "valid" or "test" for a string key, by CRC32 of its UTF-8 bytes."""
   if valid_percent < 0 or test_percent < 0 or valid_percent + test_percent > 100:
     raise ValueError("need valid_percent, test_percent >= 0 summing to <= 100; "
                      f"got valid_percent={valid_percent}, "
                      f"test_percent={test_percent}")
-  relative = path.relative_to(stdlib_dir()).as_posix()
-  bucket = zlib.crc32(relative.encode()) % 100
+  bucket = zlib.crc32(key.encode()) % 100
   if bucket < valid_percent:
     return "valid"
   if bucket < valid_percent + test_percent:
     return "test"
   return "train"
+
+
+def split_of(path: pathlib.Path, valid_percent: int = 5,
+             test_percent: int = 5) -> str:
+  """"train", "valid" or "test" for a stdlib file, by CRC32 of its relative path."""
+  return split_of_key(path.relative_to(stdlib_dir()).as_posix(), valid_percent,
+                      test_percent)
 
 
 def read_source(path: pathlib.Path) -> str:
