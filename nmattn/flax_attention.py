@@ -9,20 +9,45 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen.dtypes import promote_dtype as linen_promote_dtype
 
-from nmattn import reference
+from nmattn import patterns, reference
 from nmattn.masking import check_nm
 from nmattn.attention import nm_attention, resolve_implementation
 from nmattn.backends import UnsupportedCallError
 
 
-def check_layer_config(n, m, implementation) -> None:
-  """Raises ValueError unless a layer's `n`, `m` and `implementation` are valid.
+def check_layer_config(n, m, implementation, block_pattern=None) -> None:
+  """Raises ValueError unless a layer's `n`, `m`, `implementation` and
+  `block_pattern` are valid.
 
   The layers call it at construction, so a bad value fails there rather than
-  on the first call.
+  on the first call. A static pattern is checked as far as it can be without
+  a call (`nmattn.patterns.check_block_pattern`); a function only for being
+  callable, its result on every call.
   """
   check_nm(n, m)
   resolve_implementation(implementation)
+  if block_pattern is None:
+    return
+  if isinstance(block_pattern, patterns.BlockPattern):
+    patterns.check_block_pattern(block_pattern, m)
+  elif not callable(block_pattern):
+    raise ValueError(
+        "block_pattern must be an nmattn.BlockPattern, a function (query, key) "
+        f"-> BlockPattern, or None; got block_pattern={block_pattern!r}")
+
+
+def _resolve_pattern(block_pattern, query, key):
+  """The call's `BlockPattern`: `block_pattern` itself or its result on q, k."""
+  if block_pattern is None or isinstance(block_pattern, patterns.BlockPattern):
+    return block_pattern
+  if not callable(block_pattern):
+    return block_pattern  # nm_attention raises, naming it
+  pattern = block_pattern(query, key)
+  if not isinstance(pattern, patterns.BlockPattern):
+    raise ValueError(
+        "block_pattern(query, key) must return an nmattn.BlockPattern; got "
+        f"{type(pattern).__name__} from block_pattern={block_pattern!r}")
+  return pattern
 
 
 def _check_fused_products(einsum_dot_general, qk_attn_weights_einsum,
@@ -107,8 +132,14 @@ def nm_dot_product_attention(query, key, value, bias=None, mask=None,
       `promote_dtype((query, key, value), dtype=dtype)`; default: promoted
       by `flax.linen.dtypes.promote_dtype`.
     is_causal: causal masking (passed by `flax.nnx.MultiHeadAttention`).
-    n, m, block_pattern, implementation: as in `nmattn.nm_attention`
-      (the batch dims flatten into one, which the pattern's modes index).
+    n, m, implementation: as in `nmattn.nm_attention`.
+    block_pattern: an `nmattn.BlockPattern` as in `nmattn.nm_attention`, or
+      a function `(query, key) -> BlockPattern` called on every call with
+      the query `[batch, q_len, heads, head_dim]` and key `[batch, kv_len,
+      kv_heads, head_dim]` after dtype promotion (an adaptive pattern such as
+      `functools.partial(nmattn.patterns.topk_blocks, block_q=128,
+      block_k=128, density=0.25)`), or None. The batch dims flatten into one,
+      which the pattern's modes (and the function's inputs) index.
 
   Returns:
     `[batch..., q_len, heads, head_dim]`.
@@ -143,6 +174,7 @@ def nm_dot_product_attention(query, key, value, bias=None, mask=None,
   mask = _flatten_batch("mask", mask, batch_shape)
   if mask is not None and mask.dtype != jnp.bool_:
     mask = mask.astype(jnp.bool_)
+  block_pattern = _resolve_pattern(block_pattern, q, k)
 
   dropout = not deterministic and dropout_rate > 0.0
   if not dropout and module is None:

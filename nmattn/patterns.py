@@ -31,10 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from nmattn import masking
+# The block modes are defined beside the call description the kernels read.
+from pallas_kernels.call import DENSE, NM, SKIP
 
-SKIP = 0
-NM = 1
-DENSE = 2
 MODES = (SKIP, NM, DENSE)
 
 
@@ -98,6 +97,56 @@ class BlockPattern:
     return cls(leaves[0], *block_sizes)
 
 
+def _checked_parts(block_pattern: Any, m: int):
+  """The checks that need no call: type, `block_k % m`, an int8 array. Returns the modes."""
+  if not isinstance(block_pattern, BlockPattern):
+    raise ValueError("block_pattern must be an nmattn.BlockPattern or None; got "
+                     f"block_pattern={type(block_pattern).__name__}")
+  block_k = block_pattern.block_k
+  if block_k % m:
+    raise ValueError(f"block_pattern.block_k must be a multiple of m={m} (every "
+                     f"N:M group inside one block); got block_k={block_k}")
+  modes = block_pattern.modes
+  shape, dtype = getattr(modes, "shape", None), getattr(modes, "dtype", None)
+  if shape is None or dtype is None:
+    raise ValueError("block_pattern.modes must be an int8 array; got "
+                     f"block_pattern.modes={type(modes).__name__}")
+  if jnp.dtype(dtype) != jnp.int8:
+    raise ValueError("block_pattern.modes must be an int8 array; got "
+                     f"block_pattern.modes.dtype={dtype}")
+  return modes
+
+
+def _check_values(modes) -> None:
+  """Raises for concrete modes outside {0, 1, 2}; traced modes pass unchecked."""
+  try:
+    values = np.asarray(modes)
+  except jax.errors.TracerArrayConversionError:
+    return  # traced: unchecked, read as canonical_modes says
+  bad = np.setdiff1d(np.unique(values), MODES)
+  if bad.size:
+    raise ValueError("block_pattern.modes must hold only SKIP=0, NM=1, DENSE=2; "
+                     f"got values {bad.tolist()}")
+
+
+def check_block_pattern(block_pattern: Any, m: int) -> None:
+  """Validates what a pattern fixes by itself, before it meets a call.
+
+  The checks of `canonical_modes` that need no shapes of a call: a
+  `BlockPattern`, `block_k` a multiple of `m`, int8 modes of rank <= 4 with
+  values in {0, 1, 2} (where concrete). The layers run it at construction.
+
+  Raises:
+    ValueError: naming `block_pattern` and the value.
+  """
+  modes = _checked_parts(block_pattern, m)
+  if len(modes.shape) > 4:
+    raise ValueError("block_pattern.modes must have rank <= 4 ([batch, heads, "
+                     "ceil(q_len / block_q), ceil(kv_len / block_k)]); got "
+                     f"block_pattern.modes.shape={tuple(modes.shape)}")
+  _check_values(modes)
+
+
 def canonical_modes(block_pattern: Any, *, batch: int, heads: int, q_len: int,
                     kv_len: int, m: int):
   """Validates a pattern against a call; returns its modes as int8 `[B|1, H|1, nq, nk]`.
@@ -117,38 +166,17 @@ def canonical_modes(block_pattern: Any, *, batch: int, heads: int, q_len: int,
       `block_k` not a multiple of `m`, modes not an int8 array, not
       broadcastable to `[batch, heads, nq, nk]`, or values outside {0, 1, 2}.
   """
-  if not isinstance(block_pattern, BlockPattern):
-    raise ValueError("block_pattern must be an nmattn.BlockPattern or None; got "
-                     f"block_pattern={type(block_pattern).__name__}")
+  modes = _checked_parts(block_pattern, m)
   block_q, block_k = block_pattern.block_q, block_pattern.block_k
-  if block_k % m:
-    raise ValueError(f"block_pattern.block_k must be a multiple of m={m} (every "
-                     f"N:M group inside one block); got block_k={block_k}")
-  modes = block_pattern.modes
-  shape, dtype = getattr(modes, "shape", None), getattr(modes, "dtype", None)
-  if shape is None or dtype is None:
-    raise ValueError("block_pattern.modes must be an int8 array; got "
-                     f"block_pattern.modes={type(modes).__name__}")
-  if jnp.dtype(dtype) != jnp.int8:
-    raise ValueError("block_pattern.modes must be an int8 array; got "
-                     f"block_pattern.modes.dtype={dtype}")
   full = (batch, heads, num_blocks(q_len, block_q), num_blocks(kv_len, block_k))
-  shape = tuple(shape)
+  shape = tuple(modes.shape)
   if len(shape) > 4 or any(got not in (1, want) for got, want in
                            zip(reversed(shape), reversed(full))):
     raise ValueError(
         "block_pattern.modes must be broadcastable to [batch, heads, "
         f"ceil(q_len / block_q), ceil(kv_len / block_k)]={full} (block_q="
         f"{block_q}, block_k={block_k}); got block_pattern.modes.shape={shape}")
-  try:
-    values = np.asarray(modes)
-  except jax.errors.TracerArrayConversionError:
-    values = None  # traced: unchecked, read as the docstring says
-  if values is not None:
-    bad = np.setdiff1d(np.unique(values), MODES)
-    if bad.size:
-      raise ValueError("block_pattern.modes must hold only SKIP=0, NM=1, DENSE=2; "
-                       f"got values {bad.tolist()}")
+  _check_values(modes)
   xp = _xp(modes)
   modes4 = xp.reshape(modes, (1,) * (4 - len(shape)) + shape)
   return xp.broadcast_to(modes4, modes4.shape[:2] + full[2:])
@@ -415,18 +443,61 @@ def _query_key(query, key):
           jax.lax.stop_gradient(key).astype(cd), added_batch)
 
 
-def _block_means(x, block: int):
+def _block_means(x, block: int, valid=None):
   """`[batch, length, heads, dim]` -> `[batch, num_blocks, heads, dim]` block means.
 
-  The last block's mean is over the positions it holds.
+  The last block's mean is over the positions it holds. With `valid` (bool
+  broadcastable to `[batch, length]`), over the valid positions only; a block
+  without one gets zeros.
   """
   batch, length, heads, dim = x.shape
   blocks = num_blocks(length, block)
-  padded = jnp.pad(x, ((0, 0), (0, blocks * block - length), (0, 0), (0, 0)))
-  sums = padded.reshape(batch, blocks, block, heads, dim).sum(axis=2)
-  first, last = _block_bounds(length, block)
-  counts = (last - first + 1).astype(np.float32)
-  return sums / counts[None, :, None, None]
+  pad = ((0, 0), (0, blocks * block - length))
+  if valid is None:
+    padded = jnp.pad(x, pad + ((0, 0), (0, 0)))
+    sums = padded.reshape(batch, blocks, block, heads, dim).sum(axis=2)
+    first, last = _block_bounds(length, block)
+    counts = (last - first + 1).astype(np.float32)
+    return sums / counts[None, :, None, None]
+  weights = jnp.pad(jnp.broadcast_to(valid, (batch, length)).astype(x.dtype), pad)
+  weights = weights.reshape(batch, blocks, block)
+  padded = jnp.pad(x, pad + ((0, 0), (0, 0))).reshape(batch, blocks, block, heads, dim)
+  sums = jnp.einsum("bnlhd,bnl->bnhd", padded, weights, precision=HIGHEST)
+  counts = jnp.maximum(weights.sum(axis=-1), 1)
+  return sums / counts[:, :, None, None]
+
+
+def _canonical_mask(mask, full):
+  """A bool mask broadcastable to `full = (batch, heads, q_len, kv_len)`, as 4-D."""
+  shape, dtype = getattr(mask, "shape", None), getattr(mask, "dtype", None)
+  if shape is None or dtype is None or jnp.dtype(dtype) != jnp.bool_:
+    raise ValueError("mask must be a bool array (True = attend); got "
+                     f"mask={type(mask).__name__}"
+                     + ("" if dtype is None else f" of dtype {dtype}"))
+  shape = tuple(shape)
+  if len(shape) > 4 or any(got not in (1, want) for got, want in
+                           zip(reversed(shape), reversed(full))):
+    raise ValueError("mask must be broadcastable to [batch, heads, q_len, "
+                     f"kv_len]={full}; got mask.shape={shape}")
+  return jnp.reshape(mask, (1,) * (4 - len(shape)) + shape)
+
+
+def _blocks_with_a_pair(mask, block_q: int, block_k: int):
+  """4-D bool mask -> `[B|1, H|1, nq|1, nk|1]`: blocks where it keeps some pair.
+
+  A broadcast (size-1) position axis stays size 1: the same for every block.
+  """
+  for axis, block in ((2, block_q), (3, block_k)):
+    length = mask.shape[axis]
+    if length == 1:
+      continue
+    blocks = num_blocks(length, block)
+    pad = [(0, 0)] * 4
+    pad[axis] = (0, blocks * block - length)
+    padded = jnp.pad(mask, pad)  # padding is False: no pair there
+    mask = padded.reshape(padded.shape[:axis] + (blocks, block)
+                          + padded.shape[axis + 1:]).any(axis=axis + 1)
+  return mask
 
 
 def _scores(query, key, precision=HIGHEST):
@@ -469,7 +540,7 @@ def _adaptive_args(q_len, kv_len, block_q, block_k, local_blocks, is_causal, mod
 def topk_blocks(query, key, *, block_q: int, block_k: int, k: int | None = None,
                 density: float | None = None, local_blocks: int = 1,
                 sink_blocks: int = 1, is_causal: bool = False,
-                mode: int = NM) -> BlockPattern:
+                mode: int = NM, mask=None) -> BlockPattern:
   """The highest-scoring key blocks of every query block and head, from pooled q and k.
 
   Each block of queries and of keys is mean-pooled; the pooled score of a
@@ -483,6 +554,15 @@ def topk_blocks(query, key, *, block_q: int, block_k: int, k: int | None = None,
   carries no gradient. Cost: one pass over q and k plus `[B, H, nq, nk]`
   pooled scores and two sorts of them.
 
+  With `mask` (padding, documents), a block in which the mask keeps no pair
+  is never kept, the band and sinks included, and takes none of the `k`
+  places: a key block holding only padding keys is never selected, and a
+  query block whose queries are all masked keeps no block at all (its rows
+  have no valid key anyway). Block means are then over the positions the
+  mask leaves valid (a query valid for some head and key, a key for some
+  head and query). The mask still has to be passed to the attention: the
+  pattern only chooses blocks.
+
   Args:
     query: `[batch, q_len, heads, head_dim]` (or without `batch`).
     key: `[batch, kv_len, kv_heads, head_dim]`, `heads % kv_heads == 0`.
@@ -493,6 +573,9 @@ def topk_blocks(query, key, *, block_q: int, block_k: int, k: int | None = None,
     sink_blocks: dense leading key blocks (0: none).
     is_causal: keep only blocks on or below the diagonal (top-left aligned).
     mode: the mode of the selected blocks outside the band and sinks.
+    mask: optional bool broadcastable to `[batch, heads, q_len, kv_len]`
+      (True = attend; batch 1 for unbatched inputs), as `nm_attention`'s:
+      e.g. key padding `valid[:, None, None, :]`.
 
   Returns:
     A `BlockPattern` with modes `[batch, heads, nq, nk]` (`[heads, nq, nk]`
@@ -516,7 +599,16 @@ def topk_blocks(query, key, *, block_q: int, block_k: int, k: int | None = None,
     count = int(np.ceil(density * nk))
   reachable, forced = _window_blocks(q_len, kv_len, block_q, block_k,
                                      local_blocks, sink_blocks, is_causal)
-  pooled = _scores(_block_means(q, block_q), _block_means(kk, block_k))
+  q_valid = k_valid = None
+  if mask is not None:
+    full = (q.shape[0], q.shape[2], q_len, kv_len)
+    mask = _canonical_mask(mask, full)
+    mask = jax.lax.stop_gradient(mask)
+    in_block = _blocks_with_a_pair(mask, block_q, block_k)
+    reachable, forced = reachable & in_block, forced & in_block
+    q_valid, k_valid = mask.any(axis=(1, 3)), mask.any(axis=(1, 2))
+  pooled = _scores(_block_means(q, block_q, q_valid),
+                   _block_means(kk, block_k, k_valid))
   # The band and sinks rank first, unreachable blocks last.
   ranked = jnp.where(forced, jnp.inf, jnp.where(reachable, pooled, -jnp.inf))
   selected = (_ranks(ranked) < count) & reachable

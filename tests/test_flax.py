@@ -299,3 +299,155 @@ def test_attention_fn_without_rank_promotion(rng, seed):
     dense = nmattn.nm_dot_product_attention(q, k, v, bias, mask, n=4, m=4,
                                             **kwargs)
     assert rel_err(got, dense) > 0.05
+
+
+# --- block patterns on the layers ---------------------------------------------
+
+
+def _topk_pattern(query, key):
+  """An adaptive pattern of 2 of the 3 key blocks of 8 (dense diagonal included)."""
+  return nmattn.patterns.topk_blocks(query, key, block_q=8, block_k=8, k=2,
+                                     sink_blocks=0)
+
+
+def _static_pattern(rng, batch=2, heads=4):
+  modes = rng.integers(0, 3, (batch, heads, 3, 3)).astype(np.int8)
+  modes[..., 0] = nmattn.NM  # every row keeps a block
+  return nmattn.BlockPattern(modes, 8, 8)
+
+
+def _projected_attention(params, x, attention):
+  """Flax's multi-head attention written out: projections, `attention(q, k, v)`, output."""
+  p = params["params"]
+  project = lambda name: (jnp.einsum("bld,dhk->blhk", x, p[name]["kernel"])
+                          + p[name]["bias"])
+  out = attention(project("query"), project("key"), project("value"))
+  return jnp.einsum("blhk,hkd->bld", out, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+@pytest.mark.parametrize("layer,kind", [("mha", "function"), ("self", "static")])
+def test_linen_layers_with_block_pattern_are_nm_attention(rng, layer, kind):
+  x = _inputs(rng)  # [2, 24, 32]: 3 blocks of 8 positions
+  block_pattern = _topk_pattern if kind == "function" else _static_pattern(rng)
+  cls = dict(mha=nmattn.layers.NMMultiHeadDotProductAttention,
+             self=nmattn.layers.NMSelfAttention)[layer]
+  model = cls(num_heads=4, qkv_features=32, n=2, m=4, block_pattern=block_pattern)
+  params = model.init(jax.random.key(0), x)
+  params = jax.tree.map(  # fresh weights, not the initialiser's
+      lambda w: jnp.asarray(rng.standard_normal(w.shape) / 4, w.dtype), params)
+
+  def reference_attention(q, k, v):
+    pattern = block_pattern(q, k) if callable(block_pattern) else block_pattern
+    return nmattn.nm_attention(q, k, v, n=2, m=4, block_pattern=pattern)
+
+  # One compile each (eager op-by-op dispatch of the blocked backend is slow).
+  @jax.jit
+  def outputs_and_grads(params):
+    apply = lambda p: (model.apply(p, x),
+                       _projected_attention(p, x, reference_attention))
+    loss = lambda p, i: jnp.sum(jnp.sin(apply(p)[i]))
+    return (apply(params), jax.grad(loss)(params, 0), jax.grad(loss)(params, 1),
+            cls(num_heads=4, qkv_features=32, n=2, m=4).apply(params, x))
+
+  (got, want), grads, want_grads, plain = outputs_and_grads(params)
+  assert rel_err(got, want) < 1e-5
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    assert np.any(np.asarray(g) != 0) and rel_err(g, w) < 1e-4
+  # The pattern matters: without it the layer is plain 2:4.
+  assert rel_err(got, plain) > 0.02
+  # clone keeps it.
+  assert model.clone(n=1, m=2).attention_fn.keywords["block_pattern"] is block_pattern
+
+
+def test_linen_layer_sows_zero_weights_in_skipped_blocks(rng):
+  x = _inputs(rng)
+  pattern = _static_pattern(rng)
+  layer = nmattn.layers.NMMultiHeadDotProductAttention(num_heads=4, n=4, m=4,
+                                                       block_pattern=pattern)
+  params = layer.init(jax.random.key(0), x)
+  _, state = layer.apply(params, x, sow_weights=True, mutable=["intermediates"])
+  (weights,) = state["intermediates"]["attention_weights"]
+  blocks = np.asarray(weights).reshape(2, 4, 3, 8, 3, 8)
+  skipped = np.asarray(pattern.modes) == nmattn.SKIP  # [2, 4, 3, 3]
+  assert np.all(blocks.transpose(0, 1, 2, 4, 3, 5)[skipped] == 0)
+  assert np.all(blocks.transpose(0, 1, 2, 4, 3, 5)[~skipped].sum(axis=(-1, -2)) > 0)
+
+
+@pytest.mark.parametrize("kind", ["function", "static"])
+def test_nnx_layer_with_block_pattern_is_nm_attention(rng, kind):
+  x = _inputs(rng)
+  block_pattern = _topk_pattern if kind == "function" else _static_pattern(rng)
+  kwargs = dict(num_heads=4, in_features=32, qkv_features=32, decode=False)
+  layer = nmattn.nnx.NMMultiHeadAttention(**kwargs, n=2, m=4,
+                                          block_pattern=block_pattern,
+                                          rngs=nnx.Rngs(0))
+  assert layer.block_pattern is block_pattern
+  p = {name: {"kernel": getattr(layer, name).kernel.get_value(),
+              "bias": getattr(layer, name).bias.get_value()}
+       for name in ("query", "key", "value", "out")}
+
+  def reference_attention(q, k, v, is_causal):
+    pattern = block_pattern(q, k) if callable(block_pattern) else block_pattern
+    return nmattn.nm_attention(q, k, v, n=2, m=4, is_causal=is_causal,
+                               block_pattern=pattern)
+
+  plain = nmattn.nnx.NMMultiHeadAttention(**kwargs, n=2, m=4, rngs=nnx.Rngs(0))
+
+  @nnx.jit
+  def run(layer, plain):
+    outs = [(layer(x, is_causal=causal), _projected_attention(
+        {"params": p}, x, functools.partial(reference_attention, is_causal=causal)))
+            for causal in (False, True)]
+    grads = nnx.grad(lambda layer: jnp.sum(layer(x) ** 2))(layer)
+    return outs, nnx.state(grads, nnx.Param), plain(x)
+
+  outs, grads, plain_out = run(layer, plain)
+  for got, want in outs:
+    assert rel_err(got, want) < 1e-5
+  leaves = jax.tree.leaves(grads)
+  assert leaves and all(np.isfinite(np.asarray(g)).all() and np.any(np.asarray(g))
+                        for g in leaves)
+  assert rel_err(outs[0][0], plain_out) > 0.02
+
+
+def test_attention_fn_calls_the_pattern_on_flattened_batch(rng):
+  shape = (2, 3, 16, 2, 8)
+  q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3))
+  seen = []
+
+  def pattern(query, key):
+    seen.append((query.shape, key.shape))
+    return nmattn.patterns.topk_blocks(query, key, block_q=8, block_k=8, k=1)
+
+  got = nmattn.nm_dot_product_attention(q, k, v, n=2, m=4, block_pattern=pattern)
+  flat = lambda x: x.reshape(6, 16, 2, 8)
+  want = nmattn.nm_attention(flat(q), flat(k), flat(v), n=2, m=4,
+                             block_pattern=pattern(flat(q), flat(k)))
+  assert seen[0] == ((6, 16, 2, 8), (6, 16, 2, 8))
+  assert rel_err(got.reshape(6, 16, 2, 8), want) < 1e-6
+  with pytest.raises(ValueError, match=r"block_pattern\(query, key\) must return "
+                     "an nmattn.BlockPattern; got ndarray"):
+    nmattn.nm_dot_product_attention(
+        q, k, v, block_pattern=lambda q, k: np.ones((1, 1, 2, 2), np.int8))
+
+
+@pytest.mark.parametrize("block_pattern,match", [
+    ("topk", "block_pattern must be an nmattn.BlockPattern, a function"),
+    (np.ones((2, 2), np.int8), "block_pattern must be an nmattn.BlockPattern, a function"),
+    (nmattn.BlockPattern(np.ones((2, 2), np.int8), 8, 6),
+     "block_pattern.block_k must be a multiple of m=4"),
+    (nmattn.BlockPattern(np.ones((2, 2), np.int32), 8, 8),
+     "block_pattern.modes.dtype=int32"),
+    (nmattn.BlockPattern(np.full((2, 2), 3, np.int8), 8, 8), r"got values \[3\]"),
+    (nmattn.BlockPattern(np.ones((1, 1, 1, 2, 2), np.int8), 8, 8),
+     r"block_pattern.modes must have rank <= 4.*\(1, 1, 1, 2, 2\)"),
+], ids=["string", "array", "block_k", "int32", "value3", "rank5"])
+def test_layers_validate_block_pattern_at_construction(block_pattern, match):
+  with pytest.raises(ValueError, match=match):
+    nmattn.nnx.NMMultiHeadAttention(num_heads=2, in_features=16, decode=False,
+                                    rngs=nnx.Rngs(0), block_pattern=block_pattern)
+  with pytest.raises(ValueError, match=match):
+    nmattn.layers.NMMultiHeadDotProductAttention(num_heads=2,
+                                                 block_pattern=block_pattern)
+  with pytest.raises(ValueError, match=match):
+    nmattn.layers.NMSelfAttention(num_heads=2, block_pattern=block_pattern)

@@ -290,6 +290,117 @@ def test_topk_blocks_density_counts_blocks(rng):
                                 np.broadcast_to([3, 3, 4], (2, 4, 3)))
 
 
+def _numpy_topk(q, k, mask, *, block_q, block_k, count, local_blocks,
+                sink_blocks, is_causal):
+  """topk_blocks with a mask in float64 numpy, one (batch, head, query block) at a time."""
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  batch, q_len, heads, dim = q.shape
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  mask = np.broadcast_to(mask, (batch, heads, q_len, kv_len))
+  nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
+  q_valid, k_valid = mask.any(axis=(1, 3)), mask.any(axis=(1, 2))
+  modes = np.zeros((batch, heads, nq, nk), np.int8)
+  for b in range(batch):
+    for h in range(heads):
+      g = h // (heads // kv_heads)
+      for i in range(nq):
+        rows = slice(i * block_q, (i + 1) * block_q)
+        qv = q_valid[b, rows]
+        q_mean = q[b, rows, h][qv].sum(0) / max(qv.sum(), 1)
+        candidates, forced = [], []
+        for j in range(nk):
+          cols = slice(j * block_k, (j + 1) * block_k)
+          if not mask[b, h, rows, cols].any():
+            continue  # no valid pair: never kept
+          q_first, q_last = i * block_q, min((i + 1) * block_q, q_len) - 1
+          k_first, k_last = j * block_k, min((j + 1) * block_k, kv_len) - 1
+          if is_causal and k_first > q_last:
+            continue
+          reach = (local_blocks - 1) * block_k
+          in_band = (local_blocks > 0 and k_first - q_last <= reach
+                     and k_last - q_first >= -reach)
+          if in_band or j < sink_blocks:
+            forced.append(j)
+            continue
+          kv = k_valid[b, cols]
+          k_mean = k[b, cols, g][kv].sum(0) / max(kv.sum(), 1)
+          candidates.append((-(q_mean @ k_mean), j))
+        modes[b, h, i, forced] = DENSE
+        for _, j in sorted(candidates)[:max(count - len(forced), 0)]:
+          modes[b, h, i, j] = NM
+  return modes
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_topk_blocks_with_a_mask_matches_numpy(rng, is_causal):
+  q, k = _random_qk(rng, batch=3, q_len=29, kv_len=37)  # nq = 4, nk = 5, ragged
+  kv_lengths = rng.integers(1, 38, 3)
+  q_lengths = rng.integers(1, 30, 3)
+  key_padding = np.arange(37)[None, :] < kv_lengths[:, None]
+  query_padding = np.arange(29)[None, :] < q_lengths[:, None]
+  per_head = rng.random((1, 4, 29, 37)) < 0.9  # also a mask with heads
+  for mask in (key_padding[:, None, None, :],
+               key_padding[:, None, None, :] & query_padding[:, None, :, None],
+               key_padding[:, None, None, :] & per_head):
+    for count in (1, 3):
+      got = patterns.topk_blocks(q, k, block_q=8, block_k=8, k=count,
+                                 local_blocks=1, sink_blocks=1,
+                                 is_causal=is_causal, mask=jnp.asarray(mask))
+      want = _numpy_topk(q, k, mask, block_q=8, block_k=8, count=count,
+                         local_blocks=1, sink_blocks=1, is_causal=is_causal)
+      np.testing.assert_array_equal(got.modes, want)
+
+
+def test_topk_blocks_never_selects_padding(rng):
+  q, k = _dominant_key_block(rng)  # kv head 0 prefers key block 3, head 1 block 1
+  # Keys from 22 on are padding: block 3 (24..31) holds no valid key.
+  padding = jnp.arange(32)[None, None, None, :] < 22
+  got = np.asarray(patterns.topk_blocks(q, k, block_q=8, block_k=8, k=2,
+                                        local_blocks=0, sink_blocks=0,
+                                        mask=padding).modes[0])
+  assert np.all(got[..., 3] == SKIP)
+  assert np.all((got != SKIP).sum(-1) == 2)  # the place goes to another block
+  np.testing.assert_array_equal(got[2:, :, 1], NM)
+  # Queries from 16 on are padding: query block 2 keeps nothing, band and sinks
+  # included; the other blocks keep theirs.
+  both = padding & (jnp.arange(24)[:, None] < 16)
+  got = np.asarray(patterns.topk_blocks(q, k, block_q=8, block_k=8, k=2,
+                                        local_blocks=1, sink_blocks=1,
+                                        mask=both).modes[0])
+  assert np.all(got[:, 2] == SKIP)
+  np.testing.assert_array_equal(got[:, :2, 0], DENSE)
+  # A mask that keeps everything changes nothing.
+  no_mask = patterns.topk_blocks(q, k, block_q=8, block_k=8, k=2)
+  all_true = patterns.topk_blocks(q, k, block_q=8, block_k=8, k=2,
+                                  mask=jnp.ones((1, 1, 24, 32), bool))
+  np.testing.assert_array_equal(all_true.modes, no_mask.modes)
+
+
+def test_topk_blocks_mask_under_jit_vmap_and_unbatched(rng):
+  q, k = _random_qk(rng, batch=2, q_len=16, kv_len=24, heads=2, kv_heads=1)
+  mask = jnp.asarray(rng.random((2, 1, 16, 24)) < 0.3)
+  build = lambda q, k, mask: patterns.topk_blocks(q, k, block_q=8, block_k=8, k=2,
+                                                  is_causal=True, mask=mask)
+  eager = build(q, k, mask)
+  np.testing.assert_array_equal(jax.jit(build)(q, k, mask).modes, eager.modes)
+  # Unbatched inputs take a mask of batch 1 (or none): vmap over the batch.
+  np.testing.assert_array_equal(jax.vmap(build)(q, k, mask).modes, eager.modes)
+
+
+@pytest.mark.parametrize("mask,match", [
+    (np.ones((1, 1, 24, 32), np.int32), "mask must be a bool array.*int32"),
+    ([[True]], r"mask must be a bool array.*; got mask=list"),
+    (np.ones((1, 1, 24, 31), bool), r"mask must be broadcastable .*\(1, 4, 24, 32\)"
+     r"; got mask.shape=\(1, 1, 24, 31\)"),
+    (np.ones((2, 1, 1, 32), bool), r"got mask.shape=\(2, 1, 1, 32\)"),
+    (np.ones((1, 1, 1, 24, 32), bool), r"got mask.shape=\(1, 1, 1, 24, 32\)"),
+])
+def test_topk_blocks_mask_errors(rng, mask, match):
+  q, k = _dominant_key_block(rng)
+  with pytest.raises(ValueError, match=match):
+    patterns.topk_blocks(q, k, block_q=8, block_k=8, k=1, mask=mask)
+
+
 def _numpy_sample_attention(q, k, *, block_q, block_k, r, alpha, is_causal):
   """SampleAttention's block choice in float64 numpy, loops over heads (no band)."""
   q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
