@@ -37,8 +37,9 @@ class UnsupportedCallError(NotImplementedError, ValueError):
   """
 
 
-# Block patterns run on the xla backend only, so far.
-_NO_PATTERNS = "block_pattern (supported by implementation='xla' only, so far)"
+# Block patterns run on the xla and pallas_triton backends.
+_NO_PATTERNS = ("block_pattern (supported by implementation='pallas_triton' "
+                "and 'xla')")
 
 
 def _check_config(backend: str, config: Any, expected: type) -> None:
@@ -101,8 +102,6 @@ class PallasTriton(Backend):
       _check_config("PallasTriton", self.config, _triton().TuningConfig)
 
   def unsupported_reason(self, spec):
-    if spec.has_pattern:
-      return _NO_PATTERNS
     return _triton().unsupported_reason(spec)
 
   def auto_eligible(self, spec):

@@ -22,6 +22,9 @@ SUPPORTED_M = (1, 2, 4, 8, 16)
 # N:M groups whole.
 KEY_ALIGN = 16
 LOG2E = math.log2(math.e)
+# Block modes of a block pattern (`AttentionCall.block_modes`): the block's
+# scores are masked, N:M-selected, or all kept.
+SKIP, NM, DENSE = 0, 1, 2
 
 
 def round_up(x: int, multiple: int) -> int:

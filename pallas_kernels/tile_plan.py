@@ -9,16 +9,22 @@ position and skip the positional masks, those in `[lo, full_lo)` and
 `query_tiles` answers the transposed question for kernels that keep a key
 tile resident (dK/dV). The arithmetic is on int32 scalars with `jnp`/`lax`
 only, so Triton and Mosaic GPU kernels trace the same code.
+
+A block pattern adds `pattern_tiles`, run once per call outside the
+kernels: for every row tile the column tiles to visit, compacted into a
+list ordered by segment (N:M or dense, partial or full), so a kernel walks
+each segment with a body specialised to it and never touches a skipped tile.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.call import AttentionSpec
+from pallas_kernels.call import DENSE, NM, AttentionSpec
 
 
 class TileRange(NamedTuple):
@@ -133,3 +139,83 @@ def needs_positional_masks(spec: AttentionSpec, padded_kv_len: int, *,
   return (spec.is_causal or spec.window is not None
           or (masks_queries and spec.has_q_lengths) or spec.has_kv_lengths
           or padded_kv_len != spec.kv_len)
+
+
+# Segments of a pattern's tile list, in the order kernels walk them; a
+# segment's tiles are in ascending order. SKIPPED holds the rest (for kernels
+# that clear outputs of tiles they do not visit).
+NM_PARTIAL, NM_FULL, DENSE_PARTIAL, DENSE_FULL, SKIPPED = range(5)
+# `PatternTiles.bounds` is padded to this many entries.
+BOUNDS_SIZE = 8
+
+
+class PatternTiles(NamedTuple):
+  """A pattern's compacted tile lists, `[B', H', rows, ...]` int32 each.
+
+  `tiles[..., r, :]` is a permutation of the column tiles of row tile `r`,
+  segment by segment; segment `s` is `tiles[..., bounds[s]:bounds[s + 1]]`
+  (`bounds[0] == 0`, `bounds[5]` the number of column tiles). `B'` is the
+  batch where the modes or the sequence lengths vary over it, else 1; `H'`
+  the heads where the modes vary over them, else 1.
+  """
+  tiles: Any
+  bounds: Any
+
+
+def pattern_tiles(spec: AttentionSpec, modes, row_tile: int, col_tile: int,
+                  num_rows: int, num_cols: int, q_lengths=None, kv_lengths=None,
+                  *, transposed: bool = False,
+                  masks_queries: bool = True) -> PatternTiles:
+  """The tile lists of a block pattern for kernel tiles `row_tile x col_tile`.
+
+  `modes [B|1, H|1, nq, nk]` int8 are the call's `block_modes`; the kernel's
+  query and key tiles must divide the pattern's `block_q` and `block_k`.
+  Rows are query tiles and columns key tiles (`key_tiles`), or with
+  `transposed` rows are key tiles and columns query tiles (`query_tiles`).
+  A tile is visited where its block is `NM` or `DENSE` (any other value
+  skips, as the reference reads traced modes) and the positional tile range
+  reaches it; it is dense where its block is `DENSE` or the call has
+  `n == m`, and full where the range says so.
+  """
+  tile_q, tile_k = (col_tile, row_tile) if transposed else (row_tile, col_tile)
+  if spec.block_q % tile_q or spec.block_k % tile_k:
+    raise ValueError(f"kernel tiles {tile_q}x{tile_k} must divide the pattern's "
+                     f"blocks {spec.block_q}x{spec.block_k}")
+  modes = jnp.repeat(jnp.repeat(modes, spec.block_q // tile_q, axis=2),
+                     spec.block_k // tile_k, axis=3)
+  modes = modes[:, :, :(num_cols if transposed else num_rows),
+                :(num_rows if transposed else num_cols)]
+  if transposed:
+    modes = jnp.swapaxes(modes, 2, 3)
+
+  def ranges(q_length, kv_length):
+    q_limit, kv_limit = sequence_limits(spec, q_length, kv_length)
+    starts = jnp.arange(num_rows, dtype=jnp.int32) * row_tile
+    if transposed:
+      tile_range = lambda k0: query_tiles(spec, k0, tile_k, tile_q, q_limit,
+                                          kv_limit)
+    else:
+      tile_range = lambda q0: key_tiles(spec, q0, tile_q, tile_k, q_limit,
+                                        kv_limit, masks_queries=masks_queries)
+    return jax.vmap(tile_range)(starts)
+
+  if q_lengths is None and kv_lengths is None:
+    lo, full_lo, full_hi, hi = (x[None] for x in ranges(None, None))
+  else:
+    lo, full_lo, full_hi, hi = jax.vmap(ranges)(q_lengths, kv_lengths)
+  col = jnp.arange(num_cols, dtype=jnp.int32)
+  # [B'', 1, rows, cols] positional classes against [B|1, H|1, rows, cols] modes
+  in_range = (lo[:, None, :, None] <= col) & (col < hi[:, None, :, None])
+  full = (full_lo[:, None, :, None] <= col) & (col < full_hi[:, None, :, None])
+  visit = in_range & ((modes == NM) | (modes == DENSE))
+  dense = (modes == DENSE) | spec.is_dense
+  segment = jnp.where(visit, 2 * dense.astype(jnp.int32) + full, SKIPPED)
+  # Column indices are below num_cols: sorting segment * num_cols + col
+  # orders by segment, then column, and the remainder recovers the column.
+  order = jnp.sort(segment * num_cols + col, axis=-1)
+  tiles = (order % num_cols).astype(jnp.int32)
+  bounds = jnp.stack([jnp.sum(segment < s, axis=-1, dtype=jnp.int32)
+                      for s in range(SKIPPED + 1)]
+                     + [jnp.full(segment.shape[:-1], num_cols, jnp.int32)]
+                     * (BOUNDS_SIZE - SKIPPED - 1), axis=-1)
+  return PatternTiles(tiles, bounds)

@@ -3,8 +3,9 @@
 The reference's pattern semantics are tested against a naive loop in
 `test_reference_patterns.py`; here the blocked xla backend (several tiles per
 axis, tiles that cut across pattern blocks) matches it, forward and
-gradients, for random modes, under `jit` with traced modes, and the kernel
-backends refuse patterns (explicitly) or are passed over (`None`).
+gradients, for random modes, under `jit` with traced modes, and the backends
+without patterns (Mosaic GPU, cuDNN) refuse them (explicitly) or are passed
+over (`None`). The Triton kernels' patterns: `test_pallas_triton_patterns.py`.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def test_kernel_backends_refuse_patterns(rng):
   spec = canonicalize(q, k, v, block_pattern=pattern)[0].spec
   assert spec.has_pattern and (spec.block_q, spec.block_k) == (32, 32)
   assert select_backend(spec).name == "xla"
-  for name in ("pallas_triton", "pallas_mosaic", "cudnn"):
+  for name in ("pallas_mosaic", "cudnn"):
     with pytest.raises(nmattn.UnsupportedCallError, match="block_pattern"):
       nmattn.nm_attention(q, k, v, block_pattern=pattern, implementation=name)
   with pytest.raises(ValueError, match="block_pattern.block_k must be a multiple"):

@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import nmattn
 from attention_test_base import FORWARD_TOL, GRAD_TOL, random_inputs, rel_err
 from nmattn import masking, reference
 from nmattn._validation import canonicalize
+from nmattn.attention import select_backend
 from pallas_kernels import triton as nm_triton
 from test_pallas_triton import (check_nan_scores_propagate, triton_attention,
                                 triton_selection)
@@ -173,3 +175,66 @@ def test_temporary_memory_is_linear_in_sequence_length():
           ratio=large / small, score_tensor_16k_bytes=score_bytes)
   assert large <= 2.2 * small
   assert large < score_bytes / 20
+
+
+# name -> (head_dim, q_len, kv_len, kv_heads, block_q, block_k, kwargs builder).
+PATTERN_CASES = {
+    "d128_causal_2of4_gqa_128x128": (128, 2048, 2048, 2, 128, 128,
+                                     lambda r, b, t, s: dict(is_causal=True, n=2, m=4)),
+    "d64_lengths_block_sparse_64x256": (64, 1000, 1800, 8, 64, 256, lambda r, b, t, s: dict(
+        n=4, m=4,
+        query_seq_lengths=jnp.asarray(r.integers(t // 2, t + 1, (b,)), jnp.int32),
+        key_value_seq_lengths=jnp.asarray(r.integers(s // 2, s + 1, (b,)), jnp.int32))),
+    "d128_bias_window_1of2_256x128": (128, 1024, 1024, 4, 256, 128, lambda r, b, t, s: dict(
+        n=1, m=2, local_window_size=(300, 100),
+        bias=jnp.asarray(r.standard_normal((1, 8, t, s)), jnp.float32))),
+}
+
+
+@pytest.mark.parametrize("name", PATTERN_CASES)
+def test_bf16_pattern_at_scale_matches_reference(rng, name):
+  """Random per-head modes (all three) at real sizes: the compiled
+  per-segment loops of the forward, dQ and dK/dV against the reference."""
+  head_dim, q_len, kv_len, kv_heads, block_q, block_k, build = PATTERN_CASES[name]
+  batch, heads = 2, 8
+  q, k, v = random_inputs(rng, batch=batch, q_len=q_len, kv_len=kv_len, heads=heads,
+                          kv_heads=kv_heads, head_dim=head_dim, dtype=jnp.bfloat16)
+  kwargs = build(rng, batch, q_len, kv_len)
+  modes = jnp.asarray(rng.integers(0, 3, (batch, heads, -(-q_len // block_q),
+                                          -(-kv_len // block_k))), jnp.int8)
+  kwargs["block_pattern"] = nmattn.BlockPattern(modes, block_q, block_k)
+  bias = kwargs.pop("bias", None)
+  cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+  def loss(fn, q, k, v, bias):
+    out = fn(q, k, v, bias, **kwargs)
+    return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  kernel = functools.partial(nmattn.nm_attention, implementation="pallas_triton")
+  got, out = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=argnums,
+                              has_aux=True))(q, k, v, bias)
+  want, ref = jax.jit(jax.grad(functools.partial(
+      loss, reference.nm_attention_reference), argnums=argnums, has_aux=True))(
+          q, k, v, bias)
+  errs = dict(forward_err=rel_err(out, ref),
+              **{f"{n}_err": rel_err(g, w)
+                 for n, g, w in zip(("dq", "dk", "dv", "dbias"), got, want)})
+  _report(f"pattern_{name}", **errs)
+  assert np.isfinite(np.asarray(out, np.float32)).all()
+  assert errs["forward_err"] < FORWARD_TOL[jnp.bfloat16]
+  for grad_name in ("dq_err", "dk_err", "dv_err", "dbias_err"):
+    if grad_name in errs:
+      assert errs[grad_name] < GRAD_TOL[jnp.bfloat16], grad_name
+
+
+def test_auto_picks_triton_for_patterns(rng):
+  q, k, v = random_inputs(rng, batch=1, q_len=512, kv_len=512, heads=4,
+                          kv_heads=4, head_dim=128, dtype=jnp.bfloat16)
+  pattern = nmattn.patterns.local_band(512, 512, block_q=128, block_k=128,
+                                       width=1)
+  spec = canonicalize(q, k, v, n=2, m=4, block_pattern=pattern)[0].spec
+  assert select_backend(spec).name == "pallas_triton"
+  out = jax.jit(functools.partial(nmattn.nm_attention, block_pattern=pattern))(q, k, v)
+  want = reference.nm_attention_reference(q, k, v, block_pattern=pattern)
+  assert rel_err(out, want) < FORWARD_TOL[jnp.bfloat16]

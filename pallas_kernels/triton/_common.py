@@ -36,6 +36,12 @@ def _next_power_of_two(x: int) -> int:
   return 1 << max(0, (x - 1).bit_length())
 
 
+def power_of_two_factor(x: int) -> int:
+  """The largest power of two dividing `x > 0`: the largest tile that
+  divides a pattern block of size `x`."""
+  return x & -x
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """One call's spec with the kernels' tuning: hashable, static in the kernels."""
@@ -64,10 +70,15 @@ class Plan:
     return 1 if self.spec.is_dense else self.spec.m
 
   def _q_block(self, block: int) -> int:
-    return min(block, max(MIN_BLOCK, _next_power_of_two(self.spec.q_len)))
+    block = min(block, max(MIN_BLOCK, _next_power_of_two(self.spec.q_len)))
+    if self.spec.has_pattern:  # tiles divide the pattern's blocks
+      block = min(block, power_of_two_factor(self.spec.block_q))
+    return block
 
   def _k_block(self, block: int) -> int:
     block = min(block, max(MIN_BLOCK, _next_power_of_two(self.spec.kv_len)))
+    if self.spec.has_pattern:
+      block = min(block, power_of_two_factor(self.spec.block_k))
     return max(block, MIN_BLOCK * self.lanes)
 
   @property
@@ -87,6 +98,28 @@ class Plan:
   def padded_lengths(self, block_q: int, block_k: int) -> tuple[int, int]:
     return round_up(self.spec.q_len, block_q), round_up(self.spec.kv_len, block_k)
 
+  def has_partial_tiles(self, block_q: int, block_k: int) -> bool:
+    """Whether a kernel with these tiles can meet a tile that needs
+    positional masks (in either direction: padded queries count)."""
+    t_pad, s_pad = self.padded_lengths(block_q, block_k)
+    return (tile_plan.needs_positional_masks(self.spec, s_pad)
+            or t_pad != self.spec.q_len)
+
+  def pattern_tiles(self, block_modes, block_q: int, block_k: int, q_lengths,
+                    kv_lengths, *, transposed: bool = False):
+    """The call's `tile_plan.PatternTiles` for kernel tiles `block_q x
+    block_k` (None without a pattern); rows are key tiles if `transposed`."""
+    if block_modes is None:
+      return None
+    t_pad, s_pad = self.padded_lengths(block_q, block_k)
+    rows, cols = t_pad // block_q, s_pad // block_k
+    if transposed:
+      rows, cols = cols, rows
+    return tile_plan.pattern_tiles(
+        self.spec, block_modes, block_k if transposed else block_q,
+        block_q if transposed else block_k, rows, cols, q_lengths, kv_lengths,
+        transposed=transposed)
+
 
 def make_plan(spec: AttentionSpec, tuning: TuningConfig | None = None,
               interpret: bool = False) -> Plan:
@@ -95,7 +128,8 @@ def make_plan(spec: AttentionSpec, tuning: TuningConfig | None = None,
     tiled = any(full is not None and full[2] and full[3]
                 for full in (spec.bias_full, spec.mask_full))
     tuning = default_tuning(spec.head_dim, tiled_bias_or_mask=tiled,
-                            itemsize=jnp.dtype(spec.dtype).itemsize)
+                            itemsize=jnp.dtype(spec.dtype).itemsize,
+                            block_pattern=spec.has_pattern)
   return Plan(spec, tuning, interpret)
 
 
@@ -131,6 +165,102 @@ def loop_tiles(plan: Plan, tile_range, body, carry):
   carry = lax.fori_loop(lo, full_lo, lambda i, c: body(i, c, True), carry)
   carry = lax.fori_loop(full_lo, full_hi, lambda i, c: body(i, c, False), carry)
   return lax.fori_loop(full_hi, hi, lambda i, c: body(i, c, True), carry)
+
+
+def loop_pattern(plan: Plan, tiles_ref, bounds_ref, body, carry, *,
+                 partial: bool, head=None):
+  """Runs `body(tile, carry, masked, dense)` over a pattern's tile list.
+
+  `tiles_ref` / `bounds_ref` are one row of `tile_plan.PatternTiles` (of
+  query head `head` where the block keeps a heads dim, see `pattern_specs`).
+  As in `loop_tiles`, compiled for a GPU each segment gets a body with
+  static `masked` (positional masks) and `dense` (no N:M selection);
+  segments the call cannot have (`partial`: `Plan.has_partial_tiles` of the
+  kernel's tiles) are not compiled. Interpret mode runs one loop with both
+  traced.
+  """
+  bounds = [_list_entry(bounds_ref, head, s) for s in range(tile_plan.SKIPPED + 1)]
+  tile = lambda i: _list_entry(tiles_ref, head, i)
+  if plan.interpret:
+    def step(i, c):
+      dense = i >= bounds[tile_plan.DENSE_PARTIAL]
+      masked = (i < bounds[tile_plan.NM_FULL]) | (
+          dense & (i < bounds[tile_plan.DENSE_FULL]))
+      return body(tile(i), c, masked, dense)
+    return lax.fori_loop(0, bounds[tile_plan.SKIPPED], step, carry)
+  segments = ((tile_plan.NM_PARTIAL, True, False),
+              (tile_plan.NM_FULL, False, False),
+              (tile_plan.DENSE_PARTIAL, True, True),
+              (tile_plan.DENSE_FULL, False, True))
+  for segment, masked, dense in segments:
+    if (masked and not partial) or (plan.spec.is_dense and not dense):
+      continue
+    carry = lax.fori_loop(
+        bounds[segment], bounds[segment + 1],
+        lambda i, c, masked=masked, dense=dense: body(tile(i), c, masked, dense),
+        carry)
+  return carry
+
+
+def loop_skipped(tiles_ref, bounds_ref, body):
+  """Runs `body(tile)` over the tiles a pattern skips (to clear outputs)."""
+  def step(i, c):
+    body(tiles_ref[i])
+    return c
+  lax.fori_loop(bounds_ref[tile_plan.SKIPPED], bounds_ref[tile_plan.SKIPPED + 1],
+                step, 0)
+
+
+def clear_unvisited(ref, tile_range, tiles_ref, bounds_ref, block_k: int):
+  """Zeros the `block_k`-column tiles of an output row block `ref` that a
+  program did not visit: outside `tile_range`, or the pattern's skipped ones."""
+  def clear(k_tile):
+    ref[:, pl.ds(k_tile * block_k, block_k)] = jnp.zeros(
+        (ref.shape[0], block_k), ref.dtype)
+
+  if tiles_ref is not None:
+    loop_skipped(tiles_ref, bounds_ref, clear)
+    return
+  def step(k_tile, carry):
+    clear(k_tile)
+    return carry
+
+  lo, _, _, hi = tile_range
+  lax.fori_loop(0, lo, step, 0)
+  lax.fori_loop(hi, ref.shape[1] // block_k, step, 0)
+
+
+def pattern_specs(pattern, index_map, heads_block: int | None = None):
+  """BlockSpecs of a pattern's (tiles, bounds), `[None, None]` without one.
+
+  `index_map(*grid)` gives the (batch, heads, row tile) block indices; a
+  broadcast batch or heads dim reads block 0. A heads dim is squeezed unless
+  `heads_block` is given (the dK/dV kernel's query heads of one key/value
+  head), which `loop_pattern` indexes with its `head`.
+  """
+  if pattern is None:
+    return [None, None]
+  batch, heads = pattern.tiles.shape[:2]
+  heads_block = heads_block if heads > 1 else None
+
+  def spec(array):
+    def block_index(*grid):
+      b, h, row = index_map(*grid)
+      return (b if batch > 1 else 0, h if heads > 1 else 0, row, 0)
+    return pl.BlockSpec((None, heads_block, None, array.shape[-1]), block_index)
+
+  return [spec(pattern.tiles), spec(pattern.bounds)]
+
+
+def pattern_operands(pattern):
+  """The (tiles, bounds) operands matching `pattern_specs`."""
+  return (None, None) if pattern is None else (pattern.tiles, pattern.bounds)
+
+
+def _list_entry(ref, head, i):
+  """Entry `i` of a tile-list block's row: 1-D, or with the heads dim that
+  `pattern_specs` keeps for the dK/dV kernel, indexed by `head`."""
+  return ref[i] if ref.ndim == 1 else ref[head, i]
 
 
 def exp2(plan: Plan, x):
@@ -344,21 +474,35 @@ class TileContext:
       valid = positional if valid is None else valid & positional
     return s if valid is None else jnp.where(valid, s, -jnp.inf)
 
-  def kept_scores(self, lane_scores: list[jax.Array]):
+  def kept_scores(self, lane_scores: list[jax.Array], dense=False):
     """Scores after N:M selection (`-inf` where dropped), and each group's
-    maximum (`select_n_of_m`; the lanes' scores themselves for `m = 1`)."""
+    maximum (`select_n_of_m`; the lanes' scores themselves for `m = 1`).
+
+    `dense`: a pattern's dense tile keeps every score (bool, or a traced
+    bool in interpret mode).
+    """
     if self.plan.lanes == 1:
       return lane_scores, lane_scores[0]
+    if dense is True:
+      return lane_scores, functools.reduce(jnp.maximum, lane_scores)
     wins, group_max = select_n_of_m(lane_scores, self.plan.spec.n,
                                     ptx=not self.plan.interpret)
+    if dense is not False:
+      wins = [w | dense for w in wins]
     kept = [jnp.where(w, s, -jnp.inf) for w, s in zip(wins, lane_scores)]
     return kept, group_max
 
-  def keep_masks(self, lane_scores: list[jax.Array]) -> list[jax.Array]:
-    """The reference's keep-masks of the lanes (`nm_keep`)."""
-    if self.plan.lanes == 1:
-      return [s != -jnp.inf for s in lane_scores]
-    return nm_keep(lane_scores, self.plan.spec.n)
+  def keep_masks(self, lane_scores: list[jax.Array], dense=False
+                 ) -> list[jax.Array]:
+    """The reference's keep-masks of the lanes (`nm_keep`; every valid
+    score in a dense tile)."""
+    valid = [s != -jnp.inf for s in lane_scores]
+    if self.plan.lanes == 1 or dense is True:
+      return valid
+    keep = nm_keep(lane_scores, self.plan.spec.n)
+    if dense is not False:
+      keep = [k | (dense & v) for k, v in zip(keep, valid)]
+    return keep
 
 
 def broadcast_spec(full: tuple[bool, ...], block: tuple[int | None, int, int],

@@ -26,7 +26,7 @@ from pallas_kernels.triton.config import TuningConfig
 
 def _operands(call: AttentionCall):
   return (call.query, call.key, call.value, call.bias, call.mask,
-          call.q_lengths, call.kv_lengths)
+          call.q_lengths, call.kv_lengths, call.block_modes)
 
 
 def nm_flash_attention_fwd(call: AttentionCall, *,
@@ -64,19 +64,23 @@ def nm_flash_attention_selection(call: AttentionCall, *,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(plan, q, k, v, bias, mask, q_lengths, kv_lengths):
-  return forward.forward(plan, q, k, v, bias, mask, q_lengths, kv_lengths)[0]
+def _attention(plan, q, k, v, bias, mask, q_lengths, kv_lengths, block_modes):
+  return forward.forward(plan, q, k, v, bias, mask, q_lengths, kv_lengths,
+                         block_modes)[0]
 
 
-def _attention_fwd(plan, q, k, v, bias, mask, q_lengths, kv_lengths):
-  out, lse = forward.forward(plan, q, k, v, bias, mask, q_lengths, kv_lengths)
-  return out, (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
+def _attention_fwd(plan, q, k, v, bias, mask, q_lengths, kv_lengths,
+                   block_modes):
+  out, lse = forward.forward(plan, q, k, v, bias, mask, q_lengths, kv_lengths,
+                             block_modes)
+  return out, (q, k, v, bias, mask, q_lengths, kv_lengths, block_modes, out,
+               lse)
 
 
 def _attention_bwd(plan, residuals, d_out):
   *operands, out, lse = residuals
   dq, dk, dv, dbias = backward.backward(plan, *operands, out, lse, d_out)
-  return dq, dk, dv, dbias, None, None, None
+  return dq, dk, dv, dbias, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

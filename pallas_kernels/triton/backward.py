@@ -43,8 +43,9 @@ def _probabilities(plan: Plan, kept, lse):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
-               kv_lengths_ref, d_out_ref, lse_ref, delta_ref, dq_ref,
-               dbias_ref=None, *, plan: Plan, block_q: int, block_k: int):
+               kv_lengths_ref, d_out_ref, lse_ref, delta_ref, tiles_ref,
+               bounds_ref, dq_ref, dbias_ref=None, *, plan: Plan, block_q: int,
+               block_k: int):
   q0 = pl.program_id(0) * block_q
   q_limit, kv_limit = _common.sequence_limits(plan, q_lengths_ref,
                                               kv_lengths_ref, pl.program_id(1))
@@ -53,7 +54,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
   q, d_out = q_ref[...], d_out_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
 
-  def body(k_tile, dq, masked):
+  def body(k_tile, dq, masked, dense=False):
     k0 = k_tile * block_k
     tile = pl.ds(k0, block_k)  # k and v are in lane order
     cols = [_common.lane_slice(plan, k0, j, block_k) for j in range(plan.lanes)]
@@ -62,7 +63,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
                              masked=masked, bias_ref=bias_ref, mask_ref=mask_ref)
     dps = _common.split_lanes(plan, _compat.dot(d_out, v_ref[tile, :],
                                                 trans_b=True))
-    kept, _ = ctx.kept_scores(scores)
+    kept, _ = ctx.kept_scores(scores, dense)
     ds_lanes = []
     for p, dp, lane in zip(_probabilities(plan, kept, lse), dps, cols):
       ds = p * (dp - delta[:, None])
@@ -71,23 +72,21 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
         dbias_ref[:, lane] = ds
     return dq + _compat.dot(_common.join_lanes(plan, ds_lanes), key_tile)
 
-  dq = _common.loop_tiles(plan, tiles, body, jnp.zeros(q.shape, jnp.float32))
+  zeros = jnp.zeros(q.shape, jnp.float32)
+  if tiles_ref is None:
+    dq = _common.loop_tiles(plan, tiles, body, zeros)
+  else:
+    dq = _common.loop_pattern(plan, tiles_ref, bounds_ref, body, zeros,
+                              partial=plan.has_partial_tiles(block_q, block_k))
   dq_ref[...] = (dq * plan.spec.scale).astype(dq_ref.dtype)
   if dbias_ref is not None:
-    lo, _, _, hi = tiles
-
-    def clear(k_tile, carry):
-      dbias_ref[:, pl.ds(k_tile * block_k, block_k)] = jnp.zeros(
-          (block_q, block_k), dbias_ref.dtype)
-      return carry
-
-    lax.fori_loop(0, lo, clear, 0)
-    lax.fori_loop(hi, dbias_ref.shape[1] // block_k, clear, 0)
+    _common.clear_unvisited(dbias_ref, tiles, tiles_ref, bounds_ref, block_k)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
-                kv_lengths_ref, d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                dbias_ref=None, *, plan: Plan, block_q: int, block_k: int):
+                kv_lengths_ref, d_out_ref, lse_ref, delta_ref, tiles_ref,
+                bounds_ref, dk_ref, dv_ref, dbias_ref=None, *, plan: Plan,
+                block_q: int, block_k: int):
   k0 = pl.program_id(0) * block_k
   q_limit, kv_limit = _common.sequence_limits(plan, q_lengths_ref,
                                               kv_lengths_ref, pl.program_id(1))
@@ -99,7 +98,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
   width = block_k // plan.lanes
 
   def head(g, carry):
-    def body(q_tile, carry, masked):
+    def body(q_tile, carry, masked, dense=False):
       dk, dv, dbias = carry
       q0 = q_tile * block_q
       rows = pl.ds(q0, block_q)
@@ -110,7 +109,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
                                mask_ref=mask_ref, head=g, rows=rows)
       dps = _common.split_lanes(plan, _compat.dot(d_out, value_tile,
                                                   trans_b=True))
-      kept, _ = ctx.kept_scores(scores)
+      kept, _ = ctx.kept_scores(scores, dense)
       p_lanes, ds_lanes, new_dbias = [], [], []
       for j, (p, dp) in enumerate(zip(_probabilities(plan, kept, lse), dps)):
         ds = p * (dp - delta[:, None])
@@ -128,7 +127,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
     dbias = None
     if dbias_ref is not None:
       dbias = [jnp.zeros((width,), jnp.float32) for _ in cols]
-    dk, dv, dbias = _common.loop_tiles(plan, tiles, body, (dk, dv, dbias))
+    if tiles_ref is None:
+      dk, dv, dbias = _common.loop_tiles(plan, tiles, body, (dk, dv, dbias))
+    else:
+      dk, dv, dbias = _common.loop_pattern(
+          plan, tiles_ref, bounds_ref, body, (dk, dv, dbias),
+          partial=plan.has_partial_tiles(block_q, block_k), head=g)
     if dbias_ref is not None:
       for lane, column_sums in zip(cols, dbias):
         dbias_ref[g, lane] = column_sums
@@ -140,9 +144,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
-             d_out):
+def backward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths,
+             block_modes, out, lse, d_out):
   """Gradients `(dq, dk, dv, dbias)` of a forward call with these operands.
+
+  With `block_modes` (a pattern's) the dQ kernel walks each query tile's key
+  tile list and the dK/dV kernel each key tile's query tile list.
 
   `lse [B, H, T]` float32 is the natural log of the sum of exp of the kept
   scores; rows with no kept score may hold +inf or -inf. `dbias` is None
@@ -150,10 +157,10 @@ def backward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
   """
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32),
                      d_out.astype(jnp.float32))
-  dq, dbias_rows = _dq(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out,
-                       lse, delta)
+  dq, dbias_rows = _dq(plan, q, k, v, bias, mask, q_lengths, kv_lengths,
+                       block_modes, d_out, lse, delta)
   dk, dv, dbias_cols = _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths,
-                            d_out, lse, delta)
+                            block_modes, d_out, lse, delta)
   dbias = None
   if bias is not None:
     ds = dbias_rows if dbias_rows is not None else dbias_cols[:, :, None, :]
@@ -174,12 +181,15 @@ def _padded_operands(plan: Plan, block_q: int, block_k: int, q, k, v, bias,
   return t_pad, s_pad, (q, k, v, bias, mask, d_out, lse, delta)
 
 
-def _dq(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
+def _dq(plan, q, k, v, bias, mask, q_lengths, kv_lengths, block_modes, d_out,
+        lse, delta):
   block_q, block_k = plan.dq_blocks
   t_pad, s_pad, (q, k, v, bias, mask, d_out, lse, delta) = _padded_operands(
       plan, block_q, block_k, q, k, v, bias, mask, d_out, lse, delta)
   k, v = (_common.lane_order(plan, x, block_k) for x in (k, v))
   groups, dim = plan.spec.groups, plan.spec.head_dim
+  pattern = plan.pattern_tiles(block_modes, block_q, block_k, q_lengths,
+                               kv_lengths)
 
   def q_block(i, b, h):
     return b, i, h, 0
@@ -201,7 +211,7 @@ def _dq(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
       pl.BlockSpec((None, block_q, None, dim), q_block),
       pl.BlockSpec((None, None, block_q), stat_block),
       pl.BlockSpec((None, None, block_q), stat_block),
-  ]
+  ] + _common.pattern_specs(pattern, stat_block)
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   out_specs = [pl.BlockSpec((None, block_q, None, dim), q_block)]
   writes_dbias = bias is not None and plan.spec.bias_full[2]
@@ -219,17 +229,21 @@ def _dq(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
                                                      plan.tuning.num_stages_bwd),
       interpret=plan.interpret,
       name="nm_flash_backward_dq",
-  )(q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta)
+  )(q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta,
+    *_common.pattern_operands(pattern))
   dq = results[0][:, :plan.spec.q_len]
   return dq, (results[1] if writes_dbias else None)
 
 
-def _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
+def _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths, block_modes, d_out,
+         lse, delta):
   block_q, block_k = plan.dkv_blocks
   t_pad, s_pad, (q, k, v, bias, mask, d_out, lse, delta) = _padded_operands(
       plan, block_q, block_k, q, k, v, bias, mask, d_out, lse, delta)
   k, v = (_common.lane_order(plan, x, block_k) for x in (k, v))
   groups, dim = plan.spec.groups, plan.spec.head_dim
+  pattern = plan.pattern_tiles(block_modes, block_q, block_k, q_lengths,
+                               kv_lengths, transposed=True)
 
   def group_block(i, b, h):
     del i
@@ -252,7 +266,8 @@ def _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
       pl.BlockSpec((None, t_pad, groups, dim), group_block),
       pl.BlockSpec((None, groups, t_pad), stat_block),
       pl.BlockSpec((None, groups, t_pad), stat_block),
-  ]
+  ] + _common.pattern_specs(pattern, lambda i, b, h: (b, h, i),
+                            heads_block=groups)
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype),
                jax.ShapeDtypeStruct(v.shape, v.dtype)]
   out_specs = [pl.BlockSpec((None, block_k, None, dim), kv_block)] * 2
@@ -272,7 +287,8 @@ def _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta):
                                                      plan.tuning.num_stages_bwd),
       interpret=plan.interpret,
       name="nm_flash_backward_dkv",
-  )(q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta)
+  )(q, k, v, bias, mask, q_lengths, kv_lengths, d_out, lse, delta,
+    *_common.pattern_operands(pattern))
   dk, dv = (_common.lane_order(plan, x, block_k, inverse=True)[:, :plan.spec.kv_len]
             for x in results[:2])
   return dk, dv, (results[2] if writes_dbias else None)

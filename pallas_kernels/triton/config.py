@@ -52,7 +52,7 @@ class TuningConfig:
 
 
 def default_tuning(head_dim: int, tiled_bias_or_mask: bool = False,
-                   itemsize: int = 2) -> TuningConfig:
+                   itemsize: int = 2, block_pattern: bool = False) -> TuningConfig:
   """The tuning measured best on an H100 (docs/benchmarks_history.md, "Triton kernel").
 
   Swept at head_dim 128, S=4096, 2:4 in bf16; smaller head dims reuse the
@@ -64,12 +64,21 @@ def default_tuning(head_dim: int, tiled_bias_or_mask: bool = False,
   pipelined beside K and V; three forward stages of those exceeded the
   shared memory (bias + mask at head_dim 64), as did three at head_dim 256,
   so such calls pipeline two.
+
+  A block pattern's forward walks a list of key tiles, whose loads Triton's
+  pipeliner did not overlap; at head_dim 128 (H200, S=16k, 2:4 in 128 x 128
+  blocks) key tiles of 64 with 4 warps ran 5.66 ms at full density and 1.72
+  ms at 25% against 7.05 and 2.00 ms with the tiles above (loading the next
+  tile's index one iteration ahead made the pipeliner overlap them: 5.90 and
+  2.00 ms). docs/benchmarks_history.md, "Block patterns".
   """
   head_dim = head_dim * itemsize // 2  # the 16-bit head_dim of the same bytes
   stages = 2 if tiled_bias_or_mask or head_dim > 128 else 3
   if head_dim <= 64:
     return TuningConfig(num_warps=4, num_stages=stages)
   if head_dim <= 128:
+    if block_pattern:
+      return TuningConfig(block_k=64, num_warps=4, num_stages=stages)
     return TuningConfig(num_stages=stages)
   return TuningConfig(block_q=64, block_k=64, block_q_dq=32, block_k_dq=64,
                       block_q_dkv=32, block_k_dkv=64, num_stages=stages)

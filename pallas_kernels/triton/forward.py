@@ -24,8 +24,8 @@ from pallas_kernels.triton._common import Plan
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
-                    kv_lengths_ref, out_ref, lse_ref, keep_ref=None, *,
-                    plan: Plan, block_q: int, block_k: int):
+                    kv_lengths_ref, tiles_ref, bounds_ref, out_ref, lse_ref,
+                    keep_ref=None, *, plan: Plan, block_q: int, block_k: int):
   num_q_tiles = pl.num_programs(0)
   q_tile = num_q_tiles - 1 - pl.program_id(0)  # longest causal rows first
   q0 = q_tile * block_q
@@ -36,7 +36,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
   q = q_ref[...]
   exponent = LOG2E * plan.score_unit  # tile scores to base-2 exponents
 
-  def body(k_tile, carry, masked):
+  def body(k_tile, carry, masked, dense=False):
     acc, row_max, row_sum = carry
     k0 = k_tile * block_k
     tile = pl.ds(k0, block_k)  # k and v are in lane order (`_common.lane_order`)
@@ -44,7 +44,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
     scores = ctx.tile_scores(_compat.dot(q, k_ref[tile, :], trans_b=True), q0, k0,
                              cols, masked=masked, bias_ref=bias_ref,
                              mask_ref=mask_ref)
-    kept, group_max = ctx.kept_scores(scores)
+    kept, group_max = ctx.kept_scores(scores, dense)
     new_max = jnp.maximum(row_max, jnp.max(group_max, axis=1))
     # A row with nothing kept yet has max -inf; exponentiate against 0 instead.
     safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
@@ -58,34 +58,34 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
         _common.join_lanes(plan, [p.astype(v_ref.dtype) for p in probs]),
         v_ref[tile, :])
     if keep_ref is not None:
-      for k, lane in zip(ctx.keep_masks(scores), cols):
+      for k, lane in zip(ctx.keep_masks(scores, dense), cols):
         keep_ref[:, lane] = k.astype(keep_ref.dtype)
     return acc, new_max, row_sum
 
   init = (jnp.zeros(q.shape, jnp.float32),
           jnp.full((block_q,), -jnp.inf, jnp.float32),
           jnp.zeros((block_q,), jnp.float32))
-  acc, row_max, row_sum = _common.loop_tiles(plan, tiles, body, init)
+  if tiles_ref is None:
+    acc, row_max, row_sum = _common.loop_tiles(plan, tiles, body, init)
+  else:
+    acc, row_max, row_sum = _common.loop_pattern(
+        plan, tiles_ref, bounds_ref, body, init,
+        partial=plan.has_partial_tiles(block_q, block_k))
   empty = row_sum == 0.0
   safe_sum = jnp.where(empty, 1.0, row_sum)
   out_ref[...] = (acc * (1.0 / safe_sum)[:, None]).astype(out_ref.dtype)
   lse_ref[...] = jnp.where(empty, jnp.inf,
                            row_max * plan.score_unit + jnp.log(safe_sum))
   if keep_ref is not None:
-    lo, _, _, hi = tiles
-
-    def clear(k_tile, carry):
-      keep_ref[:, pl.ds(k_tile * block_k, block_k)] = jnp.zeros(
-          (block_q, block_k), keep_ref.dtype)
-      return carry
-
-    lax.fori_loop(0, lo, clear, 0)
-    lax.fori_loop(hi, keep_ref.shape[1] // block_k, clear, 0)
+    _common.clear_unvisited(keep_ref, tiles, tiles_ref, bounds_ref, block_k)
 
 
-def forward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, *,
-            return_keep: bool = False):
+def forward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths,
+            block_modes=None, *, return_keep: bool = False):
   """Runs the forward kernel on canonical operands (the arrays of an `AttentionCall`).
+
+  With `block_modes` (a pattern's) each query tile visits only the key tiles
+  of its list (`tile_plan.pattern_tiles`).
 
   Returns `out [B, T, H, D]`, `lse [B, H, T]` float32 and, with `return_keep`,
   the kernel's N:M keep-mask `[B, H, T, S]` (bool).
@@ -112,10 +112,13 @@ def forward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, *,
   def row_block(i, b, h):
     return b, h, num_q_tiles - 1 - i, 0
 
+  pattern = plan.pattern_tiles(block_modes, block_q, block_k, q_lengths,
+                               kv_lengths)
   in_specs = _common.operand_specs(
       plan, pl.BlockSpec((None, block_q, None, dim), q_block),
       pl.BlockSpec((None, s_pad, None, dim), kv_block), (None, block_q, s_pad),
-      row_block, bias, mask, q_lengths, kv_lengths)
+      row_block, bias, mask, q_lengths, kv_lengths) + _common.pattern_specs(
+          pattern, lambda i, b, h: (b, h, num_q_tiles - 1 - i))
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((plan.spec.batch, plan.spec.heads, t_pad), jnp.float32)]
   out_specs = [pl.BlockSpec((None, block_q, None, dim), q_block),
@@ -140,7 +143,7 @@ def forward(plan: Plan, q, k, v, bias, mask, q_lengths, kv_lengths, *,
                                                      num_stages),
       interpret=plan.interpret,
       name="nm_flash_forward",
-  )(q, k, v, bias, mask, q_lengths, kv_lengths)
+  )(q, k, v, bias, mask, q_lengths, kv_lengths, *_common.pattern_operands(pattern))
   out = results[0][:, :plan.spec.q_len]
   lse = results[1][:, :, :plan.spec.q_len]
   if not return_keep:
