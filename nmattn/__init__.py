@@ -8,7 +8,7 @@ from nmattn import backends, layers, nnx, patterns, pruning, reference
 from nmattn.attention import IMPLEMENTATIONS, nm_attention
 from nmattn.backends import UnsupportedCallError
 from nmattn.flax_attention import nm_dot_product_attention
-from nmattn.importance import key_importance
+from nmattn.importance import key_importance, nm_attention_with_importance
 from nmattn.masking import nm_mask
 from nmattn.patterns import DENSE, NM, SKIP, BlockPattern
 from nmattn.reference import nm_attention_weights
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockPattern", "DENSE", "IMPLEMENTATIONS", "NM", "SKIP", "SUPPORTED_M",
     "UnsupportedCallError", "backends", "key_importance", "layers",
-    "nm_attention", "nm_attention_weights", "nm_dot_product_attention",
+    "nm_attention", "nm_attention_weights", "nm_attention_with_importance",
+    "nm_dot_product_attention",
     "nm_mask", "nnx", "patterns", "pruning", "reference",
 ]

@@ -81,6 +81,12 @@ class Xla(Backend):
   def run(self, call):
     return nm_attention_xla(call, self.config)
 
+  def with_importance(self, call):
+    """`(out, key importance [B, H, S] float32)`: the forward and the
+    blocked two-pass importance (`nmattn.importance.xla_key_importance`)."""
+    from nmattn import importance  # pylint: disable=g-import-not-at-top
+    return self.run(call), importance.xla_key_importance(call, self.config)
+
 
 def _triton():
   from pallas_kernels import triton  # pylint: disable=g-import-not-at-top
@@ -112,6 +118,13 @@ class PallasTriton(Backend):
     triton = _triton()
     return triton.nm_flash_attention(call, tuning=self.config,
                                      interpret=not triton.runs_natively())
+
+  def with_importance(self, call):
+    """`(out, key importance [B, H, S] float32)` from one forward and the
+    importance kernel, which reuses the forward's lse."""
+    triton = _triton()
+    return triton.nm_flash_attention_with_importance(
+        call, tuning=self.config, interpret=not triton.runs_natively())
 
   def backward(self, call, out, lse, d_out):
     """Gradients from a forward's `out` and `lse` (Triton's lse convention):

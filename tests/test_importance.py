@@ -1,4 +1,5 @@
-"""`nmattn.importance.key_importance` against the reference's probabilities."""
+"""Key importance (`nmattn.importance`) against the reference's probabilities:
+the blocked xla form, and the Triton kernel in interpret mode."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from attention_test_base import CASES, random_inputs, rel_err
 from nmattn import importance, reference
 from nmattn._validation import canonicalize
 from nmattn.xla_backend import XlaTuning
+from pallas_kernels import triton as nm_triton
 
 # Kernel and reference select on float32 scores of the same bf16 inputs; near
 # ties can still flip a group, which moves a little probability mass.
@@ -88,14 +90,44 @@ def test_is_a_statistic_without_gradient(rng):
     np.testing.assert_array_equal(g, np.zeros_like(g))
 
 
-def test_rejects_other_implementations(rng):
+def test_rejects_backends_without_importance(rng):
   q, k, _ = random_inputs(rng, q_len=8, kv_len=8, head_dim=8)
-  for name in ("pallas_triton", "pallas_mosaic"):
+  for name in ("pallas_mosaic", "cudnn"):
     with pytest.raises(nmattn.UnsupportedCallError,
-                       match=f"implementation='{name}'.*fused kernel output"):
+                       match=f"implementation='{name}' cannot compute key importance"):
       importance.key_importance(q, k, implementation=name)
-  with pytest.raises(ValueError, match="implementation='cudnn'"):
-    importance.key_importance(q, k, implementation="cudnn")
+  with pytest.raises(ValueError, match="implementation='flash'"):
+    importance.key_importance(q, k, implementation="flash")
+
+
+# Several query and key tiles of the importance kernel (the dK/dV tiles).
+SMALL_TRITON = nmattn.backends.PallasTriton(config=nm_triton.TuningConfig(
+    block_q_dkv=16, block_k_dkv=64))
+
+
+@pytest.mark.parametrize("case", ["gqa", "causal_window_mask", "lengths",
+                                  "bias_broadcast", "dense"])
+def test_triton_matches_reference(rng, case):
+  """The importance kernel in interpret mode, and the output beside it."""
+  q, k, kwargs = _inputs(rng, case, jnp.float32)
+  v = jnp.asarray(rng.standard_normal(k.shape), jnp.float32)
+  out, got = jax.jit(lambda q, k, v: nmattn.nm_attention_with_importance(
+      q, k, v, **kwargs, implementation=SMALL_TRITON))(q, k, v)
+  assert got.dtype == jnp.float32 and got.shape == (q.shape[0], q.shape[2],
+                                                    k.shape[1])
+  assert rel_err(got, _expected(q, k, kwargs)) < 1e-5
+  assert rel_err(out, reference.nm_attention_reference(q, k, v, **kwargs)) < 1e-5
+
+
+@pytest.mark.parametrize("implementation", ["xla", SMALL_TRITON],
+                         ids=["xla", "pallas_triton"])
+def test_block_pattern_matches_reference(rng, implementation):
+  q, k, kwargs = _inputs(rng, "causal", jnp.float32)
+  modes = jnp.asarray(rng.integers(0, 3, (2, 4, 3, 1)), jnp.int8)
+  kwargs = dict(kwargs, block_pattern=nmattn.BlockPattern(modes, 16, 64))
+  got = jax.jit(lambda q, k: importance.key_importance(
+      q, k, **kwargs, implementation=implementation))(q, k)
+  assert rel_err(got, _expected(q, k, kwargs)) < 1e-5
 
 
 def test_rejects_bad_arguments(rng):

@@ -11,6 +11,7 @@ from pallas_kernels.triton.attention import (
     nm_flash_attention_bwd,
     nm_flash_attention_fwd,
     nm_flash_attention_selection,
+    nm_flash_attention_with_importance,
 )
 from pallas_kernels.triton.config import TuningConfig, default_tuning
 from pallas_kernels.triton.support import runs_natively, unsupported_reason
@@ -24,6 +25,7 @@ __all__ = [
     "nm_flash_attention_bwd",
     "nm_flash_attention_fwd",
     "nm_flash_attention_selection",
+    "nm_flash_attention_with_importance",
     "runs_natively",
     "unsupported_reason",
 ]

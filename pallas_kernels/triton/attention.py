@@ -20,7 +20,7 @@ import functools
 import jax
 
 from pallas_kernels.call import AttentionCall
-from pallas_kernels.triton import _common, backward, forward
+from pallas_kernels.triton import _common, backward, forward, importance
 from pallas_kernels.triton.config import TuningConfig
 
 
@@ -61,6 +61,23 @@ def nm_flash_attention_selection(call: AttentionCall, *,
   """
   plan = _common.make_plan(call.spec, tuning, interpret)
   return forward.forward(plan, *_operands(call), return_keep=True)[2]
+
+
+def nm_flash_attention_with_importance(call: AttentionCall, *,
+                                       tuning: TuningConfig | None = None,
+                                       interpret: bool = False):
+  """`(out [B, T, H, D], importance [B, H, S] float32)`, not differentiable.
+
+  `importance[b, h, j]` sums the kept attention probabilities that key `j`
+  receives over the queries (`importance.key_importance`, from this
+  forward's lse).
+  """
+  plan = _common.make_plan(call.spec, tuning, interpret)
+  q, k, v, bias, mask, q_lengths, kv_lengths, block_modes = _operands(call)
+  out, lse = forward.forward(plan, q, k, v, bias, mask, q_lengths, kv_lengths,
+                             block_modes)
+  return out, importance.key_importance(plan, q, k, bias, mask, q_lengths,
+                                        kv_lengths, block_modes, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

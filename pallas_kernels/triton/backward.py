@@ -28,7 +28,7 @@ from pallas_kernels.call import LOG2E, pad_axis, pad_broadcast
 from pallas_kernels.triton._common import Plan
 
 
-def _probabilities(plan: Plan, kept, lse):
+def probabilities(plan: Plan, kept, lse):
   """`exp(s - lse)` of kept tile scores (`plan.score_unit` units); rows
   without any (lse = +-inf) give 0.
 
@@ -65,7 +65,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
                                                 trans_b=True))
     kept, _ = ctx.kept_scores(scores, dense)
     ds_lanes = []
-    for p, dp, lane in zip(_probabilities(plan, kept, lse), dps, cols):
+    for p, dp, lane in zip(probabilities(plan, kept, lse), dps, cols):
       ds = p * (dp - delta[:, None])
       ds_lanes.append(ds.astype(q.dtype))
       if dbias_ref is not None:
@@ -111,7 +111,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
                                                   trans_b=True))
       kept, _ = ctx.kept_scores(scores, dense)
       p_lanes, ds_lanes, new_dbias = [], [], []
-      for j, (p, dp) in enumerate(zip(_probabilities(plan, kept, lse), dps)):
+      for j, (p, dp) in enumerate(zip(probabilities(plan, kept, lse), dps)):
         ds = p * (dp - delta[:, None])
         p_lanes.append(p.astype(d_out.dtype))
         ds_lanes.append(ds.astype(q.dtype))
