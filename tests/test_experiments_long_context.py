@@ -1,0 +1,104 @@
+"""experiments.long_context ("bytelm_pattern") and its sweep, at tiny sizes on the CPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments import launch, long_context, tasks, train
+from experiments.configs import bytelm_long
+from nmattn import patterns
+
+REPO_SWEEP = "experiments/sweeps/bytelm_long_context.py"
+TINY = {"data.seq_len": 256, "data.eval_windows": 4, "model.hidden_size": 32,
+        "model.num_heads": 2, "model.mlp_size": 64, "model.num_layers": 1,
+        "batch_size": 2, "eval_batch_size": 4, "num_steps": 2, "log_every": 1,
+        "optimizer.warmup_steps": 1, "attention.pattern.block": 32,
+        "attention.pattern.k": 3}
+
+
+def tiny_config(overrides):
+  config = bytelm_long.get_config()
+  config.update_from_flattened_dict({**TINY, **overrides})
+  return config
+
+
+def _pattern_config(**fields):
+  return ml_collections.ConfigDict({"name": "topk", "block": 64, "k": 3,
+                                    "local_blocks": 2, "sink_blocks": 1, **fields})
+
+
+def test_topk_pattern_keeps_its_count_of_causal_blocks(rng):
+  config = _pattern_config()
+  q, k = (jnp.asarray(rng.standard_normal((2, 512, 2, 16)), jnp.float32)
+          for _ in range(2))
+  modes = np.asarray(long_context.pattern_function(config)(q, k).modes)
+  causal = np.tril(np.ones((8, 8), bool))
+  assert modes.shape == (2, 2, 8, 8)
+  assert np.all(modes[..., ~causal] == patterns.SKIP)
+  # The band (diagonal and the block before it) and the first block are DENSE.
+  band = np.eye(8, dtype=bool) | np.eye(8, k=-1, dtype=bool)
+  band[:, 0] = True
+  np.testing.assert_array_equal(modes == patterns.DENSE,
+                                np.broadcast_to(band, modes.shape))
+  kept = (modes != patterns.SKIP).sum(-1)
+  np.testing.assert_array_equal(kept, np.broadcast_to(np.minimum(3, np.arange(1, 9)),
+                                                      kept.shape))
+  assert long_context.causal_block_fraction(512, config) == pytest.approx(
+      kept[0, 0].sum() / causal.sum())
+  # The config's own numbers: 177 of the 528 causal blocks at 4096.
+  full = bytelm_long.get_config().attention.pattern
+  assert long_context.causal_block_fraction(4096, full) == pytest.approx(177 / 528)
+
+
+def test_pattern_model_is_wired_in():
+  windows = {"bytes": np.asarray(
+      np.random.default_rng(0).integers(0, 256, (2, 257)), np.int32)}
+  nm = tasks.build(tiny_config({"attention.kind": "nm"}))
+  params = jax.jit(nm.init_params)(jax.random.key(0))
+  loss = lambda task: np.asarray(jax.jit(task.predict)(params, windows)["loss"])
+  # Every causal block NM is no pattern at all: the same model as plain 2:4.
+  everything = tasks.build(tiny_config({
+      "attention.kind": "nm", "attention.pattern.name": "topk",
+      "attention.pattern.k": 8, "attention.pattern.local_blocks": 0,
+      "attention.pattern.sink_blocks": 0}))
+  np.testing.assert_allclose(loss(everything), loss(nm), rtol=1e-5)
+  # 3 of 8 blocks changes it.
+  hierarchical = tasks.build(tiny_config({"attention.kind": "nm",
+                                          "attention.pattern.name": "topk"}))
+  assert hierarchical.model.attention.kind == "pattern"
+  assert np.max(np.abs(loss(hierarchical) - loss(nm))) > 1e-3
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"attention.pattern.name": "band"}, "pattern.name must be one of"),
+    ({"attention.pattern.name": "topk", "attention.kind": "dense"},
+     "attention.kind must be 'nm' with a pattern"),
+    ({"attention.pattern.name": "topk", "attention.pattern.k": 0},
+     "pattern.k must be an int >= 1"),
+    ({"attention.pattern.name": "topk", "attention.pattern.sink_blocks": -1},
+     "pattern.sink_blocks must be an int >= 0"),
+])
+def test_bad_pattern_configs_raise(overrides, match):
+  config = tiny_config({"attention.kind": "nm", **overrides})
+  with pytest.raises(ValueError, match=match):
+    tasks.build(config)
+
+
+def test_sweep_trials_validate_and_the_pattern_trial_trains(tmp_path):
+  sweep = launch.load_sweep(REPO_SWEEP)
+  assert [t.get("attention.kind") for t in sweep.trials] == ["dense", "nm", "nm"]
+  assert sweep.trials[2]["attention.pattern.name"] == "topk"
+  for trial in sweep.trials:
+    config = bytelm_long.get_config()
+    config.update_from_flattened_dict(trial)
+    train.validate(config)
+    assert config.data.seq_len >= 2048
+  summary = train.train_and_evaluate(tiny_config(sweep.trials[2]), tmp_path)
+  for split in ("valid", "test"):
+    bits = summary["metrics"][split]["bits_per_byte"]
+    assert np.isfinite(bits) and 0 < bits < 9
+  assert (tmp_path / "final_metrics.json").exists()
