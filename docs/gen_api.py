@@ -46,6 +46,7 @@ PUBLIC = (
     ("nmattn.patterns.topk_blocks", None),
     ("nmattn.patterns.sample_attention", None),
     ("nmattn.key_importance", None),
+    ("nmattn.nm_attention_with_importance", None),
     ("nmattn.backends.Xla", None),
     ("nmattn.backends.PallasTriton", None),
     ("nmattn.backends.PallasMosaic", None),
