@@ -107,9 +107,10 @@ def nm_attention_with_importance(query, key, value, bias=None, mask=None, *,
   pass through `stop_gradient` (use `nm_attention` for gradients).
 
   Args:
-    query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
-      key_value_seq_lengths, local_window_size, n, m, block_pattern: as in
-      `nmattn.nm_attention`.
+    query: as in `nmattn.nm_attention`, and so are `key`, `value`, `bias`,
+      `mask`, `scale`, `is_causal`, `query_seq_lengths`,
+      `key_value_seq_lengths`, `local_window_size`, `n`, `m` and
+      `block_pattern`.
     implementation: None (the first of "pallas_triton" and "xla" that runs
       the call here; interpret-mode kernels are never picked), "xla",
       "pallas_triton", or such a backend object.
