@@ -31,7 +31,8 @@ CELL_TIMEOUT_S = 300
 def test_notebooks_are_found():
   names = [p.name for p in NOTEBOOKS]
   assert names == ["01_quickstart.ipynb", "02_approximation.ipynb",
-                   "03_benchmarks.ipynb", "04_finetune.ipynb"], COLABS
+                   "03_benchmarks.ipynb", "04_finetune.ipynb",
+                   "05_hierarchical.ipynb"], COLABS
 
 
 def installed_by_first_cell(notebook) -> list[str]:
