@@ -266,7 +266,16 @@ def write_report(result: dict, doc: pathlib.Path, plot: pathlib.Path) -> None:
     lines.append(f"Target: code cosine >= {COSINE_TARGET}: cheapest pattern "
                  f"reaching it: **{best['label']}**, {best['score_fraction']:.3f}"
                  f" of the scores kept (code cosine {best['code_cosine']:.4f}).")
-  lines += ["", "![hierarchical](hierarchical.png)", ""]
+  lines += ["", "![hierarchical](hierarchical.png)", "",
+            "See also: `colabs/05_hierarchical.ipynb` (building patterns, the "
+            "blocks each keeps on MiniLM's attention, this plot, the speed "
+            "table), the pattern benchmark `python -m experiments.bench.patterns` "
+            "(block patterns through the Triton kernels against cuDNN dense and "
+            "cuDNN given the pattern as a mask) and the long-context byte LM "
+            "from scratch, `python -m experiments.launch "
+            "--sweep=experiments/sweeps/bytelm_long_context.py` (S 4096: dense, "
+            "2:4, 2:4 inside a topk_blocks pattern of a third of the causal "
+            "blocks).", ""]
   doc.parent.mkdir(parents=True, exist_ok=True)
   doc.write_text("\n".join(lines))
 
