@@ -16,14 +16,15 @@ Small functions to compose inside a model, every shape static under `jit`:
   `kept_mean` or `scatter_tokens`;
 * heads: `head_importance`, `top_indices`, `prune_heads` (Flax attention
   parameters of the kept heads);
-* decoding: `KVCache`, `init_kv_cache`, `append` (evicting where full),
-  `store`, `add_importance`.
+* decoding: `KVCache`, `init_kv_cache`, `append` (evicting where full, by
+  an `Eviction` policy), `store`, `add_importance`.
 
 Ties: wherever entries rank equally, the lower index is kept.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -238,29 +239,126 @@ def init_kv_cache(num_layers: int, batch: int, budget: int, kv_heads: int,
 
 
 EVICTION_POLICIES = ("importance", "recent")
+EVICTION_SCORES = ("importance", "mean_importance", "oldest")
 
 
-def evict(cache: KVCache, policy: str = "importance") -> KVCache:
+@dataclasses.dataclass(frozen=True)
+class Eviction:
+  """Which entry a full `KVCache` evicts (hashable: a static argument under `jit`).
+
+  Attributes:
+    score: what ranks the entries; the lowest goes.
+      `"importance"`: the cumulative importance (the attention probability an
+      entry received, summed over heads, layers and decoding steps: SpAtten's
+      score). `"mean_importance"`: that sum divided by the number of steps the
+      entry has been attended to (its position to the newest one, inclusive),
+      the attention it received per query (H2O's and SpAtten's scores are
+      sums; the mean does not favour old entries for their age).
+      `"oldest"`: the entry of lowest position goes (a sliding window).
+    recent: the newest entries that are never evicted: an int count in
+      `[0, budget)` or a float ratio in `[0, 1)` of the budget (rounded to
+      the nearest count, halves up, at most `budget - 1`). Without it
+      (`recent=0`) a summed score evicts the newest entry at nearly every
+      step: it has received one step's attention against the others' many
+      (measured in docs/results/spatten.md). With `"oldest"` it changes
+      nothing.
+  """
+  score: str = "importance"
+  recent: int | float = 0
+
+  def __post_init__(self):
+    if self.score not in EVICTION_SCORES:
+      raise ValueError(f"score must be one of {EVICTION_SCORES}; got "
+                       f"score={self.score!r}")
+    recent = self.recent
+    if isinstance(recent, (int, np.integer)) and not isinstance(recent, bool):
+      if recent < 0:
+        raise ValueError(f"recent must be an int >= 0 or a float in [0, 1); "
+                         f"got recent={recent!r}")
+    elif isinstance(recent, (float, np.floating)):
+      if not 0.0 <= recent < 1.0:
+        raise ValueError(f"recent must be an int >= 0 or a float in [0, 1); "
+                         f"got recent={recent!r}")
+    else:
+      raise ValueError("recent must be an int count or a float ratio of the "
+                       f"budget; got recent={recent!r}")
+
+  def recent_count(self, budget: int) -> int:
+    """The protected entries at `budget` (a ratio at most `budget - 1`).
+
+    Raises a ValueError naming `recent` where an int count is not below
+    `budget`: nothing could be evicted.
+    """
+    if isinstance(self.recent, (float, np.floating)):
+      # A ratio below 1 leaves at least one entry to evict at any budget.
+      return min(math.floor(self.recent * budget + 0.5), budget - 1)
+    count = int(self.recent)
+    if count >= budget:
+      raise ValueError(
+          f"recent must protect fewer entries than the budget, so that one "
+          f"can be evicted; got recent={self.recent!r} ({count} entries) for "
+          f"budget={budget}")
+    return count
+
+  @property
+  def name(self) -> str:
+    """Short name for tables: `mean_importance, recent 0.25`."""
+    return self.score + (f", recent {self.recent}" if self.recent else "")
+
+
+# The named policies: "importance" is the best of the importance scores
+# measured on a byte LM (docs/results/spatten.md; ratios 0.25 and 0.5 tie),
+# "recent" the sliding-window baseline.
+_NAMED_EVICTIONS = {"importance": Eviction("mean_importance", 0.5),
+                    "recent": Eviction("oldest")}
+
+
+def eviction(policy: str | Eviction) -> Eviction:
+  """The `Eviction` of a policy name in `EVICTION_POLICIES`, or `policy` itself.
+
+  `"importance"` is `Eviction("mean_importance", recent=0.5)`: the mean
+  attention received per step, the newest half of the budget protected;
+  `"recent"` is `Eviction("oldest")`.
+  """
+  if isinstance(policy, Eviction):
+    return policy
+  if isinstance(policy, str) and policy in _NAMED_EVICTIONS:
+    return _NAMED_EVICTIONS[policy]
+  raise ValueError(f"policy must be one of {EVICTION_POLICIES} or an "
+                   f"Eviction; got policy={policy!r}")
+
+
+def evict(cache: KVCache, policy: str | Eviction = "importance") -> KVCache:
   """Frees one slot where the cache is full; unchanged where it has room.
 
-  `policy="importance"` removes the entry of lowest cumulative importance
-  (among equal ones the newest goes, so the lower index is kept);
-  `"recent"` removes the oldest entry (a sliding window, the baseline).
-  Later entries move down one slot, so the order of positions is kept and
-  the free slot is the last.
+  `policy` names a policy (`EVICTION_POLICIES`, see `eviction`) or is an
+  `Eviction`: the lowest-scoring entry outside the `recent` newest goes;
+  among equal scores the newest goes, so the lower index is kept. Later
+  entries move down one slot, so the order of positions is kept and the
+  free slot is the last.
+
+  The mean score counts the steps an entry has been attended to from the
+  positions: the newest entry's position minus its own, plus one. That
+  holds when each step appends one entry at the next position and then
+  attends with it (as `experiments.models.transformer.decoder_step` does).
   """
-  if policy not in EVICTION_POLICIES:
-    raise ValueError(f"policy must be one of {EVICTION_POLICIES}; got "
-                     f"policy={policy!r}")
+  policy = eviction(policy)
   budget = cache.budget
+  protected = policy.recent_count(budget)
   full = cache.length >= budget
-  if policy == "importance":
-    newest_first = cache.importance[:, ::-1]
-    victim = budget - 1 - jnp.argmin(newest_first, axis=-1)
-  else:
-    victim = jnp.zeros_like(cache.length)
-  victim = jnp.where(full, victim, budget).astype(jnp.int32)
   slots = jnp.arange(budget, dtype=jnp.int32)[None, :]
+  if policy.score == "oldest":
+    victim = jnp.zeros_like(cache.length)
+  else:
+    score = cache.importance
+    if policy.score == "mean_importance":
+      newest = jnp.max(cache.positions, axis=-1, keepdims=True)
+      steps = jnp.maximum(newest - cache.positions + 1, 1)
+      score = score / steps.astype(jnp.float32)
+    # A full cache's newest entries are its last slots.
+    score = jnp.where(slots >= budget - protected, jnp.inf, score)
+    victim = budget - 1 - jnp.argmin(score[:, ::-1], axis=-1)
+  victim = jnp.where(full, victim, budget).astype(jnp.int32)
   source = jnp.minimum(slots + (slots >= victim[:, None]), budget - 1)
   freed = full[:, None] & (slots == budget - 1)
 
@@ -276,7 +374,7 @@ def evict(cache: KVCache, policy: str = "importance") -> KVCache:
 
 
 def append(cache: KVCache, position: jax.Array,
-           policy: str = "importance") -> tuple[KVCache, jax.Array]:
+           policy: str | Eviction = "importance") -> tuple[KVCache, jax.Array]:
   """Reserves a slot for a token at `position` (int `[batch]` or scalar).
 
   Where the cache is full, `evict(cache, policy)` frees one first, so the

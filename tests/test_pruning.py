@@ -157,31 +157,102 @@ def _cache_with(importance, length):
       length=jnp.asarray([length], jnp.int32))
 
 
+SUM = pruning.Eviction("importance")  # SpAtten's summed score, no window
+NAMED_IMPORTANCE = pruning.Eviction("mean_importance", 0.5)
+
+
 def test_evict_removes_the_least_important_and_keeps_order():
-  cache = pruning.evict(_cache_with([3.0, 1.0, 2.0, 1.0], 4))
+  cache = pruning.evict(_cache_with([3.0, 1.0, 2.0, 1.0], 4), SUM)
   # Slots 1 and 3 tie; the lower index is kept, so slot 3 goes.
   np.testing.assert_array_equal(cache.positions, [[0, 1, 2, -1]])
   np.testing.assert_array_equal(cache.key[0, 0, :3, 0, 0], [0, 1, 2])
   np.testing.assert_array_equal(cache.value[0, 0, :3, 0, 0], [0, -1, -2])
   np.testing.assert_array_equal(cache.importance, [[3, 1, 2, 0]])
   np.testing.assert_array_equal(cache.length, [3])
-  cache = pruning.evict(_cache_with([3.0, 0.5, 2.0, 1.0], 4))
+  cache = pruning.evict(_cache_with([3.0, 0.5, 2.0, 1.0], 4), SUM)
   np.testing.assert_array_equal(cache.positions, [[0, 2, 3, -1]])
   np.testing.assert_array_equal(cache.key[0, 0, :3, 0, 0], [0, 2, 3])
   recent = pruning.evict(_cache_with([3.0, 0.5, 2.0, 1.0], 4), "recent")
   np.testing.assert_array_equal(recent.positions, [[1, 2, 3, -1]])
 
 
-def test_evict_leaves_a_cache_with_room_unchanged():
+@pytest.mark.parametrize("policy,kept", [
+    (SUM, [0, 1, 3]),  # slot 2 (0.5) is the least important
+    # The newest two (slots 2, 3) are protected: of 3.0 and 2.0, slot 1 goes.
+    (pruning.Eviction("importance", 2), [0, 2, 3]),
+    (pruning.Eviction("importance", 0.5), [0, 2, 3]),  # 0.5 * 4 = 2
+    # 0.9 * 4 rounds to 4, capped at budget - 1: only slot 0 may go.
+    (pruning.Eviction("importance", 0.9), [1, 2, 3]),
+    (pruning.Eviction("oldest", 2), [1, 2, 3]),
+])
+def test_evict_protects_the_recent_window(policy, kept):
+  cache = pruning.evict(_cache_with([3.0, 2.0, 0.5, 1.0], 4), policy)
+  np.testing.assert_array_equal(cache.positions, [kept + [-1]])
+  np.testing.assert_array_equal(cache.key[0, 0, :3, 0, 0], kept)
+
+
+def test_evict_by_mean_importance_divides_by_the_steps_attended():
+  # Entry i has been attended to by positions i..3: 4, 3, 2, 1 steps; means
+  # 0.75, 0.83, 0.5, 0.6. The sum would evict the newest (0.6).
+  importance = [3.0, 2.5, 1.0, 0.6]
+  np.testing.assert_array_equal(
+      pruning.evict(_cache_with(importance, 4), SUM).positions, [[0, 1, 2, -1]])
+  mean = pruning.evict(_cache_with(importance, 4),
+                       pruning.Eviction("mean_importance"))
+  np.testing.assert_array_equal(mean.positions, [[0, 1, 3, -1]])
+  np.testing.assert_allclose(mean.importance, [[3.0, 2.5, 0.6, 0.0]])
+  # Protecting the newest two leaves 0.75 against 0.83: slot 0 goes.
+  np.testing.assert_array_equal(
+      pruning.evict(_cache_with(importance, 4),
+                    pruning.Eviction("mean_importance", 2)).positions,
+      [[1, 2, 3, -1]])
+
+
+def test_named_policies():
+  assert pruning.eviction("recent") == pruning.Eviction("oldest")
+  assert pruning.eviction("importance") == NAMED_IMPORTANCE
+  policy = pruning.Eviction("mean_importance", 0.25)
+  assert pruning.eviction(policy) is policy
+  assert hash(policy) == hash(pruning.Eviction("mean_importance", 0.25))
+  assert policy.name == "mean_importance, recent 0.25"
+  assert SUM.name == "importance"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"score": "lru"}, "score='lru'"),
+    ({"recent": -1}, "recent=-1"),
+    ({"recent": 1.0}, "recent=1.0"),
+    ({"recent": -0.5}, "recent=-0.5"),
+    ({"recent": True}, "recent=True"),
+    ({"recent": "2"}, "recent='2'"),
+])
+def test_eviction_rejects(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    pruning.Eviction(**kwargs)
+
+
+def test_evict_rejects():
   cache = _cache_with([3.0, 1.0, 0.0, 0.0], 2)
-  for field, want in zip(pruning.evict(cache), cache):
-    np.testing.assert_array_equal(field, want)
   with pytest.raises(ValueError, match="policy='oldest'"):
     pruning.evict(cache, "oldest")
+  with pytest.raises(ValueError, match="policy=3"):
+    pruning.append(cache, 2, 3)
+  # An int window as large as the budget would leave nothing to evict.
+  with pytest.raises(ValueError, match=r"recent=4 \(4 entries\) for budget=4"):
+    pruning.evict(cache, pruning.Eviction("importance", 4))
+  pruning.evict(cache, pruning.Eviction("importance", 3))
+
+
+def test_evict_leaves_a_cache_with_room_unchanged():
+  cache = _cache_with([3.0, 1.0, 0.0, 0.0], 2)
+  for policy in (SUM, "importance", "recent",
+                 pruning.Eviction("mean_importance", 1)):
+    for field, want in zip(pruning.evict(cache, policy), cache):
+      np.testing.assert_array_equal(field, want)
 
 
 def test_append_evicts_when_full():
-  cache, slot = pruning.append(_cache_with([3.0, 1.0, 2.0, 4.0], 4), 9)
+  cache, slot = pruning.append(_cache_with([3.0, 1.0, 2.0, 4.0], 4), 9, SUM)
   np.testing.assert_array_equal(slot, [3])
   np.testing.assert_array_equal(cache.positions, [[0, 2, 3, 9]])
   np.testing.assert_array_equal(cache.importance, [[3, 2, 4, 0]])
@@ -196,13 +267,13 @@ def test_init_kv_cache_rejects():
     pruning.init_kv_cache(1, 2, 0, 1, 8, jnp.float32)
 
 
-def _decode(q, k, v, budget, n, m):
+def _decode(q, k, v, budget, n, m, policy="importance"):
   """Token-by-token attention over an evicting cache; returns outputs and positions."""
   batch, length, heads, dim = q.shape
 
   @jax.jit
   def step(cache, t):
-    cache, slot = pruning.append(cache, t)
+    cache, slot = pruning.append(cache, t, policy)
     cache = pruning.store(cache, 0, slot, k[:, t], v[:, t])
     args = (jax.lax.dynamic_slice_in_dim(q, t, 1, axis=1), cache.key[0])
     kwargs = dict(key_value_seq_lengths=cache.length, n=n, m=m)
@@ -227,15 +298,28 @@ def test_decoding_within_budget_equals_full_attention(rng, budget):
   assert (positions[-1, :, :11] == jnp.arange(11)).all()
 
 
-def test_decoding_over_budget_keeps_the_most_important(rng):
+@pytest.mark.parametrize("policy", [
+    SUM, pruning.Eviction("importance", 2), pruning.Eviction("mean_importance"),
+    pruning.Eviction("mean_importance", 0.4), "importance", "recent"],
+    ids=lambda p: p if isinstance(p, str) else p.name)
+def test_decoding_over_budget_keeps_the_most_important(rng, policy):
   q, k, v = (jnp.asarray(rng.standard_normal((1, 12, 2, 8)), jnp.float32)
              for _ in range(3))
-  _, positions = _decode(q, k, v, 5, 1, 2)
+  _, positions = _decode(q, k, v, 5, 1, 2, policy)
   # Replay the rule in numpy on the dense probabilities of the kept entries.
+  rule = pruning.eviction(policy)
+  protected = rule.recent_count(5)
   kept, importance = [], []
   for t in range(12):
     if len(kept) == 5:
-      victim = 4 - int(np.argmin(importance[::-1]))
+      if rule.score == "oldest":
+        victim = 0
+      else:
+        score = np.asarray(importance, np.float32)
+        if rule.score == "mean_importance":
+          score = score / (t - 1 - np.asarray(kept) + 1)
+        score[5 - protected:] = np.inf
+        victim = 4 - int(np.argmin(score[::-1]))
       del kept[victim], importance[victim]
     kept.append(t)
     importance.append(0.0)
@@ -243,4 +327,6 @@ def test_decoding_over_budget_keeps_the_most_important(rng):
                                           n=1, m=2)
     importance = list(np.asarray(importance) + np.asarray(weights).sum((0, 1, 2)))
     np.testing.assert_array_equal(positions[t, 0, :len(kept)], kept)
+    # The protected window and the new entry are always in the cache.
+    assert set(range(max(t - protected, 0), t + 1)) <= set(kept)
   assert len(kept) == 5
