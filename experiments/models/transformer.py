@@ -11,7 +11,7 @@ Token pruning (SpAtten, `nmattn.pruning`): with `TransformerConfig.token_keep`
 set, the encoder keeps, after each layer, the tokens of highest cumulative
 key importance and runs later layers on those only. The decoder's cached
 generation (`decode_logits`, `decoder_step`) keeps a fixed KV cache budget by
-evicting the entries of lowest cumulative importance. Both are off by
+evicting entries by importance (`nmattn.pruning.Eviction`). Both are off by
 default, so every existing model is unchanged.
 """
 
@@ -309,7 +309,7 @@ def init_decoder_cache(config: TransformerConfig, batch: int, budget: int,
 
 def decoder_step(params, config: TransformerConfig, attention: AttentionSpec,
                  cache: pruning.KVCache, tokens, position,
-                 policy: str = "importance"):
+                 policy: str | pruning.Eviction = "importance"):
   """One cached decoding step of a `Decoder` (deterministic).
 
   Args:
@@ -318,9 +318,11 @@ def decoder_step(params, config: TransformerConfig, attention: AttentionSpec,
     cache: from `init_decoder_cache` or the previous step.
     tokens: int `[batch]`, the tokens at `position`.
     position: int scalar, the step's position (< `config.max_len`).
-    policy: which entry a full cache evicts (`nmattn.pruning.evict`):
-      "importance" (lowest attention mass received, summed over heads, layers
-      and steps) or "recent" (the oldest).
+    policy: which entry a full cache evicts (`nmattn.pruning.evict`): a
+      name of `nmattn.pruning.EVICTION_POLICIES` ("importance": the lowest
+      mean attention received per step in the cache, summed over heads and
+      layers, the newest half of the budget protected; "recent": the oldest)
+      or a `nmattn.pruning.Eviction`.
 
   Returns:
     next-token logits `[batch, vocab_size]` and the updated cache. While the
