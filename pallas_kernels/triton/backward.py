@@ -235,6 +235,27 @@ def _dq(plan, q, k, v, bias, mask, q_lengths, kv_lengths, block_modes, d_out,
   return dq, (results[1] if writes_dbias else None)
 
 
+def _group_block(i, b, h):
+  """Every query row of the query heads of key/value head `h`."""
+  del i
+  return b, 0, h, 0
+
+
+def key_tile_operand_specs(plan: Plan, block_q: int, block_k: int, bias, mask,
+                           q_lengths, kv_lengths):
+  """`_common.operand_specs` of a kernel with one program per (key tile,
+  batch, key/value head) that walks the query rows of its group (dK/dV,
+  key importance): q whole per group, k and v one tile, bias/mask tiles
+  `(groups, t_pad, block_k)`."""
+  t_pad, _ = plan.padded_lengths(block_q, block_k)
+  groups, dim = plan.spec.groups, plan.spec.head_dim
+  return _common.operand_specs(
+      plan, pl.BlockSpec((None, t_pad, groups, dim), _group_block),
+      pl.BlockSpec((None, block_k, None, dim), lambda i, b, h: (b, i, h, 0)),
+      (groups, t_pad, block_k), lambda i, b, h: (b, h, 0, i), bias, mask,
+      q_lengths, kv_lengths)
+
+
 def _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths, block_modes, d_out,
          lse, delta):
   block_q, block_k = plan.dkv_blocks
@@ -245,32 +266,21 @@ def _dkv(plan, q, k, v, bias, mask, q_lengths, kv_lengths, block_modes, d_out,
   pattern = plan.pattern_tiles(block_modes, block_q, block_k, q_lengths,
                                kv_lengths, transposed=True)
 
-  def group_block(i, b, h):
-    del i
-    return b, 0, h, 0
-
-  def kv_block(i, b, h):
-    return b, i, h, 0
-
-  def col_block(i, b, h):
-    return b, h, 0, i
-
   def stat_block(i, b, h):
     del i
     return b, h, 0
 
-  in_specs = _common.operand_specs(
-      plan, pl.BlockSpec((None, t_pad, groups, dim), group_block),
-      pl.BlockSpec((None, block_k, None, dim), kv_block), (groups, t_pad, block_k),
-      col_block, bias, mask, q_lengths, kv_lengths) + [
-      pl.BlockSpec((None, t_pad, groups, dim), group_block),
+  in_specs = key_tile_operand_specs(plan, block_q, block_k, bias, mask,
+                                    q_lengths, kv_lengths) + [
+      pl.BlockSpec((None, t_pad, groups, dim), _group_block),
       pl.BlockSpec((None, groups, t_pad), stat_block),
       pl.BlockSpec((None, groups, t_pad), stat_block),
   ] + _common.pattern_specs(pattern, lambda i, b, h: (b, h, i),
                             heads_block=groups)
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype),
                jax.ShapeDtypeStruct(v.shape, v.dtype)]
-  out_specs = [pl.BlockSpec((None, block_k, None, dim), kv_block)] * 2
+  out_specs = [pl.BlockSpec((None, block_k, None, dim),
+                            lambda i, b, h: (b, i, h, 0))] * 2
   writes_dbias = bias is not None and not plan.spec.bias_full[2]
   if writes_dbias:
     out_shape.append(jax.ShapeDtypeStruct((plan.spec.batch, plan.spec.heads, s_pad),

@@ -24,7 +24,7 @@ from pallas_kernels import _compat, tile_plan
 from pallas_kernels.call import pad_axis, pad_broadcast
 from pallas_kernels.triton import _common
 from pallas_kernels.triton._common import Plan
-from pallas_kernels.triton.backward import probabilities
+from pallas_kernels.triton import backward
 
 
 def _importance_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
@@ -51,7 +51,7 @@ def _importance_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_lengths_ref,
                                mask_ref=mask_ref, head=g, rows=rows)
       kept, _ = ctx.kept_scores(scores, dense)
       return [s + jnp.sum(p, axis=0) for s, p in
-              zip(sums, probabilities(plan, kept, lse_ref[g, rows]))]
+              zip(sums, backward.probabilities(plan, kept, lse_ref[g, rows]))]
 
     sums = [jnp.zeros((width,), jnp.float32) for _ in cols]
     if tiles_ref is None:
@@ -81,21 +81,12 @@ def key_importance(plan: Plan, q, k, bias, mask, q_lengths, kv_lengths,
   lse = pad_axis(lse, 2, t_pad)
   bias = pad_broadcast(bias, t_pad, s_pad)
   mask = _common.mask_as_int8(pad_broadcast(mask, t_pad, s_pad))
-  groups, dim = plan.spec.groups, plan.spec.head_dim
+  groups = plan.spec.groups
   pattern = plan.pattern_tiles(block_modes, block_q, block_k, q_lengths,
                                kv_lengths, transposed=True)
 
-  def group_block(i, b, h):
-    del i
-    return b, 0, h, 0
-
-  def kv_block(i, b, h):
-    return b, i, h, 0
-
-  in_specs = _common.operand_specs(
-      plan, pl.BlockSpec((None, t_pad, groups, dim), group_block),
-      pl.BlockSpec((None, block_k, None, dim), kv_block), (groups, t_pad, block_k),
-      lambda i, b, h: (b, h, 0, i), bias, mask, q_lengths, kv_lengths)
+  in_specs = backward.key_tile_operand_specs(plan, block_q, block_k, bias,
+                                             mask, q_lengths, kv_lengths)
   in_specs[2] = None  # no value operand
   in_specs += [
       pl.BlockSpec((None, groups, t_pad), lambda i, b, h: (b, h, 0)),
