@@ -190,3 +190,23 @@ class AttentionTestBase:
     assert np.isnan(out[0, 3, 1]).all()
     assert np.isfinite(np.delete(out[0], 3, axis=0)).all()
     assert np.isfinite(out[1]).all()
+
+
+def check_against_reference(implementation, q, k, v, bias, cotangent, *,
+                            forward_tol=1e-5, grad_tol=1e-4, **kwargs):
+  """`nm_attention(..., implementation=)` under `jit` against the reference:
+  the output, and the gradients of q, k, v (and the bias, if any) of
+  `sum(out * cotangent)`."""
+  def loss(fn, q, k, v, bias):
+    out = fn(q, k, v, bias, **kwargs)
+    return jnp.sum(out * cotangent), out
+
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  kernel = functools.partial(nmattn.nm_attention, implementation=implementation)
+  got, out = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=argnums,
+                              has_aux=True))(q, k, v, bias)
+  want, ref = jax.grad(functools.partial(loss, reference.nm_attention_reference),
+                       argnums=argnums, has_aux=True)(q, k, v, bias)
+  assert rel_err(out, ref) < forward_tol
+  for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
+    assert rel_err(g, w) < grad_tol, name

@@ -10,7 +10,6 @@ over (`None`). The Triton kernels' patterns: `test_pallas_triton_patterns.py`.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,8 @@ import numpy as np
 import pytest
 
 import nmattn
-from attention_test_base import random_inputs, rel_err
+from attention_test_base import (check_against_reference, random_inputs,
+                                 rel_err)
 from nmattn import reference, xla_backend
 from nmattn._validation import canonicalize
 from nmattn.attention import select_backend
@@ -48,20 +48,8 @@ def test_xla_matches_reference(rng, case):
                                 block_k=48)
   bias = kwargs.pop("bias", None)
   cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-
-  def loss(fn, q, k, v, bias):
-    out = fn(q, k, v, bias, block_pattern=pattern, **kwargs)
-    return jnp.sum(out * cotangent), out
-
-  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-  kernel = functools.partial(nmattn.nm_attention, implementation=SMALL)
-  got, out = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=argnums,
-                              has_aux=True))(q, k, v, bias)
-  want, ref = jax.grad(functools.partial(loss, reference.nm_attention_reference),
-                       argnums=argnums, has_aux=True)(q, k, v, bias)
-  assert rel_err(out, ref) < 1e-5
-  for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
-    assert rel_err(g, w) < 1e-4, name
+  check_against_reference(SMALL, q, k, v, bias, cotangent,
+                          block_pattern=pattern, **kwargs)
 
 
 def test_traced_modes_under_jit_and_skip_rows(rng):

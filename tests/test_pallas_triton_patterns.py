@@ -11,7 +11,6 @@ blocks the kernels take. GPU tests at real sizes are in
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 
 import nmattn
-from attention_test_base import random_inputs, rel_err
+from attention_test_base import check_against_reference, random_inputs
 from nmattn import reference
 from nmattn._validation import canonicalize
 from nmattn.attention import select_backend
@@ -148,20 +147,8 @@ def test_triton_pattern_matches_reference(rng, name):
   backend = nmattn.backends.PallasTriton(config=nm_triton.TuningConfig(
       block_q=32, block_k=64, block_q_dq=16, block_k_dq=64, block_q_dkv=16,
       block_k_dkv=64))
-
-  def loss(fn, q, k, v, bias):
-    out = fn(q, k, v, bias, block_pattern=pattern, **kwargs)
-    return jnp.sum(out * cotangent), out
-
-  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-  kernel = functools.partial(nmattn.nm_attention, implementation=backend)
-  got, out = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=argnums,
-                              has_aux=True))(q, k, v, bias)
-  want, ref = jax.grad(functools.partial(loss, reference.nm_attention_reference),
-                       argnums=argnums, has_aux=True)(q, k, v, bias)
-  assert rel_err(out, ref) < 1e-5
-  for grad_name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
-    assert rel_err(g, w) < 1e-4, grad_name
+  check_against_reference(backend, q, k, v, bias, cotangent,
+                          block_pattern=pattern, **kwargs)
 
 
 def test_kernel_selection_with_pattern_matches_reference(rng):
