@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from nmattn import masking
-from nmattn.xla_backend import XlaTuning, nm_attention_xla
+from nmattn.xla_backend import XlaTuning, nm_attention_xla, xla_key_importance
 from pallas_kernels.call import AttentionCall, AttentionSpec
 
 
@@ -83,9 +83,8 @@ class Xla(Backend):
 
   def with_importance(self, call):
     """`(out, key importance [B, H, S] float32)`: the forward and the
-    blocked two-pass importance (`nmattn.importance.xla_key_importance`)."""
-    from nmattn import importance  # pylint: disable=g-import-not-at-top
-    return self.run(call), importance.xla_key_importance(call, self.config)
+    blocked two-pass importance (`xla_backend.xla_key_importance`)."""
+    return self.run(call), xla_key_importance(call, self.config)
 
 
 def _triton():

@@ -243,3 +243,54 @@ def nm_attention_xla(call: AttentionCall, tuning: XlaTuning | None = None):
   return _attention(spec, tuning or default_tuning(spec), call.query, call.key,
                     call.value, call.bias, call.mask, call.q_lengths,
                     call.kv_lengths, call.block_modes)
+
+
+def xla_key_importance(call: AttentionCall,
+                       tuning: XlaTuning | None = None) -> jax.Array:
+  """Key importance `[batch, heads, kv_len]` float32 of a canonical call, blocked
+  (`nmattn.importance`): for one query block at a time, one pass over the key
+  tiles gives each row's log-sum-exp, a second adds each tile's
+  probabilities into the key sums.
+
+  `call.value` is not read. `tuning` sets the block sizes (default: the xla
+  backend's `default_tuning`).
+  """
+  spec = call.spec
+  tuning = tuning or default_tuning(spec)
+  pr = _Problem(spec, tuning, call.query, call.key, call.key, call.bias,
+                call.mask, call.q_lengths, call.kv_lengths, call.block_modes)
+  stats_shape = (spec.batch, spec.kv_heads, pr.groups, pr.bq)
+
+  def q_block(totals, qi):
+    q_tile = pr.q_tile(pr.q, qi)
+    tile_scores = lambda ki: pr.scores(q_tile, pr.k_tile(pr.k, ki), qi, ki)
+
+    def lse_step(carry, ki):
+      row_max, row_sum = carry
+      s = tile_scores(ki)
+      new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
+      safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+      row_sum = (row_sum * jnp.exp(row_max - safe_max)
+                 + jnp.sum(jnp.exp(s - safe_max[..., None]), axis=-1))
+      return (new_max, row_sum), None
+
+    init = (jnp.full(stats_shape, -jnp.inf, pr.cd), jnp.zeros(stats_shape, pr.cd))
+    (row_max, row_sum), _ = lax.scan(lse_step, init, jnp.arange(pr.nk))
+    # A row with no kept score has row_sum 0 and all-(-inf) scores: any finite
+    # lse gives it zero probabilities.
+    lse = (jnp.where(row_max == -jnp.inf, 0.0, row_max)
+           + jnp.log(jnp.where(row_sum == 0.0, 1.0, row_sum)))
+    # Rows past q_len are the query padding of the last block, not queries.
+    real_row = qi * pr.bq + jnp.arange(pr.bq) < spec.q_len
+
+    def sum_step(_, ki):
+      p = jnp.exp(tile_scores(ki) - lse[..., None])
+      return None, jnp.sum(jnp.where(real_row[:, None], p, 0.0), axis=-2)
+
+    _, sums = lax.scan(sum_step, None, jnp.arange(pr.nk))  # [nk, B, K, G, bk]
+    sums = jnp.moveaxis(sums, 0, 3).reshape(stats_shape[:3] + (pr.nk * pr.bk,))
+    return totals + sums.astype(jnp.float32), None
+
+  totals = jnp.zeros(stats_shape[:3] + (pr.nk * pr.bk,), jnp.float32)
+  totals, _ = lax.scan(q_block, totals, jnp.arange(pr.nq))
+  return totals.reshape(spec.batch, spec.heads, -1)[..., :spec.kv_len]

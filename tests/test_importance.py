@@ -10,6 +10,7 @@ import nmattn
 from attention_test_base import CASES, random_inputs, rel_err
 from nmattn import importance, reference
 from nmattn._validation import canonicalize
+from nmattn import xla_backend
 from nmattn.xla_backend import XlaTuning
 from pallas_kernels import triton as nm_triton
 
@@ -58,7 +59,7 @@ def test_several_blocks_match_reference(rng, case, block_q, block_k):
   kwargs = dict(kwargs)
   bias, mask = kwargs.pop("bias", None), kwargs.pop("mask", None)
   call, _ = canonicalize(q, k, k, bias, mask, **kwargs)
-  got = importance.xla_key_importance(call, XlaTuning(block_q, block_k))
+  got = xla_backend.xla_key_importance(call, XlaTuning(block_q, block_k))
   assert rel_err(got, reference.call_weights(call).sum(axis=2)) < 1e-5
 
 
