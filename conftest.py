@@ -1,6 +1,10 @@
-"""Shared fixtures: fresh random data every run, GPU-test skipping, x64 on demand."""
+"""Shared fixtures: fresh random data every run, GPU-test skipping, x64 on
+demand; one persistent compilation cache per test session."""
 
+import os
 import secrets
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -12,6 +16,44 @@ def _has_gpu() -> bool:
     return bool(jax.devices("gpu"))
   except RuntimeError:
     return False
+
+
+# The cache directory this process made (and removes at the end), if any.
+_OWN_CACHE_DIR = None
+
+
+def pytest_configure(config):
+  """Shares XLA compilations across the session's processes.
+
+  The many `python -m experiments.train` / launcher / notebook-kernel
+  subprocesses and both xdist workers compile the same small programs (each
+  eager op of a Flax init alone takes ~0.15 s to compile on the CPU), so a
+  compilation cache in a fresh directory, made here before xdist starts its
+  workers and inherited through the environment, turns the repeats into disk
+  reads. Only compilations that succeed are stored, keyed by a hash of the
+  program, compile options, devices and versions, so a test still runs the
+  same executable. A `JAX_COMPILATION_CACHE_DIR` set by the caller is used as
+  it is; `JAX_ENABLE_COMPILATION_CACHE=false` turns caching off.
+  """
+  del config
+  global _OWN_CACHE_DIR
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="nmattn-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR
+  # Every compilation, however quick: the eager ops are the common repeats.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  # jax was imported above, before the environment said so.
+  jax.config.update("jax_compilation_cache_dir",
+                    os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update(
+      "jax_persistent_cache_min_compile_time_secs",
+      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE_DIR is not None:
+    shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
