@@ -43,12 +43,18 @@ def installed_by_first_cell(notebook) -> list[str]:
 
 @pytest.fixture
 def kernel_manager(tmp_path):
-  """A kernel of `sys.executable`, whatever kernelspecs the machine has."""
+  """A kernel of `sys.executable`, whatever kernelspecs the machine has; shut
+  down after the test (nbclient leaves a kernel it was handed running, which
+  would hold its notebook's memory until the xdist worker exits)."""
   kernels = tmp_path / "kernels"
   kernelspec.write_kernel_spec(kernels / "python3")
   spec_manager = KernelSpecManager(kernel_dirs=[str(kernels)])
   assert spec_manager.get_kernel_spec("python3").argv[0] == sys.executable
-  return KernelManager(kernel_name="python3", kernel_spec_manager=spec_manager)
+  manager = KernelManager(kernel_name="python3",
+                          kernel_spec_manager=spec_manager)
+  yield manager
+  if manager.has_kernel:
+    manager.shutdown_kernel(now=True)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
