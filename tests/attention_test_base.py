@@ -158,8 +158,8 @@ class AttentionTestBase:
     kwargs = dict(n=2, m=4, key_value_seq_lengths=jnp.ones((q.shape[0],),
                                                            jnp.int32))
     loss = lambda fn, *qkv: jnp.sum(fn(*qkv, **kwargs) ** 2)
-    got = jax.grad(functools.partial(loss, self.attention), argnums=(0, 1, 2))(
-        q, k, v)
+    got = jax.jit(jax.grad(functools.partial(loss, self.attention),
+                           argnums=(0, 1, 2)))(q, k, v)
     want = jax.grad(functools.partial(loss, reference.nm_attention_reference),
                     argnums=(0, 1, 2))(q, k, v)
     assert not np.any(np.asarray(want[0])) and not np.any(np.asarray(want[1]))
@@ -176,8 +176,8 @@ class AttentionTestBase:
     def loss(q, k, v):
       return jnp.sum(self.attention(q, k, v, mask=mask) ** 2)
 
-    out = self.attention(q, k, v, mask=mask)
-    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    out = jax.jit(functools.partial(self.attention, mask=mask))(q, k, v)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
     assert np.all(np.asarray(out[:, :5]) == 0.0)
     assert np.isfinite(np.asarray(out)).all()
     assert np.all(np.asarray(grads[0][:, :5]) == 0.0)
@@ -186,7 +186,7 @@ class AttentionTestBase:
   def test_nan_propagates_like_dense(self, rng):
     (q, k, v), _ = self.make_case(rng, "2of4", jnp.float32)
     q = q.at[0, 3, 1, 0].set(jnp.nan)
-    out = np.asarray(self.attention(q, k, v))
+    out = np.asarray(jax.jit(self.attention)(q, k, v))
     assert np.isnan(out[0, 3, 1]).all()
     assert np.isfinite(np.delete(out[0], 3, axis=0)).all()
     assert np.isfinite(out[1]).all()

@@ -144,8 +144,9 @@ def test_explicit_scales_match_reference(rng, scale, with_bias):
   assert plan.selects_unscaled == (scale > 0 and not with_bias)
   _check_against_reference(rng, q, k, v, bias, kwargs, tuning=SMALL_TILES,
                            forward_tol=1e-5, grad_tol=1e-4)
-  _, lse = nm_triton.nm_flash_attention_fwd(call, interpret=True,
-                                            tuning=SMALL_TILES)
+  _, lse = jax.jit(lambda q, k, v, bias: nm_triton.nm_flash_attention_fwd(
+      _call(q, k, v, bias, **kwargs), interpret=True, tuning=SMALL_TILES))(
+          q, k, v, bias)
   scores = reference.call_scores(call)
   want_lse = jax.nn.logsumexp(
       jnp.where(masking.nm_mask(scores, 2, 4), scores, -jnp.inf), axis=-1)
@@ -160,7 +161,9 @@ def test_lse_and_backward_entry_points(rng):
   mask = jnp.asarray(rng.random((2, 1, 40, 72)) < 0.6).at[:, :, :3].set(False)
   kwargs = dict(is_causal=True, n=2, m=4)
   call = _call(q, k, v, mask=mask, **kwargs)
-  out, lse = nm_triton.nm_flash_attention_fwd(call, interpret=True)
+  # Jitted: interpret-mode kernels run far faster compiled than eagerly.
+  out, lse = jax.jit(lambda q, k, v, mask: nm_triton.nm_flash_attention_fwd(
+      _call(q, k, v, mask=mask, **kwargs), interpret=True))(q, k, v, mask)
   scores = reference.call_scores(call)
   kept = jnp.where(masking.nm_mask(scores, 2, 4), scores, -jnp.inf)
   want_lse = jax.nn.logsumexp(kept, axis=-1)
@@ -178,9 +181,12 @@ def test_lse_and_backward_entry_points(rng):
       q, k, v, mask=mask, **kwargs), q, k, v)
   want = vjp(d_out)
   # Both conventions for rows with no kept score: +inf (this forward), -inf.
+  backward = jax.jit(lambda q, k, v, mask, out, lse, d_out:
+                     nm_triton.nm_flash_attention_bwd(
+                         _call(q, k, v, mask=mask, **kwargs), out, lse, d_out,
+                         interpret=True))
   for empty_lse in (jnp.inf, -jnp.inf):
-    grads = nm_triton.nm_flash_attention_bwd(
-        call, out, jnp.where(empty, empty_lse, lse), d_out, interpret=True)
+    grads = backward(q, k, v, mask, out, jnp.where(empty, empty_lse, lse), d_out)
     assert grads[3] is None
     for g, w in zip(grads[:3], want):
       assert np.isfinite(np.asarray(g)).all()
@@ -192,7 +198,8 @@ def test_kernel_selection_matches_reference(rng):
   q, k, v = random_inputs(rng, batch=2, q_len=48, kv_len=100, heads=2,
                           kv_heads=2, head_dim=32)
   bias = jnp.asarray(rng.standard_normal((1, 2, 48, 100)), jnp.float32)
-  keep = triton_selection(q, k, v, bias, local_window_size=(30, 9), n=2, m=4)
+  keep = jax.jit(functools.partial(triton_selection, local_window_size=(30, 9),
+                                   n=2, m=4))(q, k, v, bias)
   call, _ = canonicalize(q, k, v, bias, local_window_size=(30, 9), n=2, m=4)
   want = masking.nm_mask(reference.call_scores(call), 2, 4)
   assert keep.shape == want.shape == (2, 2, 48, 100) and keep.dtype == jnp.bool_
@@ -270,7 +277,8 @@ def check_nan_scores_propagate(rng, n, m, *, q_len, kv_len, head_dim, dtype,
     np.testing.assert_array_equal(np.isnan(want).all(-1), nan_rows)
     np.testing.assert_array_equal(np.isnan(got).any(-1), nan_rows)
     assert rel_err(got[~nan_rows], want[~nan_rows]) < tol
-  keep = triton_selection(q, k, v, bias, **kwargs, **kernel)
+  keep = jax.jit(functools.partial(triton_selection, **kwargs, **kernel))(
+      q, k, v, bias)
   assert np.asarray(keep)[np.isnan(np.asarray(bias))].all()
 
 
@@ -389,8 +397,10 @@ def test_backend_object_carries_its_tuning(rng):
   q, k, v = random_inputs(rng, batch=1, q_len=40, kv_len=72, heads=2,
                           kv_heads=2, head_dim=16)
   backend = nmattn.backends.PallasTriton(config=SMALL_TILES)
-  out = nmattn.nm_attention(q, k, v, is_causal=True, implementation=backend)
-  want = triton_attention(q, k, v, is_causal=True, tuning=SMALL_TILES)
+  out = jax.jit(functools.partial(nmattn.nm_attention, is_causal=True,
+                                  implementation=backend))(q, k, v)
+  want = jax.jit(functools.partial(triton_attention, is_causal=True,
+                                   tuning=SMALL_TILES))(q, k, v)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
   assert rel_err(out, _reference(q, k, v, is_causal=True)) < 1e-5
   with pytest.raises(ValueError, match=r"PallasTriton\(config=...\) must be a "
