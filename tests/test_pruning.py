@@ -298,6 +298,12 @@ def test_decoding_within_budget_equals_full_attention(rng, budget):
   assert (positions[-1, :, :11] == jnp.arange(11)).all()
 
 
+# Jitted once for the module: the replay's 5 cache sizes compile once, not
+# once per policy and step.
+_one_of_two_weights = jax.jit(functools.partial(nmattn.nm_attention_weights,
+                                                n=1, m=2))
+
+
 @pytest.mark.parametrize("policy", [
     SUM, pruning.Eviction("importance", 2), pruning.Eviction("mean_importance"),
     pruning.Eviction("mean_importance", 0.4), "importance", "recent"],
@@ -323,8 +329,7 @@ def test_decoding_over_budget_keeps_the_most_important(rng, policy):
       del kept[victim], importance[victim]
     kept.append(t)
     importance.append(0.0)
-    weights = nmattn.nm_attention_weights(q[:, t:t + 1], k[:, jnp.asarray(kept)],
-                                          n=1, m=2)
+    weights = _one_of_two_weights(q[:, t:t + 1], k[:, jnp.asarray(kept)])
     importance = list(np.asarray(importance) + np.asarray(weights).sum((0, 1, 2)))
     np.testing.assert_array_equal(positions[t, 0, :len(kept)], kept)
     # The protected window and the new entry are always in the cache.
