@@ -1,5 +1,6 @@
 """Shared fixtures: fresh random data every run, GPU-test skipping, x64 on
-demand; one persistent compilation cache per test session."""
+demand; one persistent compilation cache per test session, unoptimised
+machine code on a CPU-only machine."""
 
 import os
 import secrets
@@ -48,6 +49,27 @@ def pytest_configure(config):
   jax.config.update(
       "jax_persistent_cache_min_compile_time_secs",
       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+  _unoptimised_cpu_code()
+
+
+def _unoptimised_cpu_code():
+  """LLVM's codegen at -O0 on a machine without a GPU.
+
+  The suite is compile-bound on a CPU: its arrays are small, and LLVM's
+  optimisation of XLA's CPU code takes about a third of the session's time
+  (test_reference + test_flax: 169 s -> 114 s of CPU). The level changes how
+  fast the machine code runs, not what it computes: XLA's HLO passes (fusion,
+  layouts, buffer assignment) are the same, and without fast-math LLVM may
+  not reorder floating-point operations; only fused multiply-adds (allowed
+  at -O2) are not formed. Set here, before any backend starts, and inherited
+  by every subprocess that keeps `XLA_FLAGS`; a level the caller chose in
+  `XLA_FLAGS` is kept. Not on a GPU machine, whose kernels are measured.
+  """
+  if shutil.which("nvidia-smi") and os.environ.get("JAX_PLATFORMS") != "cpu":
+    return
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "--xla_backend_optimization_level" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
 
 
 def pytest_unconfigure(config):

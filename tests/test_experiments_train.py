@@ -50,8 +50,12 @@ def train_command(config_path, overrides, workdir):
 
 
 def subprocess_env(devices=1):
+  """This process's environment (its XLA_FLAGS too) with `devices` CPU devices."""
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = " ".join(
+      [f for f in env.get("XLA_FLAGS", "").split()
+       if not f.startswith("--xla_force_host_platform_device_count")]
+      + [f"--xla_force_host_platform_device_count={devices}"])
   return env
 
 

@@ -84,7 +84,8 @@ def test_sharded_over_four_devices_matches_single_device(tmp_path, seed):
       print("OK")
   """)
   env = dict(os.environ,
-             XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             XLA_FLAGS=" ".join([os.environ.get("XLA_FLAGS", ""),
+                                 "--xla_force_host_platform_device_count=4"]),
              JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join(sys.path))
   result = subprocess.run([sys.executable, "-c", script], env=env,
