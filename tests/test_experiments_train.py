@@ -111,11 +111,6 @@ def test_init_from_needs_a_checkpoint(tmp_path):
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
   overrides = {**TINY_LISTOPS, "num_steps": 32, "log_every": 4,
                "eval_every": 16, "checkpoint_every": 8}
-  # The uninterrupted run goes on beside the one that is killed.
-  straight = subprocess.Popen(
-      train_command(LISTOPS, overrides, tmp_path / "straight"),
-      env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE, text=True)
   workdir = tmp_path / "killed"
   process = subprocess.Popen(train_command(LISTOPS, overrides, workdir),
                              env=subprocess_env(), cwd=REPO,
@@ -127,11 +122,17 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     time.sleep(0.05)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  resumed = run_train(LISTOPS, overrides, workdir)
-  _, stderr = straight.communicate(timeout=600)
-  assert straight.returncode == 0, stderr[-3000:]
-  uninterrupted = json.loads(
-      (tmp_path / "straight" / "final_metrics.json").read_text())
+  # The command line again resumes it, while the uninterrupted run goes on
+  # here (one process start fewer; the same train_and_evaluate behind both).
+  rerun = subprocess.Popen(train_command(LISTOPS, overrides, workdir),
+                           env=subprocess_env(), cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+  uninterrupted = train.train_and_evaluate(load_config(LISTOPS, overrides),
+                                           tmp_path / "straight")
+  _, stderr = rerun.communicate(timeout=600)
+  assert rerun.returncode == 0, stderr[-3000:]
+  resumed = json.loads((workdir / "final_metrics.json").read_text())
 
   assert 8 <= resumed["resumed_from_step"] < 32
   assert resumed["metrics"] == uninterrupted["metrics"]
