@@ -168,6 +168,13 @@ def test_a_trial_running_elsewhere_is_left_alone(tmp_path, capsys):
   # A live process of this trial's command line, as another launcher's.
   other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)",
                             f"--workdir={trial.workdir}"])
+  # Until the child has exec'd, /proc shows the forked pytest's command line
+  # (which the launcher rightly reads as another program): wait for its own.
+  cmdline = pathlib.Path(f"/proc/{other.pid}/cmdline")
+  deadline = time.monotonic() + 30
+  while (f"--workdir={trial.workdir}".encode() not in cmdline.read_bytes()
+         and time.monotonic() < deadline):
+    time.sleep(0.01)
   try:
     trial.set_status(status="running", pid=other.pid)
     argv = [f"--sweep={sweep_file}", f"--workdir={sweep_dir}"]
