@@ -55,15 +55,16 @@ def pytest_configure(config):
 def _unoptimised_cpu_code():
   """LLVM's codegen at -O0 on a machine without a GPU.
 
-  The suite is compile-bound on a CPU: its arrays are small, and LLVM's
-  optimisation of XLA's CPU code takes about a third of the session's time
-  (test_reference + test_flax: 169 s -> 114 s of CPU). The level changes how
-  fast the machine code runs, not what it computes: XLA's HLO passes (fusion,
-  layouts, buffer assignment) are the same, and without fast-math LLVM may
-  not reorder floating-point operations; only fused multiply-adds (allowed
-  at -O2) are not formed. Set here, before any backend starts, and inherited
-  by every subprocess that keeps `XLA_FLAGS`; a level the caller chose in
-  `XLA_FLAGS` is kept. Not on a GPU machine, whose kernels are measured.
+  The suite is compile-bound on a CPU (small arrays, many programs), and
+  LLVM's optimisation of XLA's CPU code is a large part of it: test_reference
+  + test_flax take 114 s of CPU instead of 169 s without the cache. The level
+  changes how fast the machine code runs, not the program: XLA's HLO passes
+  (fusion, layouts, buffer assignment) are the same, and without fast-math
+  LLVM may not reassociate floating-point operations; a multiply and an add
+  that -O2 would contract into one FMA (XLA allows it) can round differently
+  in the last bit. Set before any backend starts and inherited by every
+  subprocess that keeps `XLA_FLAGS`; a level the caller put in `XLA_FLAGS`
+  is kept. Not on a GPU machine, whose kernels are also timed.
   """
   if shutil.which("nvidia-smi") and os.environ.get("JAX_PLATFORMS") != "cpu":
     return
