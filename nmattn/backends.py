@@ -37,9 +37,9 @@ class UnsupportedCallError(NotImplementedError, ValueError):
   """
 
 
-# Block patterns run on the xla and pallas_triton backends.
-_NO_PATTERNS = ("block_pattern (supported by implementation='pallas_triton' "
-                "and 'xla')")
+# Block patterns run on the xla, pallas_triton and pallas_mosaic backends.
+_NO_PATTERNS = ("block_pattern (supported by implementation='pallas_triton', "
+                "'pallas_mosaic' and 'xla')")
 
 
 def _check_config(backend: str, config: Any, expected: type) -> None:
@@ -164,8 +164,6 @@ class PallasMosaic(Backend):
     return self.config if self.config is not None else _mosaic().MosaicTuning()
 
   def unsupported_reason(self, spec):
-    if spec.has_pattern:
-      return _NO_PATTERNS
     reason = _mosaic().unsupported_reason(spec, self._tuning())
     if reason is None and (vjp_reason := self.vjp.unsupported_reason(spec)):
       reason = f"its vjp backend {self.vjp.name!r} cannot: {vjp_reason}"

@@ -3,9 +3,10 @@
 The reference's pattern semantics are tested against a naive loop in
 `test_reference_patterns.py`; here the blocked xla backend (several tiles per
 axis, tiles that cut across pattern blocks) matches it, forward and
-gradients, for random modes, under `jit` with traced modes, and the backends
-without patterns (Mosaic GPU, cuDNN) refuse them (explicitly) or are passed
-over (`None`). The Triton kernels' patterns: `test_pallas_triton_patterns.py`.
+gradients, for random modes, under `jit` with traced modes, and cuDNN, which
+takes no patterns, refuses them (explicitly) or is passed over (`None`). The
+Triton kernels' patterns: `test_pallas_triton_patterns.py`; the Hopper
+kernel's: `test_pallas_mosaic.py`.
 """
 
 from __future__ import annotations
@@ -71,16 +72,15 @@ def test_traced_modes_under_jit_and_skip_rows(rng):
   assert rel_err(out, want) < 1e-5
 
 
-def test_kernel_backends_refuse_patterns(rng):
+def test_cudnn_refuses_patterns(rng):
   q, k, v = random_inputs(rng, batch=1, q_len=32, kv_len=32, heads=2,
                           kv_heads=2, head_dim=16)
   pattern = nmattn.BlockPattern(np.ones((1, 1), np.int8), block_q=32, block_k=32)
   spec = canonicalize(q, k, v, block_pattern=pattern)[0].spec
   assert spec.has_pattern and (spec.block_q, spec.block_k) == (32, 32)
   assert select_backend(spec).name == "xla"
-  for name in ("pallas_mosaic", "cudnn"):
-    with pytest.raises(nmattn.UnsupportedCallError, match="block_pattern"):
-      nmattn.nm_attention(q, k, v, block_pattern=pattern, implementation=name)
+  with pytest.raises(nmattn.UnsupportedCallError, match="block_pattern"):
+    nmattn.nm_attention(q, k, v, block_pattern=pattern, implementation="cudnn")
   with pytest.raises(ValueError, match="block_pattern.block_k must be a multiple"):
     nmattn.nm_attention(q, k, v, n=2, m=4, block_pattern=nmattn.BlockPattern(
         np.ones((1, 1), np.int8), block_q=32, block_k=6))

@@ -7,6 +7,7 @@ in `test_pallas_mosaic_twin.py`.
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,29 @@ def test_unsupported_reason_names_the_problem():
                           implementation=default)
 
 
+def test_pattern_blocks_must_hold_whole_kernel_tiles():
+  """A CTA's 128 query rows and `block_kv` keys must divide the blocks."""
+  q = jnp.zeros((1, 512, 2, 128), jnp.bfloat16)
+
+  def reason(block_q, block_k, tuning=fw.MosaicTuning()):
+    pattern = nmattn.BlockPattern(np.ones((1, 1), np.int8), block_q, block_k)
+    spec = canonicalize(q, q, q, block_pattern=pattern)[0].spec
+    return fw.pattern_unsupported_reason(spec, tuning)
+
+  assert reason(128, 128) is None and reason(256, 384) is None
+  assert "block_pattern.block_q=64" in reason(64, 128)
+  assert "block_pattern.block_k=64 (it needs a multiple of block_kv=128)" in (
+      reason(128, 64))
+  assert reason(128, 64, fw.MosaicTuning(block_kv=64)) is None
+  assert fw.pattern_unsupported_reason(
+      canonicalize(q, q, q)[0].spec, fw.MosaicTuning()) is None
+  if jax.default_backend() != "gpu":
+    pattern = nmattn.BlockPattern(np.ones((1, 1), np.int8), 64, 128)
+    with pytest.raises(nmattn.UnsupportedCallError, match="pallas_mosaic"):
+      nmattn.nm_attention(q, q, q, block_pattern=pattern,
+                          implementation="pallas_mosaic")
+
+
 def test_shared_memory_check_leaves_room_for_mosaic_padding():
   # Three 128-key stages at head_dim 128 allocate 230008 bytes of our own,
   # which Mosaic GPU pads to 232568 > 232448: the check must refuse them.
@@ -109,6 +133,12 @@ LOWERING_CASES = {
     "d64 fp16 gqa": dict(head_dim=64, dtype=jnp.float16, kv_heads=1),
     "ragged lengths": dict(q_len=300, kv_len=333, lengths=True),
     "bias mask bk64": dict(extras=True, tuning=fw.MosaicTuning(block_kv=64)),
+    # Block patterns: per-segment bodies (N:M or dense, partial or full),
+    # the second copy of V for the dense tiles of a sparse-PV kernel.
+    "pattern 2:4 sparse causal": dict(pattern=(128, 128), is_causal=True),
+    "pattern 2:4 dense-pv lengths": dict(pattern=(256, 128), lengths=True,
+                                         tuning=fw.MosaicTuning(sparse_pv=False)),
+    "pattern 4:4 bias": dict(pattern=(128, 256), n=4, m=4, extras=True),
 }
 
 
@@ -125,6 +155,7 @@ def test_kernel_lowers_for_cuda(case):
   q_len, kv_len = kw.pop("q_len", 256), kw.pop("kv_len", 256)
   lengths, extras = kw.pop("lengths", False), kw.pop("extras", False)
   tuning = kw.pop("tuning", None)
+  pattern = kw.pop("pattern", None)
   kw = dict(dict(n=2, m=4), **kw)
   spec = jax.ShapeDtypeStruct
   args = [spec((2, q_len, 4, head_dim), dtype),
@@ -133,13 +164,17 @@ def test_kernel_lowers_for_cuda(case):
           spec((1, 4, q_len, kv_len), jnp.float32) if extras else None,
           spec((2, 1, q_len, kv_len), jnp.bool_) if extras else None,
           spec((2,), jnp.int32) if lengths else None,
-          spec((2,), jnp.int32) if lengths else None]
+          spec((2,), jnp.int32) if lengths else None,
+          None if pattern is None else spec(
+              (2, 4, -(-q_len // pattern[0]), -(-kv_len // pattern[1])), jnp.int8)]
   present = [a for a in args if a is not None]
 
   def kernel(*xs):
     it = iter(xs)
-    q, k, v, bias, mask, q_lengths, kv_lengths = [
+    q, k, v, bias, mask, q_lengths, kv_lengths, modes = [
         None if a is None else next(it) for a in args]
+    if pattern is not None:
+      kw["block_pattern"] = nmattn.BlockPattern(modes, *pattern)
     call, _ = canonicalize(q, k, v, bias, mask, query_seq_lengths=q_lengths,
                            key_value_seq_lengths=kv_lengths, **kw)
     return fw.nm_flash_attention_fwd(call, tuning)
@@ -247,3 +282,84 @@ def test_backend_dispatch_on_hopper(rng):
   out = nmattn.nm_attention(q, q, q, implementation="pallas_mosaic")
   ref = reference.nm_attention_reference(q, q, q)
   assert rel_err(out, ref) < 1e-2
+
+
+# Random per-head modes (all three) at real sizes: (q_len, kv_len, kv heads,
+# block_q, block_k, tuning, kwargs of the call).
+PATTERN_CASES = {
+    "2:4 sparse-pv causal gqa": (1024, 1024, 2, 128, 128, None,
+                                 dict(n=2, m=4, is_causal=True)),
+    "2:4 dense-pv bias lengths": (
+        700, 900, 4, 256, 128, fw.MosaicTuning(sparse_pv=False),
+        dict(n=2, m=4, bias=True, lengths=True)),
+    "1:2 window bk64": (1024, 768, 4, 128, 64, fw.MosaicTuning(block_kv=64),
+                        dict(n=1, m=2, local_window_size=(300, 100))),
+    "4:4 block-sparse": (1024, 1024, 1, 128, 256, None, dict(n=4, m=4)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("hopper")
+@pytest.mark.parametrize("name", list(PATTERN_CASES))
+def test_block_pattern_matches_reference(rng, name):
+  """The per-segment loops over the tile lists, forward and (through the
+  Triton backward) gradients, against the float32 reference; a second call
+  on other inputs first, so that unwritten output would show."""
+  q_len, kv_len, kv_heads, block_q, block_k, tuning, kwargs = PATTERN_CASES[name]
+  kwargs = dict(kwargs)
+  batch, heads = 2, 4
+
+  def case():
+    q = _normal(rng, (batch, q_len, heads, 128))
+    k, v = (_normal(rng, (batch, kv_len, kv_heads, 128)) for _ in range(2))
+    modes = jnp.asarray(rng.integers(0, 3, (batch, heads, -(-q_len // block_q),
+                                            -(-kv_len // block_k))), jnp.int8)
+    return q, k, v, modes
+
+  bias = None
+  if kwargs.pop("bias", False):
+    bias = jnp.asarray(rng.standard_normal((1, heads, q_len, kv_len)), jnp.float32)
+  if kwargs.pop("lengths", False):
+    kwargs["query_seq_lengths"] = jnp.asarray([q_len, q_len // 2], jnp.int32)
+    kwargs["key_value_seq_lengths"] = jnp.asarray([kv_len // 3, kv_len], jnp.int32)
+  backend = nmattn.backends.PallasMosaic(config=tuning)
+  cotangent = jnp.asarray(rng.standard_normal((batch, q_len, heads, 128)),
+                          jnp.float32)
+
+  def loss(fn, q, k, v, bias, modes):
+    pattern = nmattn.BlockPattern(modes, block_q, block_k)
+    out = fn(q, k, v, bias, block_pattern=pattern, **kwargs)
+    return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  kernel = functools.partial(nmattn.nm_attention, implementation=backend)
+  grad = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=argnums,
+                          has_aux=True))
+  grad(*case()[:3], bias, case()[3])
+  q, k, v, modes = case()
+  got, out = grad(q, k, v, bias, modes)
+  want, ref = jax.jit(jax.grad(functools.partial(
+      loss, reference.nm_attention_reference), argnums=argnums, has_aux=True))(
+          q, k, v, bias, modes)
+  errs = {"forward": rel_err(out, ref)}
+  errs.update({n: rel_err(g, w) for n, g, w in zip(("dq", "dk", "dv", "dbias"),
+                                                  got, want)})
+  print(f"mosaic pattern {name}: " + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()))
+  assert np.isfinite(np.asarray(out, np.float32)).all()
+  assert errs.pop("forward") < 1e-2
+  for grad_name, err in errs.items():
+    assert err < 1e-2, grad_name
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("hopper")
+def test_all_skipped_query_blocks_give_zero_rows(rng):
+  """A CTA whose list is empty writes zeros and lse +inf."""
+  q = _normal(rng, (1, 512, 2, 128))
+  modes = jnp.ones((1, 2, 4, 4), jnp.int8).at[:, :, 1].set(nmattn.SKIP)
+  pattern = nmattn.BlockPattern(modes, 128, 128)
+  out, lse = _kernel(q, q, q, n=2, m=4, block_pattern=pattern)
+  assert np.all(np.asarray(out[:, 128:256]) == 0)
+  assert np.all(np.isinf(np.asarray(lse[:, :, 128:256])))
+  want = reference.nm_attention_reference(q, q, q, block_pattern=pattern)
+  assert rel_err(out, want) < 1e-2

@@ -228,16 +228,23 @@ def test_bf16_pattern_at_scale_matches_reference(rng, name):
       assert errs[grad_name] < GRAD_TOL[jnp.bfloat16], grad_name
 
 
-def test_auto_picks_triton_for_patterns(rng):
+def test_auto_picks_a_kernel_for_patterns(rng):
+  """`None` runs a pattern on the Hopper kernel where its tiles divide the
+  blocks, else on Triton (both against the reference)."""
   q, k, v = random_inputs(rng, batch=1, q_len=512, kv_len=512, heads=4,
                           kv_heads=4, head_dim=128, dtype=jnp.bfloat16)
-  pattern = nmattn.patterns.local_band(512, 512, block_q=128, block_k=128,
-                                       width=1)
-  spec = canonicalize(q, k, v, n=2, m=4, block_pattern=pattern)[0].spec
-  assert select_backend(spec).name == "pallas_triton"
-  out = jax.jit(functools.partial(nmattn.nm_attention, block_pattern=pattern))(q, k, v)
-  want = reference.nm_attention_reference(q, k, v, block_pattern=pattern)
-  assert rel_err(out, want) < FORWARD_TOL[jnp.bfloat16]
+  hopper = nmattn.backends.PallasMosaic().unsupported_reason(
+      canonicalize(q, k, v)[0].spec) is None
+  for block, want_backend in ((128, "pallas_mosaic" if hopper else "pallas_triton"),
+                              (64, "pallas_triton")):
+    pattern = nmattn.patterns.local_band(512, 512, block_q=block,
+                                         block_k=block, width=1)
+    spec = canonicalize(q, k, v, n=2, m=4, block_pattern=pattern)[0].spec
+    assert select_backend(spec).name == want_backend
+    out = jax.jit(functools.partial(nmattn.nm_attention,
+                                    block_pattern=pattern))(q, k, v)
+    want = reference.nm_attention_reference(q, k, v, block_pattern=pattern)
+    assert rel_err(out, want) < FORWARD_TOL[jnp.bfloat16]
 
 
 @pytest.mark.parametrize("kwargs", [dict(is_causal=True, n=2, m=4),

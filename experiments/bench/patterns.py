@@ -120,9 +120,10 @@ def _forward_and_backward(attention):
 class _Row:
   """One attention row: its name, `fn(q, k, v, *extra)`, and how it takes a pattern."""
 
-  def __init__(self, name, fn, takes, nm=None):
+  def __init__(self, name, fn, takes, nm=None, implementation=None):
     self.name, self.fn, self.takes = name, fn, takes  # takes: None, "modes", "mask"
     self.nm = nm  # (n, m) of an nmattn row
+    self.implementation = implementation  # its backend (None: auto)
 
 
 def make_rows(args, is_causal: bool) -> list[_Row]:
@@ -137,30 +138,31 @@ def make_rows(args, is_causal: bool) -> list[_Row]:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
                                         implementation=dense_impl)
 
-  def patterned(n, m):
+  def patterned(n, m, implementation):
     def attention(q, k, v, modes):
       pattern = nmattn.BlockPattern(modes, block, block)
       return nmattn.nm_attention(q, k, v, is_causal=is_causal, n=n, m=m,
                                  block_pattern=pattern,
-                                 implementation=args.implementation)
+                                 implementation=implementation)
     return attention
 
   rows = [_Row(f"{dense_impl} dense", dense, None)]
-  rows += [_Row(f"nmattn {args.implementation or 'auto'} {n}:{m}", patterned(n, m),
-                "modes", (n, m)) for n, m in args.nm]
+  rows += [_Row(f"nmattn {implementation or 'auto'} {n}:{m}",
+                patterned(n, m, implementation), "modes", (n, m), implementation)
+           for implementation in args.implementation for n, m in args.nm]
   rows.append(_Row(f"{dense_impl} masked", masked, "mask"))
   return [r for r in rows if not args.rows or any(s in r.name for s in args.rows)]
 
 
 def _unsupported(args, row, q, k, v, is_causal, modes) -> str | None:
   """Why the row's nmattn backend cannot run this patterned call, or None."""
-  if row.takes != "modes" or args.implementation is None:
+  if row.takes != "modes" or row.implementation is None:
     return None
   n, m = row.nm
   spec = canonicalize(q, k, v, is_causal=is_causal, n=n, m=m,
                       block_pattern=nmattn.BlockPattern(modes, args.block,
                                                         args.block))[0].spec
-  return backends.BACKENDS[args.implementation].unsupported_reason(spec)
+  return backends.BACKENDS[row.implementation].unsupported_reason(spec)
 
 
 def _timed(compiled, operands, args) -> float:
@@ -409,8 +411,8 @@ def parse_args(argv=None):
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--heads", type=int, default=16)
   parser.add_argument("--tokens", type=int, default=16384, help="batch * seq")
-  parser.add_argument("--implementation", default="pallas_triton",
-                      help="nmattn backend of the patterned rows")
+  parser.add_argument("--implementation", nargs="+", default=["pallas_triton"],
+                      help="nmattn backends of the patterned rows (auto: None)")
   parser.add_argument("--dense-implementation", default="cudnn",
                       choices=("cudnn", "xla"), help="jax.nn backend of the baselines")
   parser.add_argument("--mask-limit-gib", type=float, default=40.0,
@@ -426,8 +428,7 @@ def parse_args(argv=None):
   parser.add_argument("--json", default=None, help="output path (default $OUT/...)")
   parser.add_argument("--verbose", action="store_true")
   args = parser.parse_args(argv)
-  if args.implementation == "auto":
-    args.implementation = None
+  args.implementation = [None if i == "auto" else i for i in args.implementation]
   for density in args.densities:
     if not 0 < density <= 1:
       parser.error(f"--densities must be in (0, 1]; got {density}")

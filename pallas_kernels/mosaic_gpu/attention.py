@@ -32,8 +32,9 @@ def _device_reason() -> str | None:
 
 def unsupported_reason(spec: AttentionSpec, tuning: MosaicTuning) -> str | None:
   """Why the kernel cannot run a call with `spec` and `tuning` here (None if it can)."""
-  reason = forward.shape_unsupported_reason(spec.dtype, spec.head_dim, spec.m,
-                                            tuning)
+  reason = (forward.shape_unsupported_reason(spec.dtype, spec.head_dim, spec.m,
+                                             tuning)
+            or forward.pattern_unsupported_reason(spec, tuning))
   if reason is not None:
     return f"the kernel does not support {reason}"
   return _device_reason()
@@ -44,25 +45,29 @@ Backward = Callable[..., tuple]
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _attention(spec, tuning, backward, q, k, v, bias, mask, q_lengths,
-               kv_lengths):
-  call = AttentionCall(q, k, v, bias, mask, q_lengths, kv_lengths, spec)
+               kv_lengths, block_modes):
+  call = AttentionCall(q, k, v, bias, mask, q_lengths, kv_lengths, spec,
+                       block_modes)
   return forward.nm_flash_attention_fwd(call, tuning)[0]
 
 
 def _attention_fwd(spec, tuning, backward, q, k, v, bias, mask, q_lengths,
-                   kv_lengths):
+                   kv_lengths, block_modes):
   del backward
-  call = AttentionCall(q, k, v, bias, mask, q_lengths, kv_lengths, spec)
+  call = AttentionCall(q, k, v, bias, mask, q_lengths, kv_lengths, spec,
+                       block_modes)
   out, lse = forward.nm_flash_attention_fwd(call, tuning)
-  return out, (call[:7], out, lse)
+  return out, ((q, k, v, bias, mask, q_lengths, kv_lengths, block_modes), out,
+               lse)
 
 
 def _attention_bwd(spec, tuning, backward, residuals, d_out):
   del tuning
-  operands, out, lse = residuals
-  call = AttentionCall(*operands, spec)
+  (q, k, v, bias, mask, q_lengths, kv_lengths, block_modes), out, lse = residuals
+  call = AttentionCall(q, k, v, bias, mask, q_lengths, kv_lengths, spec,
+                       block_modes)
   dq, dk, dv, dbias = backward(call, out, lse, d_out)
-  return dq, dk, dv, dbias, None, None, None
+  return dq, dk, dv, dbias, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -71,4 +76,4 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def nm_flash_attention(call: AttentionCall, tuning: MosaicTuning,
                        backward: Backward):
   """The Hopper forward of `call`, differentiable through `backward`."""
-  return _attention(call.spec, tuning, backward, *call[:7])
+  return _attention(call.spec, tuning, backward, *call[:7], call.block_modes)

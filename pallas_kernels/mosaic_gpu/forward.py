@@ -15,6 +15,13 @@ a ring of `max_concurrent_steps` shared-memory stages. Per key tile a consumer
    at most two of every four keys (2:4, 1:4, 1:2) and `sparse_pv` is on,
    else with dense `wgmma` on the pruned `P`.
 
+With a block pattern the producer streams only the key tiles of the CTA's
+list (`tile_plan.pattern_tiles`, made once per call, rows of 128 queries)
+and the consumers walk it segment by segment, each with its own body:
+positional masks only in partial tiles, no selection and dense `P V` in
+`DENSE` tiles (from a second copy of V in the keys' permuted order when the
+N:M tiles take `P V` sparse).
+
 Returns `(out [B, T, H, D], lse [B, H, T] float32)`, `lse` the natural log of
 the sum of exp of the kept scores, +inf for rows without a valid key (so that
 `exp(s - lse)` is 0 there, as the Triton backward expects).
@@ -86,6 +93,26 @@ class _Config(NamedTuple):
   width: int          # key permutation width (0: identity)
   sparse: bool        # P V on the sparse tensor cores
   extra_shape: tuple[int, int, int, int] | None
+  pattern_shape: tuple[int, int, int, int] | None  # tile lists [B', H', rows, cols]
+
+
+def pattern_unsupported_reason(spec: AttentionSpec,
+                               tuning: MosaicTuning) -> str | None:
+  """Why the kernel's tiles cannot walk `spec`'s block pattern (None if they can).
+
+  A CTA's 128 query rows and a pipeline step's `block_kv` keys are the
+  tiles of the lists, so they must divide the pattern's blocks.
+  """
+  if not spec.has_pattern:
+    return None
+  rows = COMPUTE_WGS * BLOCK_Q
+  if spec.block_q % rows:
+    return (f"block_pattern.block_q={spec.block_q} (it needs a multiple of "
+            f"{rows}, the query rows of a CTA)")
+  if spec.block_k % tuning.block_kv:
+    return (f"block_pattern.block_k={spec.block_k} (it needs a multiple of "
+            f"block_kv={tuning.block_kv})")
+  return None
 
 
 def shape_unsupported_reason(dtype, head_dim: int, m: int,
@@ -160,12 +187,20 @@ def nm_flash_attention_fwd(call: AttentionCall,
   width = max(4, spec.m) if not spec.is_dense else 0
   sparse = tuning.sparse_pv and width == 4 and ts.sparse_pattern_fits(spec.n,
                                                                       spec.m)
-  q_pad = round_up(spec.q_len, COMPUTE_WGS * BLOCK_Q)
+  rows = COMPUTE_WGS * BLOCK_Q
+  q_pad = round_up(spec.q_len, rows)
   kv_pad = round_up(spec.kv_len, max(tuning.block_kv, 4 * width))
   extra = _combine_extra(call.bias, call.mask, q_pad, kv_pad)
+  pattern = None
+  if spec.has_pattern:
+    pattern = tile_plan.pattern_tiles(
+        spec, call.block_modes, rows, tuning.block_kv, q_pad // rows,
+        kv_pad // tuning.block_kv, call.q_lengths, call.kv_lengths,
+        masks_queries=False)
   cfg = _Config(spec=spec, tuning=tuning, q_pad=q_pad, kv_pad=kv_pad,
                 width=width, sparse=sparse,
-                extra_shape=None if extra is None else tuple(extra.shape))
+                extra_shape=None if extra is None else tuple(extra.shape),
+                pattern_shape=None if pattern is None else tuple(pattern.tiles.shape))
 
   # Scores come out in permuted key order; the sparse operand's metadata
   # restores natural order for P V, dense P V needs V permuted like K.
@@ -173,10 +208,14 @@ def nm_flash_attention_fwd(call: AttentionCall,
   values = pad_axis(call.value, 1, kv_pad)
   inputs = [pad_axis(call.query, 1, q_pad), _permute_keys(keys, width),
             values if sparse else _permute_keys(values, width)]
+  if sparse and pattern is not None:  # for the DENSE tiles' dense P V
+    inputs.append(_permute_keys(values, width))
   if extra is not None:
     inputs.append(extra)
   if call.kv_lengths is not None:
     inputs.append(call.kv_lengths)
+  if pattern is not None:
+    inputs += [pattern.tiles, pattern.bounds]
   out, lse = _call(cfg, *inputs, profile_dir=profile_dir)
   out, lse = out[:, :spec.q_len], lse[:, :, :spec.q_len]
   if call.q_lengths is not None:
@@ -214,12 +253,14 @@ def _score_units(cfg: _Config) -> float:
   return 1.0
 
 
-def _make_select(cfg: _Config, positional: bool):
+def _make_select(cfg: _Config, positional: bool, dense: bool = False):
   """The inline Mosaic GPU function: raw scores -> selected (and compressed).
 
   `positional`: apply the positional masks (a partial tile of the tile
-  plan); the bias/mask term applies to every tile.
+  plan); the bias/mask term applies to every tile. `dense`: a pattern's
+  `DENSE` tile, every valid score kept and returned uncompressed.
   """
+  compress = cfg.sparse and not dense
   bk = cfg.tuning.block_kv
   prescale = _score_units(cfg) == 1.0
   mask = ts.MaskSpec(causal=cfg.spec.is_causal, window=cfg.spec.window,
@@ -229,7 +270,7 @@ def _make_select(cfg: _Config, positional: bool):
   arg_types = [plgpu.Layout.WGMMA] + [splat] * 5
   if has_extra:
     arg_types.append(plgpu.RefType())
-  if cfg.sparse:
+  if compress:
     ret = (plgpu.ShapeDtypeStruct((BLOCK_Q, bk // 2), jnp.float32,
                                   plgpu.Layout.WGMMA),
            plgpu.ShapeDtypeStruct((BLOCK_Q, 8), jnp.int32, plgpu.Layout.WGMMA))
@@ -254,17 +295,20 @@ def _make_select(cfg: _Config, positional: bool):
     if has_extra:
       extra = _load_extra(cfg, ops, extra_ref[0], scalar(b), scalar(h), row0,
                           thread_key, len(vals[0]))
-    # The compressed path keeps NaN by itself; the dense one needs the poison.
-    poison = None if cfg.sparse else ts.nan_poison(ops, vals)
+    # The compressed path keeps NaN by itself, as does a tile without
+    # selection; the dense selection needs the poison.
+    poison = None if compress or dense else ts.nan_poison(ops, vals)
     if prescale:
       vals = ts.scale_scores(ops, vals, cfg.spec.scale * LOG2E, extra)
     if positional:
       vals = ts.apply_masks(ops, vals, mask, cfg.width,
                             ops.isub(row0, thread_key),
                             ops.isub(kv_valid, thread_key))
-    if cfg.sparse:
+    if compress:
       comp, words = ts.select_compress(ops, vals, cfg.spec.n, cfg.spec.m, t)
       return (mlir_ops.rows_to_array(comp), mlir_ops.words_to_array(ops, words))
+    if dense:
+      return mlir_ops.rows_to_array(vals)
     selected = ts.select_dense(ops, vals, cfg.spec.n, cfg.spec.m)
     return mlir_ops.rows_to_array(ts.add_poison(ops, selected, poison))
 
@@ -317,12 +361,27 @@ def _make_sparse_pv(cfg: _Config):
   return sparse_pv
 
 
+def _list_reader(cfg: _Config, ref, b, h, q_tile):
+  """`entry(i)`: entry `i` of this CTA's row of a pattern's tile lists."""
+  batch, heads = cfg.pattern_shape[:2]
+  pb = b if batch > 1 else 0
+  ph = h if heads > 1 else 0
+  return lambda i: ref[pb, ph, q_tile, i]
+
+
+# A pattern's segments as the consumers walk them: (segment, partial, dense).
+_SEGMENTS = ((tile_plan.NM_PARTIAL, True, False), (tile_plan.NM_FULL, False, False),
+             (tile_plan.DENSE_PARTIAL, True, True),
+             (tile_plan.DENSE_FULL, False, True))
+
+
 def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
   bk = cfg.tuning.block_kv
   steps = cfg.tuning.max_concurrent_steps
   dtype = cfg.spec.dtype
   groups = cfg.spec.heads // cfg.spec.kv_heads
   has_extra = cfg.extra_shape is not None
+  has_pattern = cfg.pattern_shape is not None
   # Rows past q_len are discarded and rows past q_lengths zeroed after the
   # kernel, so only keys make a tile partial here.
   positional = tile_plan.needs_positional_masks(cfg.spec, cfg.kv_pad,
@@ -332,26 +391,42 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
   # at most 7 regions per step, and a few outside the loop.
   profile = {} if profile_dir is None else dict(
       profile_space=16 * (cfg.kv_pad // bk + 4), profile_dir=profile_dir)
-  select_full = _make_select(cfg, positional=False)
-  select_partial = _make_select(cfg, positional=True) if positional else None
+  selects = {(partial, dense): _make_select(cfg, partial, dense)
+             for partial in ((False, True) if positional else (False,))
+             for dense in ((False, True) if has_pattern else (False,))}
   sparse_pv = _make_sparse_pv(cfg) if cfg.sparse else None
 
   def kernel(q_ref, k_ref, v_ref, *refs):
     refs = list(refs)
+    v_dense_ref = refs.pop(0) if has_pattern and cfg.sparse else v_ref
     extra_ref = refs.pop(0) if has_extra else None
     kvlen_ref = refs.pop(0) if cfg.spec.has_kv_lengths else None
+    tiles_ref, bounds_ref = (refs.pop(0), refs.pop(0)) if has_pattern else (None,) * 2
     out_ref, lse_ref, scratch = refs
     (qo_smem2, k_smem, v_smem, lse_smem2), barriers = scratch
     (k_full, v_full, q_full, k_free, v_free, sched) = barriers
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
     q_tile = lax.axis_index("q_seq")
+    # Causal: the longest rows first, a shorter tail (16k, 2:4: 1.13x cuDNN,
+    # 1.02x in launch order; docs/benchmarks_history.md, "Launch order").
+    if cfg.spec.is_causal:
+      q_tile = cfg.q_pad // (COMPUTE_WGS * BLOCK_Q) - 1 - q_tile
     wg = lax.axis_index("wg")
     kv_valid = jnp.int32(cfg.spec.kv_len)
     if kvlen_ref is not None:
       kv_valid = jnp.clip(kvlen_ref[b], 0, cfg.spec.kv_len)
-    cta_tiles = _cta_tiles(cfg, q_tile, kv_valid)
-    lo, hi = cta_tiles.lo, cta_tiles.hi
+    if has_pattern:
+      # Steps walk the list: step i loads key tile `tile_of(i)`, and the
+      # steps from bounds[DENSE_PARTIAL] on are DENSE tiles.
+      tile_of = _list_reader(cfg, tiles_ref, b, h, q_tile)
+      bound = _list_reader(cfg, bounds_ref, b, h, q_tile)
+      lo, hi = jnp.int32(0), bound(tile_plan.SKIPPED)
+      dense_from = bound(tile_plan.DENSE_PARTIAL)
+    else:
+      cta_tiles = _cta_tiles(cfg, q_tile, kv_valid)
+      lo, hi = cta_tiles.lo, cta_tiles.hi
+      tile_of = lambda i: i
     num_steps = hi - lo
 
     # A rendezvous of the two consumer warpgroups. It does not make them take
@@ -382,9 +457,10 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
 
       # The named scopes are the regions of the Mosaic GPU profiler's trace
       # (`profile_dir`); they cost nothing otherwise.
-      def step(kv_step, carry, partial):
+      def step(kv_step, carry, partial, dense):
         acc, m_i, l_i = carry
         slot = lax.rem(kv_step - lo, jnp.int32(steps))
+        compressed = cfg.sparse and not dense
         with jax.named_scope("wait_k"):
           plgpu.barrier_wait(k_full.at[slot])
 
@@ -397,12 +473,12 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
 
         qk = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, bk), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
-        select = select_partial if partial else select_full
-        args = [qk, kv_step * bk, q_first, kv_valid, b, h]
+        select = selects[(partial, dense)]
+        args = [qk, tile_of(kv_step) * bk, q_first, kv_valid, b, h]
         if has_extra:
           args.append(extra_ref)
         with jax.named_scope("select"):
-          if cfg.sparse:
+          if compressed:
             scores, meta = select(*args)
           else:
             scores, meta = select(*args), None
@@ -421,7 +497,7 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
           plgpu.barrier_wait(v_full.at[slot])
           plgpu.barrier_wait(sched)
         with jax.named_scope("pv"):
-          if cfg.sparse:
+          if compressed:
             acc = sparse_pv(acc, p16, meta, v_smem.at[slot])
           else:
             def compute_pv(acc_ref):
@@ -430,17 +506,24 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_new, l_i
 
+      def walk(start, stop, carry, partial, dense=False):
+        return lax.fori_loop(start, stop, functools.partial(
+            step, partial=partial, dense=dense), carry)
+
       carry = (acc, m_i, l_i)
-      if positional:
+      if has_pattern:
+        for segment, partial, dense in _SEGMENTS:
+          if partial and not positional:
+            continue
+          carry = walk(bound(segment), bound(segment + 1), carry, partial, dense)
+      elif positional:
         tiles = _warpgroup_tiles(cfg, q_first, cta_tiles, kv_valid)
         for start, stop, partial in ((tiles.lo, tiles.full_lo, True),
                                      (tiles.full_lo, tiles.full_hi, False),
                                      (tiles.full_hi, tiles.hi, True)):
-          carry = lax.fori_loop(start, stop,
-                                functools.partial(step, partial=partial), carry)
+          carry = walk(start, stop, carry, partial)
       else:
-        carry = lax.fori_loop(lo, hi, functools.partial(step, partial=False),
-                              carry)
+        carry = walk(lo, hi, carry, False)
       acc, m_i, l_i = carry
       pl.when(wg == 0)(schedule_barrier)
 
@@ -460,10 +543,19 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       plgpu.set_max_registers(40, action="decrease")
       kv_head = lax.div(h, jnp.int32(groups))
 
+      def copy_v(i, rows, slot):
+        if v_dense_ref is v_ref:
+          plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
+          return
+        dense = lo + i >= dense_from
+        for source, when in ((v_ref, ~dense), (v_dense_ref, dense)):
+          pl.when(when)(lambda source=source: plgpu.copy_gmem_to_smem(
+              source.at[rows], v_smem.at[slot], v_full.at[slot]))
+
       def load(i, slot):
-        rows = (b, pl.ds((lo + i) * bk, bk), kv_head)
+        rows = (b, pl.ds(tile_of(lo + i) * bk, bk), kv_head)
         plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_full.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
+        copy_v(i, rows, slot)
 
       for i in range(steps):
         pl.when(i < num_steps)(functools.partial(load, i, i))
@@ -471,13 +563,13 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       @pl.loop(steps, jnp.maximum(num_steps, steps))
       def _refill(i):
         slot = lax.rem(i, jnp.int32(steps))
-        rows = (b, pl.ds((lo + i) * bk, bk), kv_head)
+        rows = (b, pl.ds(tile_of(lo + i) * bk, bk), kv_head)
         with jax.named_scope("producer_wait_free_k"):
           plgpu.barrier_wait(k_free.at[slot])
         plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_full.at[slot])
         with jax.named_scope("producer_wait_free_v"):
           plgpu.barrier_wait(v_free.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
+        copy_v(i, rows, slot)
 
   def entry(*refs):
     tiling = plgpu.TilingTransform((8, SWIZZLE // 2))
