@@ -17,6 +17,14 @@ block pattern, chosen in the config (a function cannot be a config value):
                                           n == m: plain block-sparse)
   config.attention.pattern.block  square block size (128: the Triton tile)
 
+and whose layers may compute in bfloat16:
+
+  config.model.dtype   "float32" (the experiment models' default) or
+                       "bfloat16": activations and attention inputs in
+                       bfloat16 (the GPU kernels' tensor-core path),
+                       parameters, logits and loss in float32
+                       (`TransformerConfig.dtype`)
+
 A run picks it with `config.task = "bytelm_pattern"` and
 `config.task_module = "experiments.long_context"` (as
 experiments/configs/bytelm_long.py does). `attention.kind` stays "dense" or
@@ -27,6 +35,7 @@ same parameter tree.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from experiments import tasks
@@ -73,10 +82,16 @@ def causal_block_fraction(seq_len: int, pattern_config) -> float:
 
 
 class PatternByteLMTask(tasks.ByteLMTask):
-  """`tasks.ByteLMTask` with `config.attention.pattern` on every layer."""
+  """`tasks.ByteLMTask` with `config.attention.pattern` on every layer and
+  `config.model.dtype` as the decoder's compute dtype."""
+
+  # The values of config.model.dtype this task runs (`train.validate`).
+  compute_dtypes = ("float32", "bfloat16")
 
   def __init__(self, config):
     super().__init__(config)
+    self.model = self.model.clone(config=dataclasses.replace(
+        self.model.config, dtype=config.model.get("dtype", "float32")))
     block_pattern = pattern_function(config.attention.pattern)
     if block_pattern is not None:
       if config.attention.kind != "nm":

@@ -81,6 +81,13 @@ def validate(config) -> None:
     raise ValueError(f"config.task must be one of {tasks.TASKS}; got "
                      f"config.task={config.task!r}")
   tasks.attention_spec(config)  # validates attention.kind / n / m
+  # A task that does not declare other compute dtypes runs in float32 only,
+  # so a bfloat16 request is refused rather than ignored.
+  dtypes = getattr(tasks.TASKS[config.task], "compute_dtypes", ("float32",))
+  dtype = config.get("model", {}).get("dtype", "float32")
+  if dtype not in dtypes:
+    raise ValueError(f"config.model.dtype must be one of {dtypes} for task "
+                     f"{config.task!r}; got config.model.dtype={dtype!r}")
   for name in ("batch_size", "eval_batch_size", "log_every"):
     if config[name] < 1:
       raise ValueError(f"config.{name} must be >= 1; got "

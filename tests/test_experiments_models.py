@@ -9,16 +9,18 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 
 import nmattn
 import nmattn.importance
+import nmattn.patterns
 import nmattn.pruning
 from experiments.models import attention
 from experiments.models.attention import AttentionSpec
-from experiments.models.transformer import (Decoder, Encoder, EncoderLayer,
-                                            SentenceEncoder,
+from experiments.models.transformer import (Decoder, DecoderLayer, Encoder,
+                                            EncoderLayer, SentenceEncoder,
                                             SequenceClassifier,
                                             TransformerConfig, decode_logits,
                                             mean_pool)
@@ -140,6 +142,177 @@ def test_decoder_is_causal(spec, rng):
   np.testing.assert_allclose(apply(params, changed)[:, :15],
                              logits[:, :15], rtol=1e-5, atol=1e-5)
   assert logits.shape == (2, 24, TINY.vocab_size)
+
+
+def _block_pattern():
+  return functools.partial(nmattn.patterns.topk_blocks, block_q=8, block_k=8,
+                           k=2, local_blocks=1, sink_blocks=0, is_causal=True,
+                           mode=nmattn.patterns.NM)
+
+
+CAUSAL_KINDS = KINDS + [AttentionSpec("pattern", 2, 4,
+                                      block_pattern=_block_pattern())]
+
+
+def _materialised_mask_logits(model, params, tokens):
+  """The decoder as it was: every layer given `nn.make_causal_mask`, no is_causal."""
+  cfg = model.config
+  embed = nn.Embed(cfg.vocab_size, cfg.hidden_size)
+  x = embed.apply({"params": params["word_embeddings"]}, tokens)
+  x = x + nn.Embed(cfg.max_len, cfg.hidden_size).apply(
+      {"params": params["position_embeddings"]},
+      jnp.arange(tokens.shape[-1])[None])
+  for i in range(cfg.num_layers):
+    x = DecoderLayer(cfg, model.attention, is_causal=False).apply(
+        {"params": params[f"layer_{i}"]}, x, nn.make_causal_mask(tokens), True)
+  x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon).apply(
+      {"params": params["final_ln"]}, x)
+  return embed.apply({"params": params["word_embeddings"]}, x,
+                     method=nn.Embed.attend)
+
+
+@pytest.mark.parametrize("spec", CAUSAL_KINDS, ids=lambda s: s.label)
+def test_decoder_is_causal_equals_the_materialised_mask(spec, rng):
+  """is_causal inside the attention gives the old [S, S] mask's logits."""
+  config = dataclasses.replace(TINY, num_layers=2)
+  tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 24)))
+  model = Decoder(config, spec)
+  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+  logits = jax.jit(model.apply)({"params": params}, tokens)
+  expected = jax.jit(functools.partial(_materialised_mask_logits, model))(
+      params, tokens)
+  assert logits.dtype == expected.dtype == jnp.float32
+  np.testing.assert_allclose(logits, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", CAUSAL_KINDS[:2], ids=lambda s: s.label)
+def test_causal_decoder_layer_takes_a_padding_mask_too(spec, rng):
+  """A mask beside is_causal (padded keys) is the two masks combined."""
+  x = jnp.asarray(rng.standard_normal((2, 24, TINY.hidden_size)), jnp.float32)
+  lengths = jnp.asarray([17, 24])
+  padding = (jnp.arange(24)[None] < lengths[:, None])[:, None, None, :]
+  causal = DecoderLayer(TINY, spec)
+  params = causal.init(jax.random.key(0), x, padding, True)
+  got = jax.jit(causal.apply)(params, x, padding, True)
+  combined = nn.make_causal_mask(x[..., 0]).astype(bool) & padding
+  expected = jax.jit(DecoderLayer(TINY, spec, is_causal=False).apply)(
+      params, x, combined, True)
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+  unpadded = jax.jit(causal.apply)(params, x, None, True)
+  assert not np.allclose(got[0, 17:], unpadded[0, 17:], atol=1e-3)
+  np.testing.assert_allclose(got[:, :17], unpadded[:, :17], rtol=1e-6,
+                             atol=1e-6)
+
+
+def test_causal_cudnn_kind_passes_is_causal_to_jax_nn(rng):
+  """The cudnn kind of a causal layer: jax.nn's is_causal (XLA on the CPU)."""
+  layer = attention.multi_head_attention(AttentionSpec("cudnn"), num_heads=4,
+                                         is_causal=True)
+  assert layer.attention_fn.func is attention.cudnn_attention
+  assert layer.attention_fn.keywords == {"is_causal": True}
+  x = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)
+  through_xla = nn.MultiHeadDotProductAttention(
+      num_heads=4, attention_fn=functools.partial(layer.attention_fn,
+                                                  implementation="xla"))
+  params = through_xla.init(jax.random.key(0), x)
+  masked = nn.MultiHeadDotProductAttention(num_heads=4).apply(
+      params, x, mask=nn.make_causal_mask(x[..., 0]))
+  np.testing.assert_allclose(jax.jit(through_xla.apply)(params, x), masked,
+                             rtol=1e-5, atol=1e-6)
+
+
+def _nmattn_input_dtypes(fn, *args):
+  """dtypes of the float `[batch, len, heads, head_dim]` operands (q, k, v)
+  of every custom VJP call in `fn`'s jaxpr: the nmattn backends' entry
+  points (no other part of the decoder has a custom VJP)."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if "custom_vjp" in eqn.primitive.name:
+        found.extend(str(v.aval.dtype) for v in eqn.invars
+                     if getattr(v.aval, "ndim", 0) == 4
+                     and jnp.issubdtype(v.aval.dtype, jnp.floating))
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            walk(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+BF16 = dataclasses.replace(TINY, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("spec", [CAUSAL_KINDS[0], CAUSAL_KINDS[1],
+                                  CAUSAL_KINDS[-1]], ids=lambda s: s.label)
+def test_bfloat16_decoder_gives_nmattn_bfloat16_inputs(spec, rng):
+  tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 24)))
+  params = Decoder(TINY, spec).init(jax.random.key(0), tokens)
+  for config, dtype in ((TINY, "float32"), (BF16, "bfloat16")):
+    model = Decoder(config, spec)
+    # Parameters stay float32 (one checkpoint for both), logits float32.
+    assert (jax.tree.structure(model.init(jax.random.key(0), tokens))
+            == jax.tree.structure(params))
+    dtypes = _nmattn_input_dtypes(model.apply, params, tokens)
+    # q, k and v of each of the layer's attention calls.
+    assert len(dtypes) >= 3 and set(dtypes) == {dtype}, dtypes
+    assert model.apply(params, tokens).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("spec", KINDS[:2], ids=lambda s: s.label)
+def test_bfloat16_decoder_trains(spec, rng):
+  """A few AdamW steps on one batch: finite, decreasing float32 loss, near
+  the float32 model's."""
+  windows = jnp.asarray(rng.integers(0, TINY.vocab_size, (4, 25)))
+  params = Decoder(TINY, spec).init(jax.random.key(0), windows[:, :-1])
+  tx = optax.adamw(3e-3)
+
+  def train(config):
+    model = Decoder(config, spec)
+
+    def loss_fn(params):
+      logits = model.apply(params, windows[:, :-1])
+      assert logits.dtype == jnp.float32
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, windows[:, 1:]).mean()
+
+    @jax.jit
+    def step(state, _):
+      params, opt_state = state
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss
+
+    (trained, _), losses = jax.lax.scan(step, (params, tx.init(params)),
+                                        length=8)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trained))
+    return np.asarray(losses)
+
+  losses, reference = train(BF16), train(TINY)
+  assert np.isfinite(losses).all()
+  assert (np.diff(losses) < 0).all(), losses
+  np.testing.assert_allclose(losses, reference, rtol=2e-2)
+
+
+def test_compute_dtype_is_checked(rng):
+  assert dataclasses.replace(TINY, dtype=jnp.bfloat16).dtype == "bfloat16"
+  assert TINY.dtype is None
+  for bad in ("float16", "int8", "bf16"):
+    with pytest.raises(ValueError, match=f"dtype='?{bad}'?"):
+      dataclasses.replace(TINY, dtype=bad)
+  tokens, mask = _tokens_and_mask(rng)
+  with pytest.raises(ValueError, match="encoder runs in float32 only.*"
+                     "dtype='bfloat16'"):
+    Encoder(BF16, AttentionSpec("dense")).init(jax.random.key(0), tokens, mask)
+  params = Decoder(TINY, AttentionSpec("dense")).init(
+      jax.random.key(0), tokens)["params"]
+  with pytest.raises(ValueError, match="cached decoding runs in float32 only"):
+    decode_logits(params, tokens, config=BF16, attention=AttentionSpec("dense"),
+                  budget=8)
 
 
 @pytest.mark.parametrize("model", [

@@ -3,7 +3,9 @@
 `kind` is one of:
   * "dense": softmax attention over every valid key (`nmattn` with n == m);
   * "nm": DFSS N:M attention, `n` of every `m` consecutive keys per query
-    (`nmattn.layers.NMMultiHeadDotProductAttention`);
+    (`nmattn.layers.NMMultiHeadDotProductAttention`; a causal layer puts
+    that layer's `nmattn.nm_dot_product_attention` in Flax's own layer,
+    with `is_causal=True`);
   * "topk": unstructured top-k per query row at the density of `n:m`
     (k = ceil(n / m * valid keys in that row));
   * "local": a fixed local window at the same density: each query keeps the
@@ -199,25 +201,39 @@ def pattern_attention(query, key, value, bias=None, mask=None, *, n, m,
 
   The Flax `attention_fn` signature (no attention dropout), shapes as
   `nmattn.nm_dot_product_attention`; runs on the backend
-  `implementation=None` picks for a patterned call.
+  `implementation=None` picks for a patterned call, in the inputs' dtype.
   """
   _check_no_dropout("pattern", dropout_rate, deterministic)
+  # The pattern sees float32 copies of 16-bit inputs: its block means and
+  # pooled scores (a ranking) then do not round to 8 mantissa bits.
+  wide = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  pattern = block_pattern(wide(query), wide(key))
   return nmattn.nm_dot_product_attention(
       query, key, value, bias, mask, deterministic=True, is_causal=is_causal,
-      n=n, m=m, block_pattern=block_pattern(query, key), implementation=None)
+      n=n, m=m, block_pattern=pattern, implementation=None)
 
 
-def multi_head_attention(spec: AttentionSpec, **mha_kwargs) -> nn.Module:
+def multi_head_attention(spec: AttentionSpec, *, is_causal: bool = False,
+                         **mha_kwargs) -> nn.Module:
   """A Flax multi-head attention layer of the given kind.
 
   `mha_kwargs` are `flax.linen.MultiHeadDotProductAttention` fields
-  (`num_heads`, `name`, ...). Every kind has the parameter tree of that layer.
+  (`num_heads`, `name`, `dtype`, ...). Every kind has the parameter tree of
+  that layer. `is_causal=True` masks the keys after each query inside the
+  attention call (`is_causal` of nmattn and of `jax.nn`), so no
+  `[q_len, kv_len]` mask is materialised and the kernels skip the tiles above
+  the diagonal; a `mask` given to the layer (padding) still applies.
   """
   if spec.kind in ("dense", "nm"):
     n = spec.m if spec.kind == "dense" else spec.n
-    return nmattn.layers.NMMultiHeadDotProductAttention(
-        n=n, m=spec.m, implementation=None, **mha_kwargs)
-  if spec.kind == "cudnn":
+    if not is_causal:
+      return nmattn.layers.NMMultiHeadDotProductAttention(
+          n=n, m=spec.m, implementation=None, **mha_kwargs)
+    # The nmattn layer has no is_causal field (Flax's layer passes none to
+    # its attention_fn): its attention function in Flax's layer instead.
+    attention_fn = functools.partial(nmattn.nm_dot_product_attention, n=n,
+                                     m=spec.m, implementation=None)
+  elif spec.kind == "cudnn":
     attention_fn = cudnn_attention
   elif spec.kind == "pattern":
     attention_fn = functools.partial(pattern_attention, n=spec.n, m=spec.m,
@@ -225,6 +241,7 @@ def multi_head_attention(spec: AttentionSpec, **mha_kwargs) -> nn.Module:
   else:
     attention_fn = functools.partial(density_attention, kind=spec.kind,
                                      density=spec.density)
+  if is_causal:
+    attention_fn = functools.partial(attention_fn, is_causal=True)
   return nn.MultiHeadDotProductAttention(attention_fn=attention_fn,
                                          **mha_kwargs)
-

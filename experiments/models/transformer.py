@@ -30,6 +30,8 @@ from nmattn.attention import nm_attention
 from nmattn.importance import key_importance
 
 TOKEN_POOLINGS = ("kept", "scattered")
+# Compute dtypes `TransformerConfig.dtype` may name (or None).
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +56,25 @@ class TransformerConfig:
   token_keep: tuple[int | float, ...] = ()
   pin_first_token: bool = True
   token_pooling: str = "kept"
+  # The decoder's compute dtype (Flax's `dtype`; parameters keep Flax's
+  # `param_dtype`, float32): None infers it from the inputs and parameters
+  # as Flax does (float32 for the float32 parameters a model is initialised
+  # with); "float32" or "bfloat16" (the GPU kernels' 16-bit tensor-core
+  # path) sets the layers' activations and attention inputs, and then the
+  # final LayerNorm and the logits are float32. A jnp dtype is kept as its
+  # name. The encoder and cached decoding run with None or "float32" only.
+  dtype: str | None = None
 
   def __post_init__(self):
+    if self.dtype is not None:
+      try:
+        name = jnp.dtype(self.dtype).name
+      except TypeError:
+        name = None
+      if name not in DTYPES:
+        raise ValueError(f"dtype must be None or one of {DTYPES}; got "
+                         f"dtype={self.dtype!r}")
+      object.__setattr__(self, "dtype", name)  # frozen: hashable, comparable
     for name in ("vocab_size", "max_len", "hidden_size", "num_heads",
                  "mlp_size", "num_layers"):
       if getattr(self, name) < 1:
@@ -80,10 +99,17 @@ class TransformerConfig:
                        f"token_pooling={self.token_pooling!r}")
 
 
-def _attention(config: TransformerConfig, spec: AttentionSpec, name: str):
+def _attention(config: TransformerConfig, spec: AttentionSpec, name: str,
+               **kwargs):
   return multi_head_attention(
       spec, num_heads=config.num_heads,
-      dropout_rate=config.attention_dropout_rate, name=name)
+      dropout_rate=config.attention_dropout_rate, name=name, **kwargs)
+
+
+def _require_float32(config: TransformerConfig, what: str) -> None:
+  if config.dtype not in (None, "float32"):
+    raise ValueError(f"{what} runs in float32 only (a 16-bit dtype is for "
+                     f"the Decoder's forward pass); got dtype={config.dtype!r}")
 
 
 def _importance_nm(spec: AttentionSpec, what: str) -> tuple[int, int]:
@@ -150,6 +176,7 @@ class Encoder(nn.Module):
   def __call__(self, tokens, padding_mask, deterministic: bool = True,
                return_kept: bool = False):
     cfg = self.config
+    _require_float32(cfg, "the encoder")
     if tokens.shape[-1] > cfg.max_len:
       raise ValueError(f"sequence length must be <= max_len={cfg.max_len}; "
                        f"got tokens.shape={tokens.shape}")
@@ -255,20 +282,29 @@ class SequenceClassifier(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-LayerNorm GPT layer: `[batch, len, hidden]` -> same."""
+  """Pre-LayerNorm GPT layer: `[batch, len, hidden]` -> same (in `config.dtype`).
+
+  With `is_causal` (the default) the attention masks later keys itself; a
+  `mask` (bool, broadcastable to `[batch, heads, len, len]`, e.g. padding)
+  applies on top of that, or alone with `is_causal=False`.
+  """
   config: TransformerConfig
   attention: AttentionSpec
+  is_causal: bool = True
 
   @nn.compact
   def __call__(self, x, mask, deterministic: bool):
     cfg = self.config
-    y = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, name="attention_ln")(x)
-    y = _attention(cfg, self.attention, "attention")(
-        y, mask=mask, deterministic=deterministic)
+    dtype = None if cfg.dtype is None else jnp.dtype(cfg.dtype)
+    layer_norm = functools.partial(nn.LayerNorm, epsilon=cfg.layer_norm_epsilon,
+                                   dtype=dtype)
+    y = layer_norm(name="attention_ln")(x)
+    y = _attention(cfg, self.attention, "attention", is_causal=self.is_causal,
+                   dtype=dtype)(y, mask=mask, deterministic=deterministic)
     x = x + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
-    y = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, name="mlp_ln")(x)
-    y = nn.gelu(nn.Dense(cfg.mlp_size, name="mlp_in")(y))
-    y = nn.Dense(cfg.hidden_size, name="mlp_out")(y)
+    y = layer_norm(name="mlp_ln")(x)
+    y = nn.gelu(nn.Dense(cfg.mlp_size, dtype=dtype, name="mlp_in")(y))
+    y = nn.Dense(cfg.hidden_size, dtype=dtype, name="mlp_out")(y)
     return x + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
 
 
@@ -276,6 +312,10 @@ class Decoder(nn.Module):
   """GPT-style causal language model with tied input/output embeddings.
 
   `tokens [batch, len] int` -> next-token logits `[batch, len, vocab_size]`.
+  Every window is full (no padding), so causality is the only mask: the
+  layers' `is_causal`. With `config.dtype` set, the layers run in it (from
+  the embeddings' float32 sum) and the final LayerNorm's output and the
+  logits are float32.
   """
   config: TransformerConfig
   attention: AttentionSpec
@@ -290,12 +330,16 @@ class Decoder(nn.Module):
     positions = jnp.arange(tokens.shape[-1])[None, :]
     x = embed(tokens) + nn.Embed(cfg.max_len, cfg.hidden_size,
                                  name="position_embeddings")(positions)
+    if cfg.dtype is not None:
+      x = x.astype(cfg.dtype)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-    mask = nn.make_causal_mask(tokens)
     for i in range(cfg.num_layers):
       x = DecoderLayer(cfg, self.attention, name=f"layer_{i}")(
-          x, mask, deterministic)
-    x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, name="final_ln")(x)
+          x, None, deterministic)
+    # With a compute dtype, the logits (and so the loss) are float32.
+    x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon,
+                     dtype=None if cfg.dtype is None else jnp.float32,
+                     name="final_ln")(x)
     return embed.attend(x)
 
 
@@ -329,6 +373,7 @@ def decoder_step(params, config: TransformerConfig, attention: AttentionSpec,
     cache has room, this is the `Decoder`'s forward pass at `position`.
   """
   n, m = _importance_nm(attention, "cached decoding")
+  _require_float32(config, "cached decoding")
   cfg = config
   apply = lambda module, name, x, p=params: module.apply({"params": p[name]}, x)
   layer_norm = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon)
