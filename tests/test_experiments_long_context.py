@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,7 +11,8 @@ import numpy as np
 import pytest
 
 from experiments import launch, long_context, tasks, train
-from experiments.configs import bytelm_long
+from experiments.configs import bytelm, bytelm_long
+from experiments.sweeps import bytelm_long_context
 from nmattn import patterns
 
 REPO_SWEEP = "experiments/sweeps/bytelm_long_context.py"
@@ -102,3 +105,84 @@ def test_sweep_trials_validate_and_the_pattern_trial_trains(tmp_path):
     bits = summary["metrics"][split]["bits_per_byte"]
     assert np.isfinite(bits) and 0 < bits < 9
   assert (tmp_path / "final_metrics.json").exists()
+
+
+def test_compute_dtype_reaches_the_model_and_is_refused_where_unread():
+  config = tiny_config({"attention.kind": "nm"})
+  assert config.model.dtype == "bfloat16"
+  task = tasks.build(config)
+  assert task.model.config.dtype == "bfloat16"
+  windows = {"bytes": np.zeros((2, 257), np.int32)}
+  params = jax.jit(task.init_params)(jax.random.key(0))
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  loss, aux = jax.jit(task.loss)(params, windows, jax.random.key(1))
+  assert loss.dtype == aux["bits_per_byte"].dtype == jnp.float32
+  # No dtype field: float32, as the experiment models always ran.
+  del config.model["dtype"]
+  assert tasks.build(config).model.config.dtype == "float32"
+  # The plain bytelm task reads no dtype: bfloat16 is refused, not ignored.
+  plain = bytelm.get_config()
+  plain.model.dtype = "bfloat16"
+  with pytest.raises(ValueError, match="config.model.dtype must be one of "
+                     r"\('float32',\) for task 'bytelm'; got "
+                     "config.model.dtype='bfloat16'"):
+    train.validate(plain)
+  config.model.dtype = "float16"
+  with pytest.raises(ValueError, match="config.model.dtype='float16'"):
+    train.validate(config)
+
+
+def test_sweep_adds_overrides_to_every_trial():
+  plain = bytelm_long_context.get_sweep()
+  assert plain == launch.load_sweep(REPO_SWEEP)
+  extra = bytelm_long_context.parse_overrides(["num_steps=40",
+                                               "optimizer.b2=0.95"])
+  assert extra == {"num_steps": "40", "optimizer.b2": "0.95"}
+  sweep = bytelm_long_context.get_sweep(extra)
+  assert [dict(t, **extra) for t in plain.trials] == list(sweep.trials)
+  with pytest.raises(ValueError, match="--set='num_steps'"):
+    bytelm_long_context.parse_overrides(["num_steps"])
+
+
+def test_trial_summary_reads_bits_per_byte_and_seconds_per_step(tmp_path):
+  trial = launch.Trial(tmp_path, 0, {"attention.kind": "dense"})
+  trial.workdir.mkdir()
+  (trial.workdir / "config.json").write_text(json.dumps(
+      {"batch_size": 8, "attention": {"kind": "nm", "n": 2, "m": 4,
+                                      "pattern": {"name": "topk"}}}))
+  # Windows of 25 steps: the first with the compilation, one resumed.
+  rows = [(25, 8 / 40.0), (50, 8 / 0.4), (75, 8 / 0.5), (100, 8 / 0.45)]
+  writer = train.MetricWriter(trial.workdir, enabled=True)
+  for step, rate in rows:
+    writer.write(step, "train", {"examples_per_second": rate, "loss": 1.0})
+  writer.write(100, "valid", {"bits_per_byte": 2.5})
+  writer.write(100, "test", {"bits_per_byte": 2.6})
+  writer.close()
+  (trial.workdir / "final_metrics.json").write_text(json.dumps(
+      {"metrics": {"valid": {"bits_per_byte": 2.5},
+                   "test": {"bits_per_byte": 2.6}}}))
+  trial.set_status(status="done", started="2026-01-01T10:00:00",
+                   finished="2026-01-01T10:01:30")
+  assert bytelm_long_context.window_seconds_per_step(trial.workdir) == [
+      (25, pytest.approx(40.0)), (50, pytest.approx(0.4)),
+      (75, pytest.approx(0.5)), (100, pytest.approx(0.45))]
+  summary = bytelm_long_context.trial_summary(trial)
+  assert summary == {
+      "trial": "000_kind=dense", "status": "done",
+      "attention": "2:4 in topk blocks", "overrides": {"attention.kind": "dense"},
+      "valid_bits_per_byte": 2.5, "test_bits_per_byte": 2.6, "steps": 100,
+      "seconds_per_step": pytest.approx(0.45),
+      "first_window_seconds_per_step": pytest.approx(40.0),
+      "wall_seconds": 90.0}
+  table = bytelm_long_context.format_table([summary])
+  assert ("| 000 | 2:4 in topk blocks | done | 100 | 2.5000 | 2.6000 | 0.4500 "
+          "| 40.000 | 90 |") in table
+  assert bytelm_long_context.attention_label(
+      {"attention": {"kind": "dense", "n": 2, "m": 4}}) == "dense"
+  assert bytelm_long_context.attention_label(
+      {"attention": {"kind": "nm", "n": 1, "m": 2,
+                     "pattern": {"name": ""}}}) == "1:2"
+  # A trial that never logged: no speed, no result.
+  pending = bytelm_long_context.trial_summary(launch.Trial(tmp_path, 1, {}))
+  assert (pending["status"], pending["steps"], pending["seconds_per_step"],
+          pending["valid_bits_per_byte"]) == ("pending", 0, None, None)
