@@ -489,6 +489,35 @@ def test_adaptive_patterns_under_jit_vmap_grad(rng, name):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("block_q,block_k", [(16, 16), (16, 8), (8, 24)])
+def test_autoregressive_topk_reads_only_earlier_positions(rng, block_q, block_k):
+  """Query block i's choice is the same whatever q and k hold from its first
+  position on (block means would read them: the plain causal choice
+  changes); blocks reaching the block's own positions are kept."""
+  q, k = _random_qk(rng, q_len=96, kv_len=96)
+  choose = lambda q, k, **kw: np.asarray(patterns.topk_blocks(
+      q, k, block_q=block_q, block_k=block_k, k=3, local_blocks=0,
+      sink_blocks=1, is_causal=True, **kw).modes)
+  modes = choose(q, k, autoregressive=True)
+  nq = modes.shape[2]
+  leaky = 0
+  for i in range(1, nq):
+    start = i * block_q
+    later_q, later_k = _random_qk(rng, q_len=96 - start - 1, kv_len=96 - start)
+    q2 = q.at[:, start + 1:].set(later_q)
+    k2 = k.at[:, start:].set(later_k)
+    np.testing.assert_array_equal(choose(q2, k2, autoregressive=True)[:, :, i],
+                                  modes[:, :, i])
+    leaky += np.any(choose(q2, k2)[:, :, i] != choose(q, k)[:, :, i])
+    own = np.arange(1, modes.shape[3] + 1) * block_k > start
+    reach = np.arange(modes.shape[3]) * block_k < start + block_q
+    assert np.all(modes[:, :, i, own & reach] != SKIP)
+    kept = (modes[:, :, i] != SKIP).sum(-1)
+    always = (own | (np.arange(own.size) < 1)) & reach  # own blocks and the sink
+    assert np.all(kept == max(min(3, reach.sum()), always.sum()))
+  assert leaky  # the check can fail: block means do read later positions
+
+
 @pytest.mark.parametrize("name,kwargs,match", [
     ("topk", dict(k=None), "exactly one of k and density"),
     ("topk", dict(k=2, density=0.5), "exactly one of k and density"),
@@ -499,6 +528,8 @@ def test_adaptive_patterns_under_jit_vmap_grad(rng, name):
     ("topk", dict(local_blocks=-1), "local_blocks"),
     ("topk", dict(is_causal=1), "is_causal"),
     ("topk", dict(mode=SKIP), "mode"),
+    ("topk", dict(autoregressive=True), "needs is_causal=True; got is_causal=False"),
+    ("topk", dict(autoregressive=1, is_causal=True), "autoregressive must be a bool"),
     ("topk", dict(block_k=0), "block_k"),
     ("sample", dict(alpha=0.0), "alpha"),
     ("sample", dict(alpha=1.5), "alpha"),
