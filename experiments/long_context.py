@@ -14,7 +14,11 @@ block pattern, chosen in the config (a function cannot be a config value):
                                           blocks, then the highest pooled
                                           scores, `k` blocks per query block
                                           in all, N:M inside (attention.n:m;
-                                          n == m: plain block-sparse)
+                                          n == m: plain block-sparse); chosen
+                                          from earlier positions only
+                                          (`autoregressive=True`: a block mean
+                                          would read the block's later
+                                          bytes, which the LM learns to use)
   config.attention.pattern.block  square block size (128: the Triton tile)
 
 and whose layers may compute in bfloat16:
@@ -66,7 +70,8 @@ def pattern_function(pattern_config):
       patterns.topk_blocks, block_q=pattern_config.block,
       block_k=pattern_config.block, k=pattern_config.k,
       local_blocks=pattern_config.local_blocks,
-      sink_blocks=pattern_config.sink_blocks, is_causal=True, mode=patterns.NM)
+      sink_blocks=pattern_config.sink_blocks, is_causal=True, mode=patterns.NM,
+      autoregressive=True)
 
 
 def causal_block_fraction(seq_len: int, pattern_config) -> float:

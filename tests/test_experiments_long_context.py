@@ -76,6 +76,25 @@ def test_pattern_model_is_wired_in():
   assert np.max(np.abs(loss(hierarchical) - loss(nm))) > 1e-3
 
 
+def test_pattern_model_is_causal():
+  """No logit may depend on a later byte: the topk choice reads earlier
+  positions only (block means of the query block would leak later bytes,
+  and a model trained on them learns to read them)."""
+  windows = np.random.default_rng(1).integers(0, 256, (1, 256)).astype(np.int32)
+  task = tasks.build(tiny_config({"attention.kind": "nm",
+                                  "attention.pattern.name": "topk",
+                                  "attention.pattern.local_blocks": 1}))
+  params = jax.jit(task.init_params)(jax.random.key(0))
+  logits = jax.jit(lambda p, x: task.model.apply({"params": p}, x))
+  base = np.asarray(logits(params, windows))
+  for start in (40, 100, 170):
+    changed = windows.copy()
+    changed[:, start:] = (changed[:, start:] * 31 + 7) % 256
+    after = np.asarray(logits(params, changed))
+    np.testing.assert_array_equal(after[:, :start], base[:, :start])
+    assert np.any(after[:, start:] != base[:, start:])
+
+
 @pytest.mark.parametrize("overrides,match", [
     ({"attention.pattern.name": "band"}, "pattern.name must be one of"),
     ({"attention.pattern.name": "topk", "attention.kind": "dense"},

@@ -8,42 +8,29 @@ experiments/sweeps/bytelm_long_context.py runs it three times:
   * dense attention (nmattn n == m);
   * 2:4 on every score;
   * hierarchical: per layer, `topk_blocks` of blocks of 128 on that layer's
-    query and key, causal: the diagonal block and the one before it (the
-    local band) and the first key block (a sink) DENSE, the highest pooled
-    scores filling 6 key blocks per query block in all, 2:4 inside those.
-    Of the 528 causal blocks of 32 x 32, every query block keeps
-    min(6, reachable): 177, a block density of 0.335.
+    query and key, causal and autoregressive (chosen from earlier positions
+    only): the diagonal block and the one before it (the local band) and
+    the first key block (a sink) DENSE, the highest pooled scores filling 6
+    key blocks per query block in all, 2:4 inside those. Of the 528 causal
+    blocks of 32 x 32, every query block keeps min(6, reachable): 177, a
+    block density of 0.335.
 
-4 layers, hidden 256, 4 heads of 64, batch 8 x 4096 bytes, 300 steps.
+4 layers, hidden 256, 4 heads of 64, batch 8 x 4096 bytes, 1500 steps.
 Activations and attention inputs in bfloat16 (`config.model.dtype`;
 parameters, logits and loss float32), causal masking by `is_causal` (no
 [S, S] mask, tiles above the diagonal skipped). With `implementation=None`
-on a GPU the dense trial's attention goes to cuDNN through nmattn's "cudnn"
-backend (n == m, 16-bit, no mask or bias), the 2:4 trial to the first of
-`nmattn.backends.AUTO_ORDER` that runs it, the pattern trial to Triton.
+on an H200 the dense trial's attention goes to cuDNN (nmattn's "cudnn"
+backend), the 2:4 and the pattern trials to `pallas_mosaic` (its forward,
+the Triton backward).
 
-What is known about the cost:
-  * Before these two changes (float32, a materialised causal mask) the dense
-    trial ran 1.5 s a step on one H200 (2026-12-03): float32 attention goes
-    to the Triton kernels' float32 path (full-precision FMA dots, no tensor
-    cores), and a mask skips no tile and adds an [S, S] term; about 8
-    minutes a trial, 25 for the sweep (that run stopped at step 190 of the
-    first trial).
-  * A step is about 1.6 dense-equivalent TFLOP: causal attention 0.27
-    forward (4 layers x 2 products x 8 x 4 heads x 4096^2 / 2 x 64 x 2),
-    about 1.0 with the backward; projections and MLP 6 x 3.1M parameters x
-    32768 tokens = 0.62.
-  * On the CPU (xla backend) the decoder's float32 output with `is_causal`
-    equals the materialised-mask output bit for bit (dense, 2:4, 1:2, topk,
-    local, pattern); tests/test_experiments_models.py checks it.
-  * Not yet measured on the GPU with bf16: the seconds per step, and so
-    whether 300 steps x 3 trials fit the ~5 device-minutes they were sized
-    for. experiments/long_context_gpu.sh runs the sweep under a time limit
-    and prints seconds per step (median of the logged windows after the
-    first, which holds the compilation); its --steps flag sets num_steps.
+Measured on one H200 (2026-12-04, experiments/long_context_gpu.sh): 6.5 /
+8.3 ms a step (dense / 2:4) after compilation, the three trials of 1500
+steps in 169 s of wall time. Before bf16 and `is_causal` (float32 with a
+materialised causal mask: the Triton kernels' float32 path) the dense
+trial took 1.5 s a step. The bits per byte are in docs/results/long_context.md.
 
   python -m experiments.launch --sweep=experiments/sweeps/bytelm_long_context.py
-  experiments/long_context_gpu.sh [--steps=300]        # on a GPU machine
+  experiments/long_context_gpu.sh [--steps=1500]       # on a GPU machine
 """
 
 import ml_collections
@@ -65,9 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = "bfloat16"
   config.batch_size = 8
   config.eval_batch_size = 16
-  config.num_steps = 300
+  config.num_steps = 1500
   config.optimizer.update(learning_rate=2e-3, warmup_steps=30)
-  config.log_every = 50
+  config.log_every = 100
   config.eval_every = 0  # the final evaluation only
   config.checkpoint_every = 0  # the final checkpoint only
   config.max_checkpoints_to_keep = 1
