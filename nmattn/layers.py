@@ -39,8 +39,10 @@ class NMMultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
   `(query, key) -> BlockPattern` that the layer calls on every call with its
   projected query `[batch, q_len, num_heads, head_dim]` and key (batch dims
   flattened into one), e.g. `functools.partial(nmattn.patterns.topk_blocks,
-  block_q=128, block_k=128, density=0.25)`: a pattern usually depends on
-  the inputs or their length, so a function is the usual form. A static
+  block_q=128, block_k=128, density=0.25)` (training a causal model, add
+  `is_causal=True, autoregressive=True`: the plain choice reads later
+  positions): a pattern usually depends on the inputs or their length, so
+  a function is the usual form. A static
   pattern's modes must broadcast to `[batch, num_heads, q blocks, kv blocks]`
   of every call.
 

@@ -409,7 +409,8 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
     h = lax.axis_index("heads")
     q_tile = lax.axis_index("q_seq")
     # Causal: the longest rows first, a shorter tail (16k, 2:4: 1.13x cuDNN,
-    # 1.02x in launch order; docs/benchmarks_history.md, "Launch order").
+    # 1.02x in launch order; docs/BENCHMARKS.md, "Block patterns on
+    # `pallas_mosaic`").
     if cfg.spec.is_causal:
       q_tile = cfg.q_pad // (COMPUTE_WGS * BLOCK_Q) - 1 - q_tile
     wg = lax.axis_index("wg")
