@@ -22,6 +22,17 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = REPO / "experiments" / "results"
 DOC = REPO / "docs" / "RESULTS.md"
 PLOTS = REPO / "docs" / "results"
+# Result pages that other scripts write beside the plots: (file, what).
+FURTHER = (
+    ("hierarchical.md", "block patterns (topk_blocks, sample_attention, "
+     "band and sinks, block-sparse) against density on the pretrained "
+     "MiniLM, zero-shot (`experiments/hierarchical.py`)"),
+    ("long_context.md", "the byte LM from scratch at 4096 bytes on an H200: "
+     "dense, 2:4 and 2:4 in topk blocks (`experiments/long_context_gpu.sh`)"),
+    ("spatten.md", "SpAtten: MiniLM cascade token pruning (fidelity, "
+     "recall, CPU and GPU latency) and byte-LM KV eviction "
+     "(`experiments/spatten.py`)"),
+)
 TRIAL_FILES = ("final_metrics.json", "metrics.csv", "config.json",
                "status.json")
 
@@ -321,6 +332,12 @@ def render() -> str:
                    f"{m['valid']['bits_per_byte']:.4f} | {relative} |")
     lines += [_failed(switched)]
 
+  lines += ["## More results", "",
+            "Measured by their own scripts, each page with its device, date, "
+            "command and JSON:", ""]
+  lines += [f"- [`results/{name}`](results/{name}): {what}"
+            for name, what in FURTHER if (PLOTS / name).exists()]
+  lines.append("")
   notes = RESULTS / "NOTES.md"
   if notes.exists():
     lines += [notes.read_text().strip(), ""]
