@@ -93,13 +93,27 @@ def test_xm_without_xmanager_says_so(tmp_path):
                  "--xm"])
 
 
-def write_sweep(path: pathlib.Path, overrides: dict, trials: str):
+def write_sweep(path: pathlib.Path, overrides: dict, trials: str,
+                config: pathlib.Path = REPO / "experiments/configs/listops.py"):
   path.write_text(textwrap.dedent(f"""
       from experiments.launch import Sweep, product
 
       def get_sweep():
-        return Sweep(config={str(REPO / "experiments/configs/listops.py")!r},
+        return Sweep(config={str(config)!r},
                      trials=product([{overrides!r}], {trials}))
+      """))
+  return path
+
+
+def write_listops_config(path: pathlib.Path, checkpoint_every: int):
+  """A config file: listops.py's config with this checkpoint schedule."""
+  path.write_text(textwrap.dedent(f"""
+      from experiments.configs import listops
+
+      def get_config():
+        config = listops.get_config()
+        config.checkpoint_every = {checkpoint_every}
+        return config
       """))
   return path
 
@@ -118,10 +132,14 @@ def launcher_env(tmp_path):
 
 
 def test_killing_the_launcher_stops_its_trials_and_a_rerun_resumes(tmp_path):
+  # The checkpoint schedule is in the config file, not the trials' overrides
+  # (which name the trial dirs), so that the rerun can change it.
+  config_file = write_listops_config(tmp_path / "listops_long.py", 10)
+  overrides = {k: v for k, v in TINY.items() if k != "checkpoint_every"}
   sweep_file = write_sweep(
-      tmp_path / "long.py", {**TINY, "num_steps": 600, "log_every": 10,
-                             "eval_every": 0, "checkpoint_every": 10},
-      '[{"seed": 0}, {"seed": 1}]')
+      tmp_path / "long.py", {**overrides, "num_steps": 600, "log_every": 10,
+                             "eval_every": 0},
+      '[{"seed": 0}, {"seed": 1}]', config_file)
   sweep_dir = tmp_path / "sweep"
   argv = [f"--sweep={sweep_file}", f"--workdir={sweep_dir}", "--parallel=2"]
   launcher = subprocess.Popen(
@@ -152,12 +170,17 @@ def test_killing_the_launcher_stops_its_trials_and_a_rerun_resumes(tmp_path):
     assert not alive(pid)
     assert not (trial_dir / "final_metrics.json").exists()
 
+  # Saving every 10 steps keeps the trials busy until the kill; the rerun
+  # saves only at the end (a field a resumed run may change), or its ~59
+  # saves would be most of its time.
+  write_listops_config(config_file, 0)
   assert launch.main(argv) == 0
   for trial_dir in trial_dirs:
     assert json.loads((trial_dir / "status.json").read_text())[
         "status"] == "done"
     final = json.loads((trial_dir / "final_metrics.json").read_text())
     assert 10 <= final["resumed_from_step"] < 600
+    assert final["config_changes_on_resume"] == {"checkpoint_every": [10, 0]}
     assert (trial_dir / "log.txt").read_text().count("=== ") == 2
 
 
