@@ -514,7 +514,9 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       carry = (acc, m_i, l_i)
       if has_pattern:
         for segment, partial, dense in _SEGMENTS:
-          if partial and not positional:
+          # Segments the call cannot have are not compiled (n == m: every
+          # visited tile is dense).
+          if (partial and not positional) or (cfg.spec.is_dense and not dense):
             continue
           carry = walk(bound(segment), bound(segment + 1), carry, partial, dense)
       elif positional:
