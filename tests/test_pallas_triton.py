@@ -94,6 +94,16 @@ MULTI_TILE_CASES = {
 }
 
 
+def _reference_lse(q, k, v, bias=None, mask=None, **kwargs):
+  """The log-sum-exp of each row's N:M-kept scores (-inf where none is
+  kept), under jit like the kernels (eagerly, each op compiles on its own)."""
+  def lse(q, k, v, bias, mask):
+    scores = reference.call_scores(_call(q, k, v, bias, mask, **kwargs))
+    kept = masking.nm_mask(scores, kwargs["n"], kwargs["m"])
+    return jax.nn.logsumexp(jnp.where(kept, scores, -jnp.inf), axis=-1)
+  return jax.jit(lse)(q, k, v, bias, mask)
+
+
 def _check_against_reference(rng, q, k, v, bias, kwargs, *, tuning, forward_tol,
                              grad_tol):
   """The interpret-mode kernel's output and gradients (bias too, if given)
@@ -108,8 +118,8 @@ def _check_against_reference(rng, q, k, v, bias, kwargs, *, tuning, forward_tol,
   argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
   got, out = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=argnums,
                               has_aux=True))(q, k, v, bias)
-  want, ref = jax.grad(functools.partial(loss, _reference), argnums=argnums,
-                       has_aux=True)(q, k, v, bias)
+  want, ref = jax.jit(jax.grad(functools.partial(loss, _reference),
+                               argnums=argnums, has_aux=True))(q, k, v, bias)
   assert rel_err(out, ref) < forward_tol
   for grad_name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
     assert g.shape == w.shape and g.dtype == w.dtype, grad_name
@@ -147,11 +157,9 @@ def test_explicit_scales_match_reference(rng, scale, with_bias):
   _, lse = jax.jit(lambda q, k, v, bias: nm_triton.nm_flash_attention_fwd(
       _call(q, k, v, bias, **kwargs), interpret=True, tuning=SMALL_TILES))(
           q, k, v, bias)
-  scores = reference.call_scores(call)
-  want_lse = jax.nn.logsumexp(
-      jnp.where(masking.nm_mask(scores, 2, 4), scores, -jnp.inf), axis=-1)
-  np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(lse),
+                             np.asarray(_reference_lse(q, k, v, bias, **kwargs)),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_lse_and_backward_entry_points(rng):
@@ -160,26 +168,26 @@ def test_lse_and_backward_entry_points(rng):
                           head_dim=16)
   mask = jnp.asarray(rng.random((2, 1, 40, 72)) < 0.6).at[:, :, :3].set(False)
   kwargs = dict(is_causal=True, n=2, m=4)
-  call = _call(q, k, v, mask=mask, **kwargs)
   # Jitted: interpret-mode kernels run far faster compiled than eagerly.
   out, lse = jax.jit(lambda q, k, v, mask: nm_triton.nm_flash_attention_fwd(
       _call(q, k, v, mask=mask, **kwargs), interpret=True))(q, k, v, mask)
-  scores = reference.call_scores(call)
-  kept = jnp.where(masking.nm_mask(scores, 2, 4), scores, -jnp.inf)
-  want_lse = jax.nn.logsumexp(kept, axis=-1)
+  want_lse = _reference_lse(q, k, v, mask=mask, **kwargs)
   assert lse.shape == (2, 4, 40) and lse.dtype == jnp.float32
   empty = np.asarray(want_lse == -jnp.inf)
   assert empty[:, :, :3].all() and (~empty).any()
   assert np.all(np.asarray(lse)[empty] == np.inf)
   np.testing.assert_allclose(np.asarray(lse)[~empty], np.asarray(want_lse)[~empty],
                              rtol=1e-5, atol=1e-5)
-  assert rel_err(out, reference.nm_attention_reference(q, k, v, mask=mask,
-                                                       **kwargs)) < 1e-5
 
   d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-  _, vjp = jax.vjp(lambda q, k, v: reference.nm_attention_reference(
-      q, k, v, mask=mask, **kwargs), q, k, v)
-  want = vjp(d_out)
+
+  def reference_out_and_grads(q, k, v):
+    ref, vjp = jax.vjp(lambda q, k, v: _reference(q, k, v, mask=mask, **kwargs),
+                       q, k, v)
+    return ref, vjp(d_out)
+
+  ref, want = jax.jit(reference_out_and_grads)(q, k, v)
+  assert rel_err(out, ref) < 1e-5
   # Both conventions for rows with no kept score: +inf (this forward), -inf.
   backward = jax.jit(lambda q, k, v, mask, out, lse, d_out:
                      nm_triton.nm_flash_attention_bwd(
