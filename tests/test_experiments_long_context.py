@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import launch, long_context, tasks, train
+from experiments import launch, long_context, sweep_summary, tasks, train
 from experiments.configs import bytelm, bytelm_long
 from experiments.sweeps import bytelm_long_context
 from nmattn import patterns
@@ -154,13 +154,12 @@ def test_compute_dtype_reaches_the_model_and_is_refused_where_unread():
 def test_sweep_adds_overrides_to_every_trial():
   plain = bytelm_long_context.get_sweep()
   assert plain == launch.load_sweep(REPO_SWEEP)
-  extra = bytelm_long_context.parse_overrides(["num_steps=40",
-                                               "optimizer.b2=0.95"])
+  extra = sweep_summary.parse_overrides(["num_steps=40", "optimizer.b2=0.95"])
   assert extra == {"num_steps": "40", "optimizer.b2": "0.95"}
-  sweep = bytelm_long_context.get_sweep(extra)
+  sweep = sweep_summary.prepare(plain, extra)
   assert [dict(t, **extra) for t in plain.trials] == list(sweep.trials)
   with pytest.raises(ValueError, match="--set='num_steps'"):
-    bytelm_long_context.parse_overrides(["num_steps"])
+    sweep_summary.parse_overrides(["num_steps"])
 
 
 def test_trial_summary_reads_bits_per_byte_and_seconds_per_step(tmp_path):
@@ -182,26 +181,27 @@ def test_trial_summary_reads_bits_per_byte_and_seconds_per_step(tmp_path):
                    "test": {"bits_per_byte": 2.6}}}))
   trial.set_status(status="done", started="2026-01-01T10:00:00",
                    finished="2026-01-01T10:01:30")
-  assert bytelm_long_context.window_seconds_per_step(trial.workdir) == [
+  assert sweep_summary.window_seconds_per_step(trial.workdir) == [
       (25, pytest.approx(40.0)), (50, pytest.approx(0.4)),
       (75, pytest.approx(0.5)), (100, pytest.approx(0.45))]
-  summary = bytelm_long_context.trial_summary(trial)
+  summary = sweep_summary.trial_summary(trial)
   assert summary == {
       "trial": "000_kind=dense", "status": "done",
-      "attention": "2:4 in topk blocks", "overrides": {"attention.kind": "dense"},
+      "attention": "2:4 in topk blocks", "seed": None,
+      "overrides": {"attention.kind": "dense"},
       "valid_bits_per_byte": 2.5, "test_bits_per_byte": 2.6, "steps": 100,
       "seconds_per_step": pytest.approx(0.45),
       "first_window_seconds_per_step": pytest.approx(40.0),
       "wall_seconds": 90.0}
-  table = bytelm_long_context.format_table([summary])
-  assert ("| 000 | 2:4 in topk blocks | done | 100 | 2.5000 | 2.6000 | 0.4500 "
-          "| 40.000 | 90 |") in table
-  assert bytelm_long_context.attention_label(
+  table = sweep_summary.format_table([summary])
+  assert ("| 000 | 2:4 in topk blocks |  | done | 100 | 2.5000 | 2.6000 | "
+          "0.4500 | 40.000 | 90 |") in table
+  assert sweep_summary.attention_label(
       {"attention": {"kind": "dense", "n": 2, "m": 4}}) == "dense"
-  assert bytelm_long_context.attention_label(
+  assert sweep_summary.attention_label(
       {"attention": {"kind": "nm", "n": 1, "m": 2,
                      "pattern": {"name": ""}}}) == "1:2"
   # A trial that never logged: no speed, no result.
-  pending = bytelm_long_context.trial_summary(launch.Trial(tmp_path, 1, {}))
+  pending = sweep_summary.trial_summary(launch.Trial(tmp_path, 1, {}))
   assert (pending["status"], pending["steps"], pending["seconds_per_step"],
           pending["valid_bits_per_byte"]) == ("pending", 0, None, None)
