@@ -205,8 +205,11 @@ def check_against_reference(implementation, q, k, v, bias, cotangent, *,
   kernel = functools.partial(nmattn.nm_attention, implementation=implementation)
   got, out = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=argnums,
                               has_aux=True))(q, k, v, bias)
-  want, ref = jax.grad(functools.partial(loss, reference.nm_attention_reference),
-                       argnums=argnums, has_aux=True)(q, k, v, bias)
+  # The reference under jit too: eagerly, each op of its gradient compiles on
+  # its own (seconds for a new shape).
+  want, ref = jax.jit(jax.grad(
+      functools.partial(loss, reference.nm_attention_reference),
+      argnums=argnums, has_aux=True))(q, k, v, bias)
   assert rel_err(out, ref) < forward_tol
   for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
     assert rel_err(g, w) < grad_tol, name
