@@ -7,7 +7,10 @@ per trial, final_metrics.json, metrics.csv, config.json, status.json; never
 checkpoints) into `experiments/results/<sweep>/`, then renders
 docs/RESULTS.md and the plots in docs/results/ from those copies only.
 Without `--runs` it re-renders from the committed copies. Hand-written notes
-in experiments/results/NOTES.md are included verbatim.
+in experiments/results/NOTES.md are included verbatim. The GPU byte-LM
+section renders the summary JSONs that experiments/sweep_gpu.sh writes for
+the bytelm_gpu sweeps (`GPU_SWEEPS`), which `--runs` copies to
+`experiments/results/bytelm_gpu/`; without the seeds one it is left out.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ FURTHER = (
 )
 TRIAL_FILES = ("final_metrics.json", "metrics.csv", "config.json",
                "status.json")
+# experiments/sweep_summary.py's JSONs of the GPU byte-LM sweeps, under
+# experiments/results/bytelm_gpu/.
+GPU_SWEEPS = {"seeds": "bytelm_gpu_seeds.json",
+              "recipe": "bytelm_gpu_recipe.json"}
 
 SWEEPS = {
     "minilm_zero_shot": "experiments/sweeps/minilm_zero_shot.py",
@@ -46,13 +53,20 @@ SWEEPS = {
 }
 
 
-def collect(runs: pathlib.Path) -> None:
-  """Copies the small per-trial outputs of every sweep found under `runs`."""
+def collect(runs: pathlib.Path, results: pathlib.Path = RESULTS) -> None:
+  """Copies the small per-trial outputs of every sweep found under `runs`
+  to `results`, and the GPU sweeps' summary JSONs (`runs/NAME/NAME.json`, as
+  experiments/sweep_gpu.sh leaves them in its work dir and in `$OUT`)."""
+  for name in GPU_SWEEPS.values():
+    source = runs / pathlib.Path(name).stem / name
+    if source.is_file():
+      (results / "bytelm_gpu").mkdir(parents=True, exist_ok=True)
+      shutil.copy(source, results / "bytelm_gpu" / name)
   for sweep in SWEEPS:
     source = runs / sweep
     if not (source / "results.csv").is_file():
       continue  # absent or still running
-    target = RESULTS / sweep
+    target = results / sweep
     if target.exists():
       shutil.rmtree(target)
     target.mkdir(parents=True)
@@ -111,6 +125,17 @@ def _plot(path, panels):
       for i, k in enumerate(labels):
         ax.text(i, data[k], f"{data[k]:.3f}", ha="center", va="bottom",
                 fontsize=8)
+    elif kind == "points":
+      # Each label's values side by side, their mean as a bar across them.
+      for i, (label, values) in enumerate(data.items()):
+        ax.plot([i] * len(values), values, "o", color="tab:blue",
+                markersize=4)
+        if values:
+          mean = sum(values) / len(values)
+          ax.plot([i - 0.25, i + 0.25], [mean, mean], color="tab:red")
+          ax.text(i + 0.28, mean, f"{mean:.4f}", va="center", fontsize=8)
+      ax.set_xticks(range(len(data)), list(data))
+      ax.set_xlim(-0.5, len(data) - 0.2)
     else:
       for label, (xs, ys) in data.items():
         ax.plot(xs, ys, label=label, marker="o" if len(xs) < 8 else None,
@@ -121,7 +146,7 @@ def _plot(path, panels):
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  PLOTS.mkdir(parents=True, exist_ok=True)
+  path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
@@ -140,12 +165,150 @@ def _failed(trials):
   return f"\nTrials that did not finish: {', '.join(failed)}.\n" if failed else ""
 
 
+def _percent(value) -> str:
+  return "" if value is None else f"{100 * value:+.2f}%"
+
+
+def _mean_std(stats) -> str:
+  if stats["mean"] is None:
+    return ""
+  std = "" if stats["std"] is None else f" ± {stats['std']:.4f}"
+  return f"{stats['mean']:.4f}{std}"
+
+
+def _min_max(stats) -> str:
+  if stats["min"] is None:
+    return ""
+  return f"{stats['min']:.4f}-{stats['max']:.4f}"
+
+
+def _gpu_command(summary) -> str:
+  """The experiments/sweep_gpu.sh command that runs `summary`'s trials."""
+  parts = ["experiments/sweep_gpu.sh", f"--sweep={summary['sweep']}"]
+  if summary["parallel"] != 1:
+    parts.append(f"--parallel={summary['parallel']}")
+  parts += [f"--only {k}={','.join(v)}" for k, v in summary["only"].items()]
+  parts += [f"--set {k}={v}" for k, v in summary["overrides"].items()]
+  return " ".join(parts)
+
+
+def _not_done(summary) -> str:
+  lines = _failed([{"name": t["trial"], "status": t["status"]}
+                   for t in summary["trials"]])
+  if summary["stopped_by"]:
+    lines += f"\nThe sweep was stopped by {summary['stopped_by']}.\n"
+  return lines
+
+
+def _test_values(summary, group) -> list[float]:
+  """The done trials' test bits per byte of one of `summary`'s groups."""
+  rows = {t["trial"]: t for t in summary["trials"]}
+  return [rows[name]["test_bits_per_byte"] for name in group["trials"]
+          if rows[name]["status"] == "done"
+          and rows[name]["test_bits_per_byte"] is not None]
+
+
+def gpu_byte_lm_section(results: pathlib.Path, plots: pathlib.Path) -> list[str]:
+  """Section 3c from the `GPU_SWEEPS` JSONs in `results`/bytelm_gpu/, with
+  its plot in `plots`; [] without the seeds JSON."""
+  directory = results / "bytelm_gpu"
+  seeds_path = directory / GPU_SWEEPS["seeds"]
+  if not seeds_path.exists():
+    return []
+  seeds = json.loads(seeds_path.read_text())
+  config = seeds["trial_config"]
+  model = config["model"]
+  groups = seeds["groups"]
+  seed_list = sorted({s for g in groups for s in g["seeds"]})
+  at_once = ("one trial at a time" if seeds["parallel"] == 1 else
+             f"{seeds['parallel']} trials at a time on the one device")
+  lines = [
+      "## 3c. Byte-level LM at S = 1024 on a GPU: seeds, and dense then N:M",
+      "",
+      f"The byte LM from scratch on {seeds['device'] or 'an unnamed device'} "
+      f"({seeds['written'][:10]}, {at_once}): {model['num_layers']} layers, "
+      f"hidden {model['hidden_size']}, {model['num_heads']} heads, "
+      f"{model.get('dtype', 'float32')} activations (float32 parameters and "
+      f"loss), {config['num_steps']} steps of {config['batch_size']} x "
+      f"{config['data']['seq_len']} bytes; seeds "
+      f"{', '.join(str(s) for s in seed_list)}, each seed the same "
+      "initialisation and batches for every attention. Bits per byte: the "
+      "mean ± the sample standard deviation over the seeds, and their range; "
+      "per seed, the difference to that seed's dense run.", "",
+      f"Command: `{_gpu_command(seeds)}`", "",
+      "| attention | seeds | test bits/byte | test min-max | valid bits/byte "
+      "| valid min-max | test vs dense | test vs dense, per seed |",
+      "|---|---|---|---|---|---|---|---|"]
+  for group in groups:
+    per_seed = ", ".join(f"{seed}: {_percent(value)}" for seed, value in
+                         group["test_relative_by_seed"].items())
+    lines.append(
+        f"| {group['attention']} | {len(group['seeds'])} | "
+        f"{_mean_std(group['test'])} | {_min_max(group['test'])} | "
+        f"{_mean_std(group['valid'])} | {_min_max(group['valid'])} | "
+        f"{_percent(group['relative_to_dense']['test'])} | {per_seed} |")
+  lines += [_not_done(seeds)]
+  by_label = {g["attention"]: g for g in groups}
+  if ({"dense", "2:4"} <= by_label.keys()
+      and by_label["2:4"]["relative_to_dense"]["test"] is not None):
+    worse = by_label["2:4"]["relative_to_dense"]["test"]
+    dense = by_label["dense"]["test"]
+    direction = "worse" if worse > 0 else "better"
+    spread = ("" if dense["std"] is None else
+              f" Dense's own spread over its seeds: std {dense['std']:.4f} "
+              f"({100 * dense['std'] / dense['mean']:.2f}% of its mean), "
+              f"range {dense['max'] - dense['min']:.4f}.")
+    lines += [f"Target: 2:4 within 1% of dense (test bits per byte, mean "
+              f"over {dense['n']} seeds): 2:4 is {100 * abs(worse):.2f}% "
+              f"{direction} than dense, {_verdict(worse <= 0.01)}.{spread}",
+              ""]
+  panels = [("from scratch: test bits per byte, each seed", "bits per byte",
+             {g["attention"]: _test_values(seeds, g) for g in groups},
+             "points")]
+
+  recipe_path = directory / GPU_SWEEPS["recipe"]
+  if recipe_path.exists():
+    recipe = json.loads(recipe_path.read_text())
+    rconfig = recipe["trial_config"]
+    seed = rconfig["seed"]
+    scratch = {t["attention"]: t["test_bits_per_byte"] for t in seeds["trials"]
+               if t["seed"] == seed and t["status"] == "done"}
+    lines += [
+        "### Dense first, then N:M (the DFSS recipe)", "",
+        f"The dense run `{pathlib.PurePosixPath(rconfig['init_from']).name}` "
+        f"above continued for {rconfig['num_steps']} more steps with each "
+        "attention (its parameters, a fresh AdamW with "
+        f"{rconfig['optimizer']['warmup_steps']} warm-up steps). The dense "
+        "continuation is the control.", "",
+        f"Command: `{_gpu_command(recipe)}` (after the seeds sweep)", "",
+        "| attention | test bits/byte | valid bits/byte | vs the dense "
+        f"continuation | from scratch, seed {seed}: test bits/byte |",
+        "|---|---|---|---|---|"]
+    for group in recipe["groups"]:
+      from_scratch = scratch.get(group["attention"])
+      lines.append(
+          f"| {group['attention']} | {_mean_std(group['test'])} | "
+          f"{_mean_std(group['valid'])} | "
+          f"{_percent(group['relative_to_dense']['test'])} | "
+          f"{'' if from_scratch is None else f'{from_scratch:.4f}'} |")
+    lines += [_not_done(recipe)]
+    panels.append(("dense, then each attention: test bits per byte",
+                   "bits per byte",
+                   {g["attention"]: _test_values(recipe, g)
+                    for g in recipe["groups"]}, "points"))
+  _plot(plots / "bytelm_gpu.png", panels)
+  return lines + ["![bytelm_gpu](results/bytelm_gpu.png)", ""]
+
+
 def render() -> str:
+  gpu = gpu_byte_lm_section(RESULTS, PLOTS)
   lines = ["# Results", "",
            "Generated by `python -m experiments.report` from the runs' own "
            "outputs (copied to `experiments/results/`). CPU-only runs "
            "(2 shared cores), sized to finish in minutes each: small models, "
-           "short schedules, one seed. `RUNS` below is any scratch directory.",
+           "short schedules, one seed. `RUNS` below is any scratch directory."
+           + (" Section 3c ran on a GPU, with several seeds; it says where."
+              if gpu else ""),
            ""]
   port = RESULTS / "minilm_port.json"
   if port.exists():
@@ -332,6 +495,7 @@ def render() -> str:
                    f"{m['valid']['bits_per_byte']:.4f} | {relative} |")
     lines += [_failed(switched)]
 
+  lines += gpu
   lines += ["## More results", "",
             "Measured by their own scripts, each page with its device, date, "
             "command and JSON:", ""]
