@@ -61,9 +61,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 64
   config.num_steps = 2000
   config.optimizer.update(learning_rate=2e-3, warmup_steps=50)
-  config.log_every = 100
-  config.eval_every = 0  # the final evaluation only
-  # The final checkpoint only: the recipe sweep starts from it.
-  config.checkpoint_every = 0
-  config.max_checkpoints_to_keep = 1
+  # bytelm_long's schedule: logs every 100 steps, the final evaluation and
+  # the final checkpoint only (the recipe sweep starts from it).
   return config
