@@ -193,8 +193,8 @@ def test_jsonl_retrieval_trains(tmp_path):
       "data.pairs_jsonl": str(path), "data.query_field": "question",
       "data.document_field": "answer", "data.query_len": 16,
       "data.code_len": 24, "model.dropout_rate": 0.0, "batch_size": 4,
-      "eval_batch_size": 8, "num_steps": 4, "log_every": 1, "eval_every": 4,
-      "checkpoint_every": 4, "optimizer.warmup_steps": 0,
+      "eval_batch_size": 8, "num_steps": 2, "log_every": 1, "eval_every": 2,
+      "checkpoint_every": 2, "optimizer.warmup_steps": 0,
       "optimizer.learning_rate": 1e-4})
   task = tasks.build(config)
   assert ({(p.query, p.document) for p in task.pairs["train"]}
