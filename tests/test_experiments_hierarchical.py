@@ -35,7 +35,8 @@ def rows():
   rng = np.random.default_rng(0)
   tokens = rng.integers(1, 50, (6, LENGTH)).astype(np.int32)
   query_mask = np.arange(LENGTH)[None, :] < rng.integers(9, LENGTH, (6, 1))
-  params = SentenceEncoder(config, AttentionSpec("dense")).init(
+  # Under jit: eagerly each op of the init compiles on its own.
+  params = jax.jit(SentenceEncoder(config, AttentionSpec("dense")).init)(
       jax.random.key(1), tokens, query_mask)["params"]
   inputs = {"query_tokens": tokens[::-1].copy(), "query_mask": query_mask,
             "code_tokens": tokens, "code_mask": np.ones_like(query_mask)}

@@ -64,8 +64,9 @@ def test_encoder_fidelity_against_the_unpruned_dense_model():
             "code_tokens": code_tokens, "code_mask": code_mask}
   config = dataclasses.replace(TINY, num_layers=2)
   encoder = SentenceEncoder(config, spatten.DENSE)
-  params = encoder.init(jax.random.key(1), code_tokens[:1],
-                        code_mask[:1])["params"]
+  # Inits and applies under jit here: eagerly each op compiles on its own.
+  params = jax.jit(encoder.init)(jax.random.key(1), code_tokens[:1],
+                                 code_mask[:1])["params"]
   runs = [("dense unpruned", spatten.DENSE, ()),
           ("2:4 pruned", spatten.NM24, spatten.keep_schedule(2, 0.5))]
   # batch_size 4 does not divide 6: the last batch is filled up.
@@ -94,13 +95,14 @@ def test_kv_budget_bits_per_byte():
                              num_heads=2, mlp_size=24, num_layers=1)
   windows = rng.integers(0, 256, (3, 11)).astype(np.int32)
   model = Decoder(config, spatten.DENSE)
-  params = model.init(jax.random.key(3), windows[:, :-1])["params"]
+  params = jax.jit(model.init)(jax.random.key(3), windows[:, :-1])["params"]
   policies = ("importance", pruning.Eviction("importance", 1), "recent")
   result = spatten.kv_budget_bits_per_byte(params, config, spatten.DENSE,
                                            windows, budgets=(4,),
                                            policies=policies)
   losses = np.asarray(optax.softmax_cross_entropy_with_integer_labels(
-      model.apply({"params": params}, windows[:, :-1]), windows[:, 1:]))
+      jax.jit(model.apply)({"params": params}, windows[:, :-1]),
+      windows[:, 1:]))
   full = np.mean(losses) / math.log(2)
   assert result["full_bits_per_byte"] == pytest.approx(full, rel=1e-6)
   assert result["cached_full_budget_bits_per_byte"] == pytest.approx(
@@ -147,7 +149,7 @@ def test_kv_budget_bits_per_byte():
 
 def _tiny_encoder(rng, batch=3):
   tokens, mask = _inputs(rng, batch, TINY.max_len)
-  params = SentenceEncoder(TINY, spatten.DENSE).init(
+  params = jax.jit(SentenceEncoder(TINY, spatten.DENSE).init)(
       jax.random.key(4), tokens[:1], mask[:1])["params"]
   return params, tokens, mask
 
