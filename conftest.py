@@ -1,10 +1,12 @@
 """Shared fixtures: fresh random data every run, GPU-test skipping, x64 on
-demand; one persistent compilation cache per test session, unoptimised
-machine code on a CPU-only machine."""
+demand; one persistent compilation cache per test session, cheaper XLA:CPU
+compiles on a CPU-only machine."""
 
 import os
 import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -49,28 +51,52 @@ def pytest_configure(config):
   jax.config.update(
       "jax_persistent_cache_min_compile_time_secs",
       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-  _unoptimised_cpu_code()
+  _cheap_cpu_compiles()
 
 
-def _unoptimised_cpu_code():
-  """LLVM's codegen at -O0 on a machine without a GPU.
+def _cheap_cpu_compiles():
+  """XLA:CPU flags that make compiling cheaper, on a machine without a GPU.
 
-  The suite is compile-bound on a CPU (small arrays, many programs), and
-  LLVM's optimisation of XLA's CPU code is a large part of it: test_reference
-  + test_flax take 114 s of CPU instead of 169 s without the cache. The level
-  changes how fast the machine code runs, not the program: XLA's HLO passes
-  (fusion, layouts, buffer assignment) are the same, and without fast-math
-  LLVM may not reassociate floating-point operations; a multiply and an add
-  that -O2 would contract into one FMA (XLA allows it) can round differently
-  in the last bit. Set before any backend starts and inherited by every
-  subprocess that keeps `XLA_FLAGS`; a level the caller put in `XLA_FLAGS`
-  is kept. Not on a GPU machine, whose kernels are also timed.
+  The suite is compile-bound on a CPU (small arrays, many programs):
+  * LLVM's codegen at -O0 (`--xla_backend_optimization_level=0`): LLVM's
+    optimisation of XLA's CPU code is a large part of compiling (test_reference
+    + test_flax take 114 s of CPU instead of 169 s without the cache). It
+    changes how fast the machine code runs, not the program: XLA's HLO passes
+    (fusion, layouts, buffer assignment) are the same, and without fast-math
+    LLVM may not reassociate floating-point operations; a multiply and an add
+    that -O2 would contract into one FMA (XLA allows it) can round
+    differently in the last bit.
+  * XLA's LLVM IR fusion emitters instead of its MLIR ones
+    (`--xla_cpu_use_fusion_emitters=false`): the MLIR emitters make a context,
+    load its dialects and run a pass pipeline for every fusion, most of the
+    compile time of a program of many fusions such as a Pallas kernel in
+    interpret mode (TestPallasTriton's float32 gradient tests: 21 s of CPU
+    instead of 33 s; small programs compile as fast either way). The fused
+    HLO is the same; the two emitters may expand elementwise functions (exp,
+    tanh, ...) differently, which can round differently in the last bits.
+  Set before any backend starts and inherited by every subprocess that keeps
+  `XLA_FLAGS`; a flag the caller put in `XLA_FLAGS` is kept. The emitter flag
+  only where this jaxlib's XLA knows it (an unknown flag aborts every JAX
+  process). Not on a GPU machine, whose kernels are also timed.
   """
   if shutil.which("nvidia-smi") and os.environ.get("JAX_PLATFORMS") != "cpu":
     return
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "--xla_backend_optimization_level" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  unset = lambda name: not any(f.startswith(f"--{name}=") for f in flags)
+  if unset("xla_backend_optimization_level"):
+    flags.append("--xla_backend_optimization_level=0")
+  emitters = "--xla_cpu_use_fusion_emitters=false"
+  if unset("xla_cpu_use_fusion_emitters") and _xla_accepts(emitters):
+    flags.append(emitters)
+  os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def _xla_accepts(flag: str) -> bool:
+  """Whether a JAX process starts its CPU backend with `flag` in XLA_FLAGS
+  (~1 s, once a session: xdist workers inherit the flags)."""
+  env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
+                        env=env, capture_output=True).returncode == 0
 
 
 def pytest_unconfigure(config):
