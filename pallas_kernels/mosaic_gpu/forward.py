@@ -51,6 +51,7 @@ from pallas_kernels.mosaic_gpu import tile_select as ts
 
 BLOCK_Q = 64          # query rows per consumer warpgroup (the wgmma M)
 COMPUTE_WGS = 2       # consumer warpgroups per CTA
+CTA_ROWS = COMPUTE_WGS * BLOCK_Q  # query rows per CTA (a tile list's row)
 SWIZZLE = 128         # bytes; 16-bit tiles of (8, 64)
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
@@ -105,10 +106,9 @@ def pattern_unsupported_reason(spec: AttentionSpec,
   """
   if not spec.has_pattern:
     return None
-  rows = COMPUTE_WGS * BLOCK_Q
-  if spec.block_q % rows:
+  if spec.block_q % CTA_ROWS:
     return (f"block_pattern.block_q={spec.block_q} (it needs a multiple of "
-            f"{rows}, the query rows of a CTA)")
+            f"{CTA_ROWS}, the query rows of a CTA)")
   if spec.block_k % tuning.block_kv:
     return (f"block_pattern.block_k={spec.block_k} (it needs a multiple of "
             f"block_kv={tuning.block_kv})")
@@ -137,9 +137,9 @@ SMEM_OVERHEAD = 4096
 
 def smem_bytes(head_dim: int, tuning: MosaicTuning) -> int:
   """Shared memory the kernel needs (tiles, log-sum-exp, barriers, padding)."""
-  tiles = (COMPUTE_WGS * BLOCK_Q + 2 * tuning.max_concurrent_steps
+  tiles = (CTA_ROWS + 2 * tuning.max_concurrent_steps
            * tuning.block_kv) * head_dim * 2
-  return (tiles + COMPUTE_WGS * BLOCK_Q * 4
+  return (tiles + CTA_ROWS * 4
           + 8 * (4 * tuning.max_concurrent_steps + 3) + SMEM_OVERHEAD)
 
 
@@ -187,14 +187,13 @@ def nm_flash_attention_fwd(call: AttentionCall,
   width = max(4, spec.m) if not spec.is_dense else 0
   sparse = tuning.sparse_pv and width == 4 and ts.sparse_pattern_fits(spec.n,
                                                                       spec.m)
-  rows = COMPUTE_WGS * BLOCK_Q
-  q_pad = round_up(spec.q_len, rows)
+  q_pad = round_up(spec.q_len, CTA_ROWS)
   kv_pad = round_up(spec.kv_len, max(tuning.block_kv, 4 * width))
   extra = _combine_extra(call.bias, call.mask, q_pad, kv_pad)
   pattern = None
   if spec.has_pattern:
     pattern = tile_plan.pattern_tiles(
-        spec, call.block_modes, rows, tuning.block_kv, q_pad // rows,
+        spec, call.block_modes, CTA_ROWS, tuning.block_kv, q_pad // CTA_ROWS,
         kv_pad // tuning.block_kv, call.q_lengths, call.kv_lengths,
         masks_queries=False)
   cfg = _Config(spec=spec, tuning=tuning, q_pad=q_pad, kv_pad=kv_pad,
@@ -227,8 +226,8 @@ def nm_flash_attention_fwd(call: AttentionCall,
 
 def _cta_tiles(cfg: _Config, q_tile, kv_valid) -> tile_plan.TileRange:
   """Key tiles this CTA's producer streams (both warpgroups' rows)."""
-  rows = COMPUTE_WGS * BLOCK_Q
-  return tile_plan.key_tiles(cfg.spec, q_tile * rows, rows, cfg.tuning.block_kv,
+  return tile_plan.key_tiles(cfg.spec, q_tile * CTA_ROWS, CTA_ROWS,
+                             cfg.tuning.block_kv,
                              jnp.int32(cfg.spec.q_len), kv_valid,
                              masks_queries=False)
 
@@ -412,7 +411,7 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
     # 1.02x in launch order; docs/BENCHMARKS.md, "Block patterns on
     # `pallas_mosaic`").
     if cfg.spec.is_causal:
-      q_tile = cfg.q_pad // (COMPUTE_WGS * BLOCK_Q) - 1 - q_tile
+      q_tile = cfg.q_pad // CTA_ROWS - 1 - q_tile
     wg = lax.axis_index("wg")
     kv_valid = jnp.int32(cfg.spec.kv_len)
     if kvlen_ref is not None:
@@ -443,7 +442,7 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       plgpu.set_max_registers(cfg.tuning.consumer_registers, action="increase")
       qo_smem = qo_smem2.at[wg]
       lse_smem = lse_smem2.at[wg]
-      q_first = q_tile * (COMPUTE_WGS * BLOCK_Q) + wg * BLOCK_Q
+      q_first = q_tile * CTA_ROWS + wg * BLOCK_Q
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_first, BLOCK_Q), h], qo_smem,
                               q_full.at[wg])
       plgpu.barrier_wait(q_full.at[wg])
@@ -595,7 +594,7 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
       jax.ShapeDtypeStruct((cfg.spec.batch, cfg.spec.heads, cfg.q_pad), jnp.float32))
   return plgpu.kernel(
       entry, out_type=out_types,
-      grid=(cfg.spec.heads, cfg.q_pad // (COMPUTE_WGS * BLOCK_Q), cfg.spec.batch),
+      grid=(cfg.spec.heads, cfg.q_pad // CTA_ROWS, cfg.spec.batch),
       grid_names=("heads", "q_seq", "batch"),
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True, **profile),
