@@ -19,6 +19,7 @@ from nmattn import masking, reference
 from nmattn._validation import canonicalize
 from pallas_kernels.mosaic_gpu import attention as mosaic_attention
 from pallas_kernels.mosaic_gpu import forward as fw
+from pallas_kernels.mosaic_gpu import scores
 from pallas_kernels.mosaic_gpu import sparse_fragments as sf
 from attention_test_base import AttentionTestBase, rel_err
 
@@ -44,12 +45,21 @@ def hopper():
 # CPU: argument checking and dispatch.
 
 
-def test_permute_keys_matches_twin(rng):
+def test_permute_keys_matches_twin_and_inverts(rng):
   k = jnp.asarray(rng.standard_normal((2, 64, 3, 8)), jnp.float32)
   for width in (0, 4, 8, 16):
+    permuted = scores.permute_keys(k, width)
     np.testing.assert_array_equal(
-        np.asarray(fw._permute_keys(k, width)),  # pylint: disable=protected-access
-        sf.permute_keys(np.asarray(k), width, axis=1))
+        np.asarray(permuted), sf.permute_keys(np.asarray(k), width, axis=1))
+    np.testing.assert_array_equal(
+        np.asarray(scores.unpermute_keys(permuted, width)), np.asarray(k))
+  # Along another axis (the backward's dbias has keys last).
+  x = jnp.asarray(rng.standard_normal((3, 5, 32)), jnp.float32)
+  np.testing.assert_array_equal(
+      np.asarray(scores.unpermute_keys(scores.permute_keys(x, 8, 2), 8, 2)),
+      np.asarray(x))
+  np.testing.assert_array_equal(np.asarray(scores.permute_keys(x, 8, 2)),
+                                sf.permute_keys(np.asarray(x), 8, axis=2))
 
 
 def test_tuning_errors():

@@ -102,18 +102,28 @@ def test_sparse_operand_rejects_three_in_a_chunk():
     sf.encode_sparse_a(dense, 0)
 
 
+def _thread_tile(mat_nat):
+  """A natural-order `[64, K]` tile as `Q K_permuted^T` leaves it in registers."""
+  return _thread_lists(sf.to_thread_registers(sf.permute_keys(mat_nat, 4, axis=1)))
+
+
 def _kernel_sparse_tile(s_nat, n, m):
   """Runs the kernel's selection+compression on a natural-order score tile.
 
   Returns the dense `[64, K]` matrix (natural key order) that the sparse
-  instructions would multiply, decoded per the PTX ISA. The float32 scores
-  travel through the 16-bit operand as 1-based codes into a value table.
+  instructions would multiply, decoded per the PTX ISA.
   """
-  keys = s_nat.shape[1]
-  acc = sf.permute_keys(s_nat, 4, axis=1)  # what Q K_permuted^T produces
-  vals = _thread_lists(sf.to_thread_registers(acc))
   t = OPS.thread_id() % 4
-  comp, words = ts.select_compress(OPS, vals, n, m, t)
+  comp, words, _ = ts.select_compress(OPS, _thread_tile(s_nat), n, m, t)
+  return _decode_compressed(comp, words, s_nat.shape[1])
+
+
+def _decode_compressed(comp, words, keys):
+  """The dense natural-order `[64, keys]` matrix behind a compressed tile.
+
+  The float32 values travel through the 16-bit operand as 1-based codes
+  into a value table.
+  """
   # The kernel writes each chunk's positions in ascending order.
   nibbles = np.stack([(np.asarray(w).view(np.uint32) >> (4 * c)) & 0xF
                       for w in words for c in range(8)])
@@ -150,6 +160,38 @@ def test_kernel_compression_matches_reference_selection(rng, n, m, kind):
   # NaN compares false in the kernel's selection, but its min/max carry every
   # NaN into a kept score, so the row's output is NaN as the reference's.
   assert np.all(np.isnan(got[nan_rows]).any(axis=1))
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (1, 2)])
+@pytest.mark.parametrize("kind", ["normal", "ties", "masked"])
+def test_backward_ds_lands_in_the_compressed_form(rng, n, m, kind):
+  """`dS = P * (dP - delta)` from the compressed scores and `gather_kept(dP)`
+  decodes to the reference's dS: kept entries, zero elsewhere."""
+  _, s = _scores(rng, 128, ties=kind == "ties", neg_inf=0.3 * (kind == "masked"))
+  dp = rng.standard_normal(s.shape).astype(np.float32)
+  delta = np.float32(0.3)
+  t = OPS.thread_id() % 4
+  comp, words, nibbles = ts.select_compress(OPS, _thread_tile(s), n, m, t)
+  dp_comp = ts.gather_kept(OPS, _thread_tile(dp), nibbles)
+  with np.errstate(invalid="ignore"):
+    ds = [[np.exp(x) * (y - delta) for x, y in zip(xr, yr)]
+          for xr, yr in zip(comp, dp_comp)]
+  got = _decode_compressed(ds, words, s.shape[1])
+  keep = np.asarray(masking.nm_mask(s, n, m))
+  with np.errstate(invalid="ignore"):
+    want = np.where(keep, np.exp(s) * (dp - delta), 0.0)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+
+
+def test_gather_kept_reads_every_position_pair():
+  """Each valid nibble (i0 < i1) picks exactly positions i0 and i1."""
+  vals = [[OPS.f32(10 * r + c) for c in range(4)] for r in range(2)]
+  for i0 in range(3):
+    for i1 in range(i0 + 1, 4):
+      nib = OPS.i32(sf.nibble(i0, i1))
+      got = ts.gather_kept(OPS, vals, [[nib], [nib]])
+      for r in range(2):
+        assert (got[r][0] == 10 * r + i0).all() and (got[r][1] == 10 * r + i1).all()
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (1, 2)])

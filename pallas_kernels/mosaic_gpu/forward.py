@@ -39,17 +39,15 @@ import jax.numpy as jnp
 from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
-import numpy as np
 
 from pallas_kernels import tile_plan
-from pallas_kernels.call import (LOG2E, SUPPORTED_M, AttentionCall,
-                                 AttentionSpec, pad_axis, pad_broadcast,
-                                 round_up)
+from pallas_kernels.call import (SUPPORTED_M, AttentionCall, AttentionSpec,
+                                 pad_axis, round_up)
 from pallas_kernels.mosaic_gpu import mlir_ops
-from pallas_kernels.mosaic_gpu import sparse_fragments as sf
+from pallas_kernels.mosaic_gpu import scores
 from pallas_kernels.mosaic_gpu import tile_select as ts
 
-BLOCK_Q = 64          # query rows per consumer warpgroup (the wgmma M)
+BLOCK_Q = scores.BLOCK_Q  # query rows per consumer warpgroup (the wgmma M)
 COMPUTE_WGS = 2       # consumer warpgroups per CTA
 CTA_ROWS = COMPUTE_WGS * BLOCK_Q  # query rows per CTA (a tile list's row)
 SWIZZLE = 128         # bytes; 16-bit tiles of (8, 64)
@@ -91,9 +89,8 @@ class _Config(NamedTuple):
   tuning: MosaicTuning
   q_pad: int
   kv_pad: int
-  width: int          # key permutation width (0: identity)
+  tile: scores.ScoreTile  # the score tiles' layout, shared with the backward
   sparse: bool        # P V on the sparse tensor cores
-  extra_shape: tuple[int, int, int, int] | None
   pattern_shape: tuple[int, int, int, int] | None  # tile lists [B', H', rows, cols]
 
 
@@ -143,29 +140,6 @@ def smem_bytes(head_dim: int, tuning: MosaicTuning) -> int:
           + 8 * (4 * tuning.max_concurrent_steps + 3) + SMEM_OVERHEAD)
 
 
-def _combine_extra(bias, mask, q_pad, kv_pad):
-  """Bias and mask as one additive float32 term in base-2 units, padded."""
-  if bias is None and mask is None:
-    return None
-  if bias is None:
-    extra = jnp.where(mask, 0.0, -jnp.inf).astype(jnp.float32)
-  else:
-    extra = bias.astype(jnp.float32) * LOG2E
-    if mask is not None:
-      extra = jnp.where(mask, extra, -jnp.inf)
-  return pad_broadcast(extra, q_pad, kv_pad)
-
-
-def _permute_keys(k, width):
-  """`k [B, S, K, D]` with each block of `4 * width` keys in accumulator order."""
-  if width == 0:
-    return k
-  b, s, kh, d = k.shape
-  k = k.reshape(b, s // (4 * width), 4, width // 2, 2, kh, d)
-  k = k.transpose(0, 1, 3, 2, 4, 5, 6)
-  return k.reshape(b, s, kh, d)
-
-
 def nm_flash_attention_fwd(call: AttentionCall,
                            tuning: MosaicTuning | None = None,
                            profile_dir: str | None = None):
@@ -184,31 +158,32 @@ def nm_flash_attention_fwd(call: AttentionCall,
   """
   spec = call.spec
   tuning = tuning or MosaicTuning()
-  width = max(4, spec.m) if not spec.is_dense else 0
+  width = scores.key_width(spec)
   sparse = tuning.sparse_pv and width == 4 and ts.sparse_pattern_fits(spec.n,
                                                                       spec.m)
   q_pad = round_up(spec.q_len, CTA_ROWS)
   kv_pad = round_up(spec.kv_len, max(tuning.block_kv, 4 * width))
-  extra = _combine_extra(call.bias, call.mask, q_pad, kv_pad)
+  extra = scores.combine_extra(call.bias, call.mask, q_pad, kv_pad)
   pattern = None
   if spec.has_pattern:
     pattern = tile_plan.pattern_tiles(
         spec, call.block_modes, CTA_ROWS, tuning.block_kv, q_pad // CTA_ROWS,
         kv_pad // tuning.block_kv, call.q_lengths, call.kv_lengths,
         masks_queries=False)
-  cfg = _Config(spec=spec, tuning=tuning, q_pad=q_pad, kv_pad=kv_pad,
-                width=width, sparse=sparse,
-                extra_shape=None if extra is None else tuple(extra.shape),
-                pattern_shape=None if pattern is None else tuple(pattern.tiles.shape))
+  tile = scores.ScoreTile(spec=spec, width=width, block_kv=tuning.block_kv,
+                          kv_pad=kv_pad,
+                          extra_shape=None if extra is None else tuple(extra.shape))
+  cfg = _Config(spec=spec, tuning=tuning, q_pad=q_pad, kv_pad=kv_pad, tile=tile,
+                sparse=sparse, pattern_shape=None if pattern is None else tuple(pattern.tiles.shape))
 
   # Scores come out in permuted key order; the sparse operand's metadata
   # restores natural order for P V, dense P V needs V permuted like K.
   keys = pad_axis(call.key, 1, kv_pad)
   values = pad_axis(call.value, 1, kv_pad)
-  inputs = [pad_axis(call.query, 1, q_pad), _permute_keys(keys, width),
-            values if sparse else _permute_keys(values, width)]
+  inputs = [pad_axis(call.query, 1, q_pad), scores.permute_keys(keys, width),
+            values if sparse else scores.permute_keys(values, width)]
   if sparse and pattern is not None:  # for the DENSE tiles' dense P V
-    inputs.append(_permute_keys(values, width))
+    inputs.append(scores.permute_keys(values, width))
   if extra is not None:
     inputs.append(extra)
   if call.kv_lengths is not None:
@@ -238,110 +213,6 @@ def _warpgroup_tiles(cfg: _Config, q_first, cta: tile_plan.TileRange, kv_valid):
                             jnp.int32(cfg.spec.q_len), kv_valid,
                             masks_queries=False)
   return tile_plan.within(own, cta)
-
-
-def _score_units(cfg: _Config) -> float:
-  """Base-2 logits per unit of the selected scores.
-
-  Without a bias or mask term and with a positive scale, selection runs on
-  the raw `q.k` (same order) and the scale folds into the softmax's
-  exponent; otherwise the scores are scaled (and biased) before selection.
-  """
-  if cfg.extra_shape is None and cfg.spec.scale > 0:
-    return cfg.spec.scale * LOG2E
-  return 1.0
-
-
-def _make_select(cfg: _Config, positional: bool, dense: bool = False):
-  """The inline Mosaic GPU function: raw scores -> selected (and compressed).
-
-  `positional`: apply the positional masks (a partial tile of the tile
-  plan); the bias/mask term applies to every tile. `dense`: a pattern's
-  `DENSE` tile, every valid score kept and returned uncompressed.
-  """
-  compress = cfg.sparse and not dense
-  bk = cfg.tuning.block_kv
-  prescale = _score_units(cfg) == 1.0
-  mask = ts.MaskSpec(causal=cfg.spec.is_causal, window=cfg.spec.window,
-                     kv_bound=cfg.spec.has_kv_lengths or cfg.kv_pad != cfg.spec.kv_len)
-  has_extra = cfg.extra_shape is not None
-  splat = plgpu.Layout.WG_SPLAT(())
-  arg_types = [plgpu.Layout.WGMMA] + [splat] * 5
-  if has_extra:
-    arg_types.append(plgpu.RefType())
-  if compress:
-    ret = (plgpu.ShapeDtypeStruct((BLOCK_Q, bk // 2), jnp.float32,
-                                  plgpu.Layout.WGMMA),
-           plgpu.ShapeDtypeStruct((BLOCK_Q, 8), jnp.int32, plgpu.Layout.WGMMA))
-  else:
-    ret = plgpu.ShapeDtypeStruct((BLOCK_Q, bk), jnp.float32, plgpu.Layout.WGMMA)
-
-  @plgpu.inline_mgpu(arg_types=tuple(arg_types), return_type=ret)
-  def select(ctx, s, kv0, q0, kv_valid, b, h, *extra_ref):
-    del ctx
-    ops = mlir_ops.MlirOps()
-    tid = ops.thread_id()
-    warp = ops.ishr(tid, ops.i32(5))
-    lane = ops.iand(tid, ops.i32(31))
-    g = ops.ishr(lane, ops.i32(2))
-    t = ops.iand(lane, ops.i32(3))
-    scalar = lambda x: x.registers.flat[0]
-    kv0, q0, kv_valid = scalar(kv0), scalar(q0), scalar(kv_valid)
-    vals = mlir_ops.thread_rows(s)
-    thread_key = ops.iadd(kv0, ops.imul(t, ops.i32(sf.thread_key_offset(cfg.width))))
-    row0 = ops.iadd(q0, ops.iadd(ops.imul(warp, ops.i32(16)), g))
-    extra = None
-    if has_extra:
-      extra = _load_extra(cfg, ops, extra_ref[0], scalar(b), scalar(h), row0,
-                          thread_key, len(vals[0]))
-    # The compressed path keeps NaN by itself, as does a tile without
-    # selection; the dense selection needs the poison.
-    poison = None if compress or dense else ts.nan_poison(ops, vals)
-    if prescale:
-      vals = ts.scale_scores(ops, vals, cfg.spec.scale * LOG2E, extra)
-    if positional:
-      vals = ts.apply_masks(ops, vals, mask, cfg.width,
-                            ops.isub(row0, thread_key),
-                            ops.isub(kv_valid, thread_key))
-    if compress:
-      comp, words = ts.select_compress(ops, vals, cfg.spec.n, cfg.spec.m, t)
-      return (mlir_ops.rows_to_array(comp), mlir_ops.words_to_array(ops, words))
-    if dense:
-      return mlir_ops.rows_to_array(vals)
-    selected = ts.select_dense(ops, vals, cfg.spec.n, cfg.spec.m)
-    return mlir_ops.rows_to_array(ts.add_poison(ops, selected, poison))
-
-  return select
-
-
-def _load_extra(cfg: _Config, ops, ref, b, h, row0, thread_key, local):
-  """This thread's entries of the additive bias/mask term of the tile."""
-  from jaxlib.mlir import ir
-  from jaxlib.mlir.dialects import arith, memref, vector
-  eb, eh, et, es = cfg.extra_shape
-  index = ir.IndexType.get()
-  as_index = lambda x: arith.index_cast(index, x)
-  zero = ops.i32(0)
-  b_idx = as_index(b if eb > 1 else zero)
-  h_idx = as_index(h if eh > 1 else zero)
-  f32 = ir.F32Type.get()
-  vec2 = ir.VectorType.get((2,), f32)
-  rows = []
-  for r in range(2):
-    row = ops.iadd(row0, ops.i32(8 * r)) if et > 1 else zero
-    r_idx = as_index(row)
-    values = []
-    if es == 1:
-      x = memref.load(ref, [b_idx, h_idx, r_idx, as_index(zero)])
-      values = [x] * local
-    else:
-      for c in range(0, local, 2):
-        key = ops.iadd(thread_key, ops.i32(sf.static_key(cfg.width, c)))
-        pair = vector.load(vec2, ref, [b_idx, h_idx, r_idx, as_index(key)])
-        values += [vector.extract(pair, dynamic_position=[], static_position=[e])
-                   for e in range(2)]
-    rows.append(values)
-  return rows
 
 
 def _make_sparse_pv(cfg: _Config):
@@ -379,18 +250,24 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
   steps = cfg.tuning.max_concurrent_steps
   dtype = cfg.spec.dtype
   groups = cfg.spec.heads // cfg.spec.kv_heads
-  has_extra = cfg.extra_shape is not None
+  has_extra = cfg.tile.extra_shape is not None
   has_pattern = cfg.pattern_shape is not None
   # Rows past q_len are discarded and rows past q_lengths zeroed after the
   # kernel, so only keys make a tile partial here.
   positional = tile_plan.needs_positional_masks(cfg.spec, cfg.kv_pad,
                                                 masks_queries=False)
-  units = _score_units(cfg)
+  units = scores.score_units(cfg.tile)
   # Profiler events a warpgroup may record: a start and an end for each of
   # at most 7 regions per step, and a few outside the loop.
   profile = {} if profile_dir is None else dict(
       profile_space=16 * (cfg.kv_pad // bk + 4), profile_dir=profile_dir)
-  selects = {(partial, dense): _make_select(cfg, partial, dense)
+  def selection(dense):
+    if dense:
+      return scores.KEEP_ALL
+    return scores.COMPRESS if cfg.sparse else scores.PRUNE
+
+  selects = {(partial, dense): scores.make_select(cfg.tile, partial,
+                                                  selection(dense))
              for partial in ((False, True) if positional else (False,))
              for dense in ((False, True) if has_pattern else (False,))}
   sparse_pv = _make_sparse_pv(cfg) if cfg.sparse else None
@@ -479,15 +356,15 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
           args.append(extra_ref)
         with jax.named_scope("select"):
           if compressed:
-            scores, meta = select(*args)
+            kept, meta = select(*args)
           else:
-            scores, meta = select(*args), None
+            kept, meta = select(*args), None
         with jax.named_scope("softmax"):
-          m_new = jnp.maximum(m_i, scores.max(axis=1))
+          m_new = jnp.maximum(m_i, kept.max(axis=1))
           m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
           alpha = jnp.exp2((m_i - m_safe) * units)
-          p = jnp.exp2(scores * units - lax.broadcast_in_dim(
-              m_safe * units, scores.shape, [0]))
+          p = jnp.exp2(kept * units - lax.broadcast_in_dim(
+              m_safe * units, kept.shape, [0]))
           acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
           l_i = l_i * alpha + p.sum(axis=1)
           p16 = p.astype(dtype)

@@ -237,12 +237,13 @@ def _compress_chunk(ops, chunk, n, m, consts):
 def select_compress(ops, vals, n: int, m: int, t):
   """N:M selection straight into the 2:4 sparse-A form (key width 4).
 
-  Returns `(comp, words)`: `comp[r][2b + i]` is the i-th kept score of the
-  thread's chunk in 16-key block `b` (-inf where a chunk has fewer than two
-  valid keys), i.e. a `[64, block_kv // 2]` WGMMA-layout array whose
+  Returns `(comp, words, nibbles)`: `comp[r][2b + i]` is the i-th kept score
+  of the thread's chunk in 16-key block `b` (-inf where a chunk has fewer
+  than two valid keys), i.e. a `[64, block_kv // 2]` WGMMA-layout array whose
   register `b` is sparse-A register `2 * (b % 2) + r` of K block `b // 2`;
   `words[p]` is the thread's metadata word for K blocks `2p` (selector 0) and
-  `2p + 1` (selector 1). A NaN score always lands in a kept value.
+  `2p + 1` (selector 1); `nibbles[r][b]` is the thread's own nibble of chunk
+  `b` (for `gather_kept`). A NaN score always lands in a kept value.
   """
   if not sparse_pattern_fits(n, m):
     raise ValueError(f"{n}:{m} does not fit the 2:4 sparse operand")
@@ -266,4 +267,28 @@ def select_compress(ops, vals, n: int, m: int, t):
       both_rows = ops.ior(nibbles[0][b], ops.ishl(nibbles[1][b], consts[16]))
       partial.append(ops.ishl(both_rows, shift))
     words.append(sf.gather_metadata(ops, partial, t))
-  return comp, words
+  return comp, words, nibbles
+
+
+def gather_kept(ops, vals, nibbles):
+  """Another tile's values at the positions `select_compress` kept.
+
+  `vals` in the layout `select_compress` took, `nibbles` its third result:
+  returns `comp` in the compressed layout, `comp[r][2b + i]` the value at
+  kept position `i` of chunk `b`. Where a chunk had fewer than two valid
+  keys the second slot holds the value at the filler's position; the
+  compressed scores are -inf there, so a product with their softmax is 0.
+  The backward uses it for `dP`, so that `dS = P * (dP - delta)` lands in
+  the compressed form of `P` (positions are `i0 < i1`: i0 in 0..2, i1 in 1..3).
+  """
+  consts = {v: ops.i32(v) for v in (0, 1, 2, 3)}
+  comp = [[None] * (2 * len(row)) for row in nibbles]
+  for r, row in enumerate(vals):
+    for b, nib in enumerate(nibbles[r]):
+      a, b1, c, d = row[4 * b:4 * b + 4]
+      i0, i1 = ops.iand(nib, consts[3]), ops.ishr(nib, consts[2])
+      comp[r][2 * b] = ops.sel(ops.ine(i0, consts[0]),
+                               ops.sel(ops.ine(i0, consts[1]), c, b1), a)
+      comp[r][2 * b + 1] = ops.sel(ops.ine(i1, consts[3]),
+                                   ops.sel(ops.ine(i1, consts[2]), b1, c), d)
+  return comp
