@@ -173,6 +173,37 @@ class PallasMosaic(Backend):
     return _mosaic().nm_flash_attention(call, self._tuning(), self.vjp.backward)
 
 
+@dataclasses.dataclass(frozen=True)
+class MosaicBackward(Backend):
+  """The Hopper backward kernels (`pallas_kernels.mosaic_gpu.backward`), as
+  `PallasMosaic(vjp=MosaicBackward())`: they recompute the scores with the
+  forward's own selection and run `dS K` on the 2:4 sparse tensor cores. A
+  `vjp` only, not an `implementation=` of its own. No block patterns or
+  bias yet (the backend then says so, and `implementation=None` picks
+  another).
+
+  `config`: a `pallas_kernels.mosaic_gpu.backward.BackwardTuning` (None: its
+  defaults).
+  """
+  name: ClassVar[str] = "pallas_mosaic_backward"
+  config: Any = None
+
+  def __post_init__(self):
+    if self.config is not None:
+      _check_config("MosaicBackward", self.config, _mosaic().BackwardTuning)
+
+  def _tuning(self):
+    return self.config if self.config is not None else _mosaic().BackwardTuning()
+
+  def unsupported_reason(self, spec):
+    return _mosaic().backward_unsupported_reason(spec, self._tuning())
+
+  def backward(self, call, out, lse, d_out):
+    """Gradients `(dq, dk, dv, None)` from the Hopper forward's `out`, `lse`."""
+    return _mosaic().backward_kernels.nm_flash_attention_bwd(
+        call, out, lse, d_out, self._tuning())
+
+
 # cuDNN's fused attention takes 16-bit inputs and head_dim up to 128.
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _CUDNN_MAX_HEAD_DIM = 128

@@ -36,17 +36,23 @@ from experiments.bench.timing import attention_flops
 from nmattn import backends
 from nmattn._validation import canonicalize
 
-# (implementation, n, m) of the nmattn rows; a row is kept where it can run.
-# `None` at 4:4 is the dense path a user gets (cuDNN on a GPU).
-SPARSE_ROWS = (("pallas_mosaic", 2, 4), ("pallas_triton", 2, 4),
-               ("pallas_triton", 1, 2), ("xla", 2, 4), (None, 4, 4))
+# (label, implementation, n, m) of the nmattn rows; a row is kept where it
+# can run. `None` at 4:4 is the dense path a user gets (cuDNN on a GPU);
+# "pallas_mosaic+bwd" differentiates the Hopper forward with the Hopper
+# backward kernels instead of the Triton backward.
+_MOSAIC_BOTH = backends.PallasMosaic(vjp=backends.MosaicBackward())
+SPARSE_ROWS = (("pallas_mosaic", "pallas_mosaic", 2, 4),
+               ("pallas_mosaic+bwd", _MOSAIC_BOTH, 2, 4),
+               ("pallas_mosaic+bwd", _MOSAIC_BOTH, 4, 4),
+               ("pallas_triton", "pallas_triton", 2, 4),
+               ("pallas_triton", "pallas_triton", 1, 2), ("xla", "xla", 2, 4),
+               ("auto", None, 4, 4))
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
   name: str
   attention: Callable  # (q, k, v, is_causal) -> out
-  sparse_backend: str | None = None
 
 
 def _dense_rows() -> list[Row]:
@@ -74,16 +80,16 @@ def _dense_rows() -> list[Row]:
 def sparse_rows(q, k, v) -> list[Row]:
   """The N:M rows whose backend supports these shapes on this device."""
   rows = []
-  for implementation, n, m in SPARSE_ROWS:
+  for label, implementation, n, m in SPARSE_ROWS:
     spec = canonicalize(q, k, v, n=n, m=m)[0].spec
-    reason = (None if implementation is None
-              else backends.BACKENDS[implementation].unsupported_reason(spec))
+    backend = backends.BACKENDS.get(implementation, implementation)
+    reason = None if backend is None else backend.unsupported_reason(spec)
     if reason is not None:
-      print(f"skipping {implementation} {n}:{m}: {reason}")
+      print(f"skipping {label} {n}:{m}: {reason}")
       continue
-    rows.append(Row(f"nmattn {implementation or 'auto'} {n}:{m}",
+    rows.append(Row(f"nmattn {label} {n}:{m}",
                     functools.partial(_nm_attention, implementation=implementation,
-                                      n=n, m=m), implementation))
+                                      n=n, m=m)))
   return rows
 
 

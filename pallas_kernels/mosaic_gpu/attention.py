@@ -4,7 +4,8 @@
 differentiates through `backward(call, out, lse, d_out) -> (dq, dk, dv,
 dbias)`, any backward that takes this forward's log-sum-exp convention (that
 of `pallas_kernels.triton.attention`); `nmattn.backends.PallasMosaic` passes
-the Triton backward by default.
+the Triton backward by default, or this package's own (`backward.py`,
+`nmattn.backends.MosaicBackward`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Callable
 import jax
 
 from pallas_kernels.call import AttentionCall, AttentionSpec
+from pallas_kernels.mosaic_gpu import backward as backward_kernels
 from pallas_kernels.mosaic_gpu import forward
+from pallas_kernels.mosaic_gpu.backward import BackwardTuning
 from pallas_kernels.mosaic_gpu.forward import MosaicTuning
 
 
@@ -37,6 +40,15 @@ def unsupported_reason(spec: AttentionSpec, tuning: MosaicTuning) -> str | None:
             or forward.pattern_unsupported_reason(spec, tuning))
   if reason is not None:
     return f"the kernel does not support {reason}"
+  return _device_reason()
+
+
+def backward_unsupported_reason(spec: AttentionSpec,
+                                tuning: BackwardTuning) -> str | None:
+  """Why the backward kernels cannot differentiate `spec` here (None if they can)."""
+  reason = backward_kernels.unsupported_reason(spec, tuning)
+  if reason is not None:
+    return f"the backward kernels do not support {reason}"
   return _device_reason()
 
 

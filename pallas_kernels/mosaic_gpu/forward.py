@@ -215,22 +215,6 @@ def _warpgroup_tiles(cfg: _Config, q_first, cta: tile_plan.TileRange, kv_valid):
   return tile_plan.within(own, cta)
 
 
-def _make_sparse_pv(cfg: _Config):
-  tiling = plgpu.TilingTransform((8, SWIZZLE // 2))
-  swizzle = plgpu.SwizzleTransform(SWIZZLE)
-
-  @plgpu.inline_mgpu(
-      arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.Layout.WGMMA,
-                 plgpu.RefType(transforms=(tiling, swizzle))),
-      return_type=plgpu.ShapeDtypeStruct((BLOCK_Q, cfg.spec.head_dim), jnp.float32,
-                                         plgpu.Layout.WGMMA))
-  def sparse_pv(ctx, acc, p, meta, v_ref):
-    del ctx
-    return mlir_ops.sparse_pv(acc, p, meta, v_ref, swizzle=SWIZZLE)
-
-  return sparse_pv
-
-
 def _list_reader(cfg: _Config, ref, b, h, q_tile):
   """`entry(i)`: entry `i` of this CTA's row of a pattern's tile lists."""
   batch, heads = cfg.pattern_shape[:2]
@@ -270,7 +254,8 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
                                                   selection(dense))
              for partial in ((False, True) if positional else (False,))
              for dense in ((False, True) if has_pattern else (False,))}
-  sparse_pv = _make_sparse_pv(cfg) if cfg.sparse else None
+  sparse_pv = (scores.make_sparse_matmul(cfg.spec.head_dim) if cfg.sparse
+               else None)
 
   def kernel(q_ref, k_ref, v_ref, *refs):
     refs = list(refs)

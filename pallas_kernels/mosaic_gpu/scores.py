@@ -174,6 +174,30 @@ def make_select(tile: ScoreTile, positional: bool, selection: str):
   return select
 
 
+def make_sparse_matmul(head_dim: int, swizzle: int = 128):
+  """The inline Mosaic GPU function `(acc, a, meta, b_ref) -> acc + A @ B`.
+
+  `a` and `meta` as `make_select(..., COMPRESS)` returns them (A's rows
+  are 64 query rows, its columns the tile's keys in natural order), `b_ref`
+  the `[block_kv, head_dim]` shared-memory tile in natural key order (tiled
+  `(8, swizzle // 2)`, swizzled), `acc` `[64, head_dim]` float32: the
+  forward's `P V` and the backward's `dS K` on the sparse tensor cores.
+  """
+  tiling = plgpu.TilingTransform((8, swizzle // 2))
+  swizzle_transform = plgpu.SwizzleTransform(swizzle)
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.Layout.WGMMA,
+                 plgpu.RefType(transforms=(tiling, swizzle_transform))),
+      return_type=plgpu.ShapeDtypeStruct((BLOCK_Q, head_dim), jnp.float32,
+                                         plgpu.Layout.WGMMA))
+  def sparse_matmul(ctx, acc, a, meta, b_ref):
+    del ctx
+    return mlir_ops.sparse_pv(acc, a, meta, b_ref, swizzle=swizzle)
+
+  return sparse_matmul
+
+
 def load_extra(tile: ScoreTile, ops, ref, b, h, row0, thread_key, local):
   """This thread's entries of the additive bias/mask term of the tile."""
   eb, eh, et, es = tile.extra_shape

@@ -1,0 +1,194 @@
+"""The Hopper backward kernels (pallas_kernels/mosaic_gpu/backward.py).
+
+On the CPU: tuning and support checks, and every static variant of both
+kernels built for the "cuda" platform (`jax.export`), which runs the whole
+Pallas Mosaic GPU lowering. On a Hopper GPU: the shared attention test base
+through `PallasMosaic(vjp=MosaicBackward())`, and the agreement of the
+backward's N:M selection with the forward's.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nmattn
+from nmattn.backends import MosaicBackward, PallasMosaic
+from nmattn._validation import canonicalize
+from pallas_kernels.mosaic_gpu import attention as mosaic_attention
+from pallas_kernels.mosaic_gpu import backward as bw
+from pallas_kernels.mosaic_gpu import forward as fw
+from attention_test_base import CASES, AttentionTestBase
+
+
+def _spec(q_len=256, kv_len=256, head_dim=128, dtype=jnp.bfloat16, **kwargs):
+  q = jnp.zeros((1, q_len, 2, head_dim), dtype)
+  k = jnp.zeros((1, kv_len, 2, head_dim), dtype)
+  return canonicalize(q, k, k, **kwargs)[0].spec
+
+
+def test_tuning_rejects_bad_values():
+  with pytest.raises(ValueError, match="block_kv_dq must be 64 or 128; got block_kv_dq=96"):
+    bw.BackwardTuning(block_kv_dq=96)
+  with pytest.raises(ValueError, match="max_concurrent_steps=1"):
+    bw.BackwardTuning(max_concurrent_steps=1)
+  with pytest.raises(ValueError, match="consumer_registers=30"):
+    bw.BackwardTuning(consumer_registers=30)
+
+
+def test_backend_rejects_a_config_of_another_kind():
+  with pytest.raises(ValueError, match="MosaicBackward\\(config=...\\) must be a "
+                     "BackwardTuning"):
+    MosaicBackward(config=fw.MosaicTuning())
+
+
+def test_unsupported_reasons_name_what_is_missing():
+  reason = lambda spec, tuning=bw.BackwardTuning(): bw.unsupported_reason(spec, tuning)
+  assert reason(_spec(n=2, m=4)) is None
+  assert reason(_spec(n=4, m=4, is_causal=True)) is None
+  assert "dtype float32" in reason(_spec(dtype=jnp.float32, n=2, m=4))
+  assert "head_dim=32" in reason(_spec(head_dim=32, n=2, m=4))
+  bias = jnp.zeros((1, 2, 256, 256), jnp.float32)
+  assert "a bias" in reason(_spec(n=2, m=4, bias=bias))
+  modes = jnp.ones((1, 1, 2, 2), jnp.int8)
+  assert "block_pattern" in reason(
+      _spec(n=2, m=4, block_pattern=nmattn.BlockPattern(modes, 128, 128)))
+  # 128-key steps of three streams, three stages: more than a CTA's memory.
+  big = bw.BackwardTuning(block_kv_dq=128, max_concurrent_steps=3)
+  assert "the dq kernel needs" in reason(_spec(n=2, m=4), big)
+  assert reason(_spec(n=2, m=4), bw.BackwardTuning(block_kv_dq=128, sparse_dq=False)) is None
+
+
+def test_pallas_mosaic_with_this_vjp_refuses_what_it_cannot_differentiate():
+  bias = jnp.zeros((1, 2, 256, 256), jnp.float32)
+  reason = PallasMosaic(vjp=MosaicBackward()).unsupported_reason(
+      _spec(n=2, m=4, bias=bias))
+  assert reason is not None
+  if mosaic_attention.unsupported_reason(_spec(n=2, m=4), fw.MosaicTuning()) is None:
+    assert "its vjp backend 'pallas_mosaic_backward' cannot" in reason
+    assert "a bias" in reason
+
+
+# Every static variant of the two kernels: sparse or dense dQ (2:4, 1:2, 1:4,
+# general n:m, dense), the masks (causal, window, key lengths and padding, a
+# mask), GQA/MQA, float16 at head_dim 64, 128-key dQ steps and three stages.
+LOWERING_CASES = {
+    "2:4 sparse": dict(),
+    "2:4 dense dq": dict(tuning=bw.BackwardTuning(sparse_dq=False)),
+    "4:4": dict(n=4, m=4),
+    "1:2 causal": dict(n=1, m=2, is_causal=True),
+    "1:4 window": dict(n=1, m=4, local_window_size=(100, 20)),
+    "mask causal": dict(mask=True, is_causal=True),
+    "3:8 causal": dict(n=3, m=8, is_causal=True),
+    "2:16": dict(n=2, m=16),
+    "d64 fp16 mqa": dict(head_dim=64, dtype=jnp.float16, kv_heads=1),
+    "ragged lengths": dict(q_len=300, kv_len=333, lengths=True),
+    "bk128 dense dq 3 stages": dict(tuning=bw.BackwardTuning(
+        block_kv_dq=128, sparse_dq=False, max_concurrent_steps=3), head_dim=64),
+}
+
+
+@pytest.mark.parametrize("case", list(LOWERING_CASES))
+def test_backward_lowers_for_cuda(case):
+  kw = dict(LOWERING_CASES[case])
+  dtype, head_dim = kw.pop("dtype", jnp.bfloat16), kw.pop("head_dim", 128)
+  kv_heads = kw.pop("kv_heads", 2)
+  q_len, kv_len = kw.pop("q_len", 256), kw.pop("kv_len", 256)
+  mask, lengths = kw.pop("mask", False), kw.pop("lengths", False)
+  tuning = kw.pop("tuning", None)
+  kw = dict(dict(n=2, m=4), **kw)
+  shape = jax.ShapeDtypeStruct
+  rows = shape((2, q_len, 4, head_dim), dtype)
+  keys = shape((2, kv_len, kv_heads, head_dim), dtype)
+  args = [rows, keys, keys, rows, rows, shape((2, 4, q_len), jnp.float32)]
+  if mask:
+    args.append(shape((2, 1, q_len, kv_len), jnp.bool_))
+  if lengths:
+    args += [shape((2,), jnp.int32)] * 2
+
+  def gradients(q, k, v, out, d_out, lse, *rest):
+    rest = list(rest)
+    mask_ = rest.pop(0) if mask else None
+    q_lengths, kv_lengths = rest if lengths else (None, None)
+    call, _ = canonicalize(q, k, v, None, mask_, query_seq_lengths=q_lengths,
+                           key_value_seq_lengths=kv_lengths, **kw)
+    return bw.nm_flash_attention_bwd(call, out, lse, d_out, tuning)
+
+  exported = jax.export.export(jax.jit(gradients), platforms=["cuda"])(*args)
+  dq, dk, dv = exported.out_avals
+  assert dq.shape == rows.shape and dq.dtype == dtype
+  assert dk.shape == dv.shape == keys.shape and dk.dtype == dv.dtype == dtype
+  assert exported.mlir_module().count("mosaic_gpu") >= 2
+
+
+# --------------------------------------------------------------------------
+# GPU.
+
+
+@pytest.fixture
+def hopper():
+  reason = mosaic_attention.backward_unsupported_reason(
+      _spec(n=2, m=4), bw.BackwardTuning())
+  if reason is not None:
+    pytest.skip(reason)
+
+
+_NO_BIAS = tuple(name for name in CASES if not name.startswith("bias"))
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("hopper")
+class TestMosaicBackward(AttentionTestBase):
+  """The shared base, forward and gradients, with both Hopper directions:
+  sparse `dS K` at head_dim 64 in bfloat16 and float16."""
+  implementation = PallasMosaic(vjp=MosaicBackward())
+  dtypes = (jnp.bfloat16, jnp.float16)
+  head_dim = 64
+  case_names = _NO_BIAS
+
+  def make_case(self, rng, name, dtype):
+    # The base's one-key, fully-masked-row and NaN tests use float32, which
+    # these kernels do not take; they run in bfloat16 here.
+    if dtype not in self.dtypes:
+      dtype = jnp.bfloat16
+    return super().make_case(rng, name, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("hopper")
+class TestMosaicBackwardDenseDq(TestMosaicBackward):
+  """The same with `dS K` dense, 128-key dQ steps, head_dim 128."""
+  implementation = PallasMosaic(vjp=MosaicBackward(
+      config=bw.BackwardTuning(sparse_dq=False, block_kv_dq=128)))
+  head_dim = 128
+
+
+def _selection_probe(n, m, rng, batch=4, heads=8, dtype=jnp.bfloat16):
+  """The forward's and the backward's keep-masks `[B, H, T, S]` on random
+  normal q, k with T = S = head_dim = 128: with V the identity the output
+  is the forward's `P`, with dO the identity dV is the backward's `P^T`."""
+  d = 128
+  q = jnp.asarray(rng.standard_normal((batch, d, heads, d)), dtype)
+  k = jnp.asarray(rng.standard_normal((batch, d, heads, d)), dtype)
+  eye = jnp.broadcast_to(jnp.eye(d, dtype=dtype)[None, :, None], (batch, d, heads, d))
+  attention = lambda q, k, v: nmattn.nm_attention(
+      q, k, v, n=n, m=m, implementation=PallasMosaic(vjp=MosaicBackward()))
+  out, vjp = jax.jit(lambda q, k, v: jax.vjp(attention, q, k, v))(q, k, eye)
+  dv = vjp(eye)[2]
+  forward = np.asarray(out, np.float32).transpose(0, 2, 1, 3) > 0
+  backward = np.asarray(dv, np.float32).transpose(0, 2, 3, 1) > 0
+  return forward, backward
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("hopper")
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 2), (3, 8)])
+def test_backward_selects_the_forward_keys(rng, n, m):
+  forward, backward = _selection_probe(n, m, rng)
+  groups = lambda keep: keep.reshape(*keep.shape[:-1], -1, m)
+  assert (groups(forward).sum(-1) == n).all()  # every group keeps n keys
+  differ = (groups(forward) != groups(backward)).any(-1).mean()
+  print(f"{n}:{m}: groups selected differently {differ:.2e}")
+  assert differ <= 1e-3
