@@ -11,6 +11,13 @@ in experiments/results/NOTES.md are included verbatim. The GPU byte-LM
 section renders the summary JSONs that experiments/sweep_gpu.sh writes for
 the bytelm_gpu sweeps (`GPU_SWEEPS`), which `--runs` copies to
 `experiments/results/bytelm_gpu/`; without the seeds one it is left out.
+
+  python -m experiments.report --retrieval_ranks=RUNS/retrieval_finetune_seeds \
+      --runs=RUNS
+
+first writes each done retrieval trial's per-query test ranks
+(test_ranks.json, from its final checkpoint; `write_test_ranks`), which
+section 2b pairs across attentions and seeds (`paired_noise`).
 """
 
 from __future__ import annotations
@@ -18,8 +25,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import pathlib
 import shutil
+import types
+
+import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = REPO / "experiments" / "results"
@@ -37,7 +48,7 @@ FURTHER = (
      "(`experiments/spatten.py`)"),
 )
 TRIAL_FILES = ("final_metrics.json", "metrics.csv", "config.json",
-               "status.json")
+               "status.json", "test_ranks.json")
 # experiments/sweep_summary.py's JSONs of the GPU byte-LM sweeps, under
 # experiments/results/bytelm_gpu/.
 GPU_SWEEPS = {"seeds": "bytelm_gpu_seeds.json",
@@ -47,6 +58,7 @@ SWEEPS = {
     "minilm_zero_shot": "experiments/sweeps/minilm_zero_shot.py",
     "minilm_zero_shot_long": "experiments/sweeps/minilm_zero_shot_long.py",
     "retrieval_finetune": "experiments/sweeps/retrieval_finetune.py",
+    "retrieval_finetune_seeds": "experiments/sweeps/retrieval_finetune_seeds.py",
     "listops_from_scratch": "experiments/sweeps/listops_from_scratch.py",
     "bytelm_from_scratch": "experiments/sweeps/bytelm_from_scratch.py",
     "bytelm_dense_to_sparse": "experiments/sweeps/bytelm_dense_to_sparse.py",
@@ -76,6 +88,181 @@ def collect(runs: pathlib.Path, results: pathlib.Path = RESULTS) -> None:
       for name in TRIAL_FILES:
         if (trial / name).exists():
           shutil.copy(trial / name, target / trial.name / name)
+
+
+def write_test_ranks(run_dir: pathlib.Path) -> dict:
+  """Writes `run_dir/test_ranks.json`: each test query's rank (`tasks.
+  RetrievalTask.ranks`) under the finished retrieval run's final checkpoint,
+  evaluated as the run's own final evaluation was. Raises ValueError unless
+  the run is done and the ranks give its recorded recall@1 and MRR."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from experiments import tasks, train  # pylint: disable=g-import-not-at-top
+  run_dir = pathlib.Path(run_dir)
+  final_path = run_dir / "final_metrics.json"
+  if not final_path.is_file():
+    raise ValueError(f"run_dir has no final_metrics.json (not finished); got "
+                     f"run_dir={str(run_dir)!r}")
+  final = json.loads(final_path.read_text())
+  config = ml_collections.ConfigDict(
+      json.loads((run_dir / "config.json").read_text()))
+  if config.task != "retrieval":
+    raise ValueError(f"run_dir must hold a retrieval run; got task="
+                     f"{config.task!r} in run_dir={str(run_dir)!r}")
+  task = tasks.build(config)
+  tx, _ = train.make_optimizer(config)
+  params = jax.eval_shape(task.init_params, jax.random.key(0))
+  abstract = {"step": jax.ShapeDtypeStruct((), np.int32), "params": params,
+              "opt_state": jax.eval_shape(tx.init, params)}
+  # The latest checkpoint is the final one: a done run saves at num_steps.
+  params = train._params_of_run(run_dir, abstract)  # pylint: disable=protected-access
+  # train.evaluate's batching and padding, with the ranks as the "metrics".
+  ranks_task = types.SimpleNamespace(eval_inputs=task.eval_inputs,
+                                     metrics=task.ranks)
+  ranks = train.evaluate(ranks_task, jax.jit(task.predict), params, "test",
+                         config.eval_batch_size, train.DataParallel())
+  recorded = final["metrics"]["test"]
+  got = {"recall_at_1": float(np.mean(ranks == 0)),
+         "mrr": float(np.mean(1.0 / (ranks + 1)))}
+  for name, value in got.items():
+    if not math.isclose(value, recorded[name], rel_tol=1e-6):
+      raise ValueError(f"the ranks give {name}={value} but the run recorded "
+                       f"{recorded[name]} in run_dir={str(run_dir)!r}")
+  result = {"split": "test", "step": final["num_steps"],
+            "ranks": [int(r) for r in ranks], **got}
+  (run_dir / "test_ranks.json").write_text(json.dumps(result))
+  return result
+
+
+def write_sweep_test_ranks(sweep_dir: pathlib.Path, echo=print) -> None:
+  """`write_test_ranks` for every done trial of `sweep_dir` without one."""
+  for trial in sorted(p for p in pathlib.Path(sweep_dir).iterdir()
+                      if p.is_dir()):
+    status = trial / "status.json"
+    if (trial / "test_ranks.json").exists() or not status.exists():
+      continue
+    if json.loads(status.read_text())["status"] == "done":
+      result = write_test_ranks(trial)
+      echo(f"{trial.name}: {len(result['ranks'])} test ranks, recall@1 "
+           f"{result['recall_at_1']:.4f}")
+
+
+def spread(values) -> dict:
+  """n, mean, sample standard deviation (None below two values), min, max."""
+  values = [float(v) for v in values]
+  if not values:
+    raise ValueError(f"spread needs at least one value; got values={values}")
+  n = len(values)
+  mean = sum(values) / n
+  std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+         if n > 1 else None)
+  return {"n": n, "mean": mean, "std": std, "min": min(values),
+          "max": max(values)}
+
+
+def _bootstrap_means(values, num_resamples, rng, chunk=1000):
+  """Means of `values [..., queries]` over the same resamples of the
+  queries (with replacement) for every leading index: [resamples, ...]."""
+  num = values.shape[-1]
+  means = []
+  for start in range(0, num_resamples, chunk):
+    idx = rng.integers(0, num, size=(min(chunk, num_resamples - start), num))
+    means.append(values[..., idx].mean(-1).T)
+  return np.concatenate(means)
+
+
+def paired_noise(hits_a, hits_b, num_resamples: int = 10000, seed: int = 0,
+                 level: float = 0.95) -> dict:
+  """The recall@1 difference a - b of two attentions on the same test
+  queries, and its noise.
+
+  `hits_a`, `hits_b`: [seeds, queries], 1 where a query is retrieved at
+  rank 0; row s of both is seed s, the columns the same queries. Returns
+  `per_seed`: each seed's difference with a paired percentile bootstrap
+  interval over the queries and the discordant counts (queries only a / only
+  b retrieves: McNemar's b and c); `mean`: the difference averaged over the
+  seeds, with `query_low`/`query_high`, its bootstrap interval over queries
+  (the trained models fixed); and, with two seeds or more, `components`: the
+  variances of a random-effects model d[s, q] = mu + query + seed +
+  interaction (`queries`, `seeds`, `interaction`, per unit, as fractions^2),
+  whose `half_width` gives the normal `low`/`high` of `mean` with all three.
+  """
+  a, b = (np.asarray(h, dtype=np.float64) for h in (hits_a, hits_b))
+  if a.ndim != 2 or a.shape != b.shape or a.shape[1] < 2:
+    raise ValueError("hits_a and hits_b must be [seeds, queries] of one shape "
+                     f"with at least 2 queries; got hits_a.shape={a.shape}, "
+                     f"hits_b.shape={b.shape}")
+  if not 0 < level < 1:
+    raise ValueError(f"level must be in (0, 1); got level={level}")
+  num_seeds, num_queries = a.shape
+  d = a - b
+  rng = np.random.default_rng(seed)
+  tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+  # Per seed and the mean over seeds, from the same query resamples.
+  boot = _bootstrap_means(np.concatenate([d, d.mean(0, keepdims=True)]),
+                          num_resamples, rng)
+  low, high = np.percentile(boot, tails, axis=0)
+  per_seed = [{"difference": float(d[s].mean()), "low": float(low[s]),
+               "high": float(high[s]),
+               "a_only": int(np.sum((a[s] == 1) & (b[s] == 0))),
+               "b_only": int(np.sum((a[s] == 0) & (b[s] == 1)))}
+              for s in range(num_seeds)]
+  result = {"num_seeds": num_seeds, "num_queries": num_queries,
+            "level": level, "per_seed": per_seed,
+            "mean": float(d.mean()), "query_low": float(low[-1]),
+            "query_high": float(high[-1]), "components": None,
+            "low": None, "high": None}
+  if num_seeds > 1:
+    # E var_q d[s] = query + interaction; E var_q mean_s d = query +
+    # interaction / seeds; E var_s mean_q d = seed + interaction / queries.
+    single = float(np.mean(np.var(d, axis=1, ddof=1)))
+    averaged = float(np.var(d.mean(0), ddof=1))
+    interaction = max(0.0, (single - averaged) * num_seeds / (num_seeds - 1))
+    components = {
+        "queries": max(0.0, averaged - interaction / num_seeds),
+        "interaction": interaction,
+        "seeds": max(0.0, float(np.var(d.mean(1), ddof=1))
+                     - interaction / num_queries)}
+    width = half_width(components, num_queries, num_seeds, level)
+    result.update(components=components, low=result["mean"] - width,
+                  high=result["mean"] + width)
+  return result
+
+
+def _z(level: float) -> float:
+  import statistics  # pylint: disable=g-import-not-at-top
+  return statistics.NormalDist().inv_cdf((1 + level) / 2)
+
+
+def half_width(components: dict, num_queries: int, num_seeds: int,
+               level: float = 0.95) -> float:
+  """The normal `level` interval's half-width of a seed-averaged difference
+  over `num_queries` queries and `num_seeds` seeds, from `paired_noise`'s
+  variance components."""
+  if num_queries < 1 or num_seeds < 1:
+    raise ValueError(f"num_queries and num_seeds must be >= 1; got "
+                     f"num_queries={num_queries}, num_seeds={num_seeds}")
+  variance = (components["queries"] / num_queries + components["interaction"]
+              / (num_queries * num_seeds) + components["seeds"] / num_seeds)
+  return _z(level) * math.sqrt(variance)
+
+
+def needed_to_resolve(components: dict, target: float, num_queries: int,
+                      num_seeds: int, level: float = 0.95) -> dict:
+  """The fewest queries (at `num_seeds` seeds) and the fewest seeds (at
+  `num_queries` queries) whose `half_width` is below `target`; None where
+  the other count alone already keeps it at or above `target`."""
+  if target <= 0:
+    raise ValueError(f"target must be > 0; got target={target}")
+  budget = (target / _z(level)) ** 2
+  q, e, s = (components[k] for k in ("queries", "interaction", "seeds"))
+  room = budget - s / num_seeds  # left for the query terms
+  queries = (None if room <= 0 else
+             math.floor((q + e / num_seeds) / room) + 1)
+  room = budget - q / num_queries  # left for the seed terms
+  seeds = (None if room <= 0 else
+           math.floor((e / num_queries + s) / room) + 1)
+  return {"queries": queries, "seeds": seeds}
 
 
 def load_trials(sweep: str) -> list[dict]:
@@ -300,13 +487,166 @@ def gpu_byte_lm_section(results: pathlib.Path, plots: pathlib.Path) -> list[str]
   return lines + ["![bytelm_gpu](results/bytelm_gpu.png)", ""]
 
 
+def _points(value) -> str:
+  return f"{100 * value:+.2f}"
+
+
+def load_ranked_trials(root: pathlib.Path) -> list[dict]:
+  """The trials under `root` with name, status, seed, attention, final test
+  metrics and hits (rank 0, from test_ranks.json; None without one)."""
+  trials = []
+  for trial in sorted(p for p in root.iterdir() if p.is_dir()):
+    status = json.loads((trial / "status.json").read_text())["status"]
+    final_path, ranks_path = trial / "final_metrics.json", trial / "test_ranks.json"
+    if status != "done" or not final_path.exists():
+      trials.append({"name": trial.name, "status": status})
+      continue
+    final = json.loads(final_path.read_text())
+    config = json.loads((trial / "config.json").read_text())
+    hits = (np.asarray(json.loads(ranks_path.read_text())["ranks"]) == 0
+            if ranks_path.exists() else None)
+    trials.append({"name": trial.name, "status": status,
+                   "seed": config["seed"], "attention": final["attention"],
+                   "test": final["metrics"]["test"], "hits": hits,
+                   "config": config})
+  return trials
+
+
+def retrieval_noise_section(results: pathlib.Path, plots: pathlib.Path,
+                            target: float = 0.005,
+                            sweep: str = "retrieval_finetune_seeds"
+                            ) -> list[str]:
+  """Section 2b: the finetune over seeds on the whole test split, the spread
+  of recall@1 per attention and the paired difference to dense with its
+  noise (`paired_noise`), and its plot in `plots`; [] without the sweep's
+  results."""
+  root = results / sweep
+  if not root.is_dir():
+    return []
+  trials = load_ranked_trials(root)
+  done = [t for t in trials if t["status"] == "done"]
+  if not done:
+    return []
+  config = done[0]["config"]
+  by_kind = {}
+  for trial in done:
+    by_kind.setdefault(trial["attention"], {})[trial["seed"]] = trial
+  num_queries = None if done[0]["hits"] is None else len(done[0]["hits"])
+  seeds = sorted({t["seed"] for t in done})
+  lines = [
+      "## 2b. Finetuning noise: seeds, and every test pair", "",
+      f"The finetune of section 2 ({config['num_steps']} steps of "
+      f"{config['batch_size']} pairs) with seeds "
+      f"{', '.join(str(s) for s in seeds)}: a seed sets the order of the "
+      "training pairs and the dropout, the same for every attention. "
+      "Evaluated on the whole test split"
+      + (f", {num_queries} pairs" if num_queries else "") +
+      " (section 2: 500), so recall@1 is lower than there: each query "
+      "competes with more documents. Each query's rank is recomputed from "
+      "the run's final checkpoint and reproduces the run's recall@1 and MRR.",
+      "",
+      f"Command: `{_command(sweep)}`, then `python -m experiments.report "
+      f"--retrieval_ranks=RUNS/{sweep} --runs=RUNS`", "",
+      "Recall@1 over seeds (mean ± sample standard deviation, range):", "",
+      "| attention | seeds | recall@1 | min-max | per seed | MRR |",
+      "|---|---|---|---|---|---|"]
+  for label, runs in by_kind.items():
+    recall = spread([100 * t["test"]["recall_at_1"] for t in runs.values()])
+    mrr = spread([t["test"]["mrr"] for t in runs.values()])
+    std = "" if recall["std"] is None else f" ± {recall['std']:.2f}"
+    mrr_std = "" if mrr["std"] is None else f" ± {mrr['std']:.4f}"
+    per_seed = ", ".join(f"{seed}: {100 * t['test']['recall_at_1']:.2f}"
+                         for seed, t in sorted(runs.items()))
+    lines.append(f"| {label} | {recall['n']} | {recall['mean']:.2f}{std} | "
+                 f"{recall['min']:.2f}-{recall['max']:.2f} | {per_seed} | "
+                 f"{mrr['mean']:.4f}{mrr_std} |")
+  lines += [_failed(trials)]
+  dense = by_kind.get("dense", {})
+  comparisons = {}
+  for label, runs in by_kind.items():
+    paired = sorted(s for s in runs if s in dense and runs[s]["hits"]
+                    is not None and dense[s]["hits"] is not None)
+    if label != "dense" and paired:
+      comparisons[label] = (paired, paired_noise(
+          [dense[s]["hits"] for s in paired], [runs[s]["hits"] for s in paired]))
+  panels = [("finetuned recall@1 on every test pair, each seed", "recall@1 (%)",
+             {label: [100 * t["test"]["recall_at_1"] for t in runs.values()]
+              for label, runs in by_kind.items()}, "points")]
+  if comparisons:
+    panels.append(("dense - N:M, each seed (same queries)", "points",
+                   {f"dense - {label}": [100 * r["difference"]
+                                         for r in noise["per_seed"]]
+                    for label, (_, noise) in comparisons.items()}, "points"))
+  _plot(plots / "finetune_seeds.png", panels)
+  lines += ["![finetuning over seeds](results/finetune_seeds.png)", ""]
+  if not comparisons:
+    return lines
+  lines += [
+      "Paired on the same queries, dense - N:M recall@1 in points: per seed "
+      "with a 95% percentile bootstrap over the test queries (10000 "
+      "resamples); the queries only one of the two retrieves (McNemar's "
+      "discordant pairs); and the mean over seeds, with the bootstrap over "
+      "queries (the trained models fixed) and the interval that adds the "
+      "seed-to-seed noise (normal, from the variance components below).", "",
+      "| comparison | seed | dense - N:M | 95% interval | dense only | "
+      "N:M only |", "|---|---|---|---|---|---|"]
+  for label, (paired, noise) in comparisons.items():
+    for seed, row in zip(paired, noise["per_seed"]):
+      lines.append(f"| dense - {label} | {seed} | {_points(row['difference'])}"
+                   f" | {_points(row['low'])} to {_points(row['high'])} | "
+                   f"{row['a_only']} | {row['b_only']} |")
+    both = ("" if noise["low"] is None else
+            f"; with seeds {_points(noise['low'])} to "
+            f"{_points(noise['high'])}")
+    lines.append(f"| dense - {label} | mean of {len(paired)} | "
+                 f"**{_points(noise['mean'])}** | queries "
+                 f"{_points(noise['query_low'])} to "
+                 f"{_points(noise['query_high'])}{both} | | |")
+  lines.append("")
+  for label, (paired, noise) in comparisons.items():
+    components = noise["components"]
+    if components is None:
+      continue
+    n, k = noise["num_queries"], noise["num_seeds"]
+    sd = {name: 100 * math.sqrt(v) for name, v in components.items()}
+    width = 100 * half_width(components, n, k)
+    one = 100 * half_width(components, n, 1)
+    need = needed_to_resolve(components, target, n, k)
+    outside = width < 100 * target
+    lines += [
+        f"Noise of dense - {label} (standard deviations in points, per "
+        f"query / per seed): queries {sd['queries']:.1f}, query x seed "
+        f"{sd['interaction']:.1f}, seeds {sd['seeds']:.2f}. The 95% "
+        f"half-width of a difference is {one:.2f} points from one seed on "
+        f"{n} queries and {width:.2f} from the mean of {k} seeds, so a "
+        f"{100 * target:.1f}-point difference is "
+        + ("outside the noise." if outside else
+           "inside the noise: resolving it would take "
+           + (f"{need['queries']} queries at {k} seeds" if need["queries"]
+              else f"more than {k} seeds whatever the number of queries")
+           + " or "
+           + (f"{need['seeds']} seeds on these {n} queries." if need["seeds"]
+              else f"more than {n} queries whatever the number of seeds."))]
+    if label == "2:4":
+      low, high = noise["low"], noise["high"]
+      verdict = ("**met**" if high <= target else "**missed**"
+                 if low > target else "**not resolvable** at this noise")
+      lines += ["", f"Target: finetuned 2:4 within {100 * target:.1f} recall "
+                f"points of dense: dense - 2:4 = {_points(noise['mean'])} "
+                f"points (95% {_points(low)} to {_points(high)}), {verdict}."]
+    lines.append("")
+  return lines
+
+
 def render() -> str:
   gpu = gpu_byte_lm_section(RESULTS, PLOTS)
+  noise = retrieval_noise_section(RESULTS, PLOTS)
   lines = ["# Results", "",
            "Generated by `python -m experiments.report` from the runs' own "
            "outputs (copied to `experiments/results/`). CPU-only runs "
            "(2 shared cores), sized to finish in minutes each: small models, "
            "short schedules, one seed. `RUNS` below is any scratch directory."
+           + (" Section 2b repeats the finetune over seeds." if noise else "")
            + (" Section 3c ran on a GPU, with several seeds; it says where."
               if gpu else ""),
            ""]
@@ -412,14 +752,17 @@ def render() -> str:
     if {"dense", "2:4"} <= tuned_by.keys():
       gap = 100 * (tuned_by["dense"]["final"]["metrics"]["test"]["recall_at_1"]
                    - tuned_by["2:4"]["final"]["metrics"]["test"]["recall_at_1"])
+      # One seed cannot resolve the target; 2b's seeds give the verdict.
+      verdict = ("one seed, which cannot resolve 0.5 points: see the verdict "
+                 "of section 2b" if noise else _verdict(gap <= 0.5))
       lines += [f"Target: finetuned 2:4 within 0.5 recall points of dense: "
-                f"dense - 2:4 = {gap:+.1f} points, {_verdict(gap <= 0.5)}.",
-                ""]
+                f"dense - 2:4 = {gap:+.1f} points, {verdict}.", ""]
     _plot(PLOTS / "finetune.png", [
         ("finetuning: train loss", "contrastive loss",
          {k: _series(t, "train", "loss") for k, t in tuned_by.items()},
          "line")])
     lines += ["![finetuning](results/finetune.png)", ""]
+  lines += noise
 
   for sweep, title, metric, unit, higher_better in (
       ("listops_from_scratch", "ListOps", "accuracy", "accuracy", True),
@@ -512,7 +855,12 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", default=None,
                       help="directory holding the sweep work dirs")
+  parser.add_argument("--retrieval_ranks", default=None,
+                      help="a retrieval sweep's work dir: first write each "
+                      "done trial's test_ranks.json from its checkpoint")
   args = parser.parse_args(argv)
+  if args.retrieval_ranks:
+    write_sweep_test_ranks(pathlib.Path(args.retrieval_ranks))
   if args.runs:
     collect(pathlib.Path(args.runs))
   DOC.write_text(render())

@@ -246,19 +246,23 @@ class ByteLMTask:
     return {"loss": loss, "bits_per_byte": loss / math.log(2)}
 
 
-def retrieval_metrics(similarity, ks=(1, 5, 10)) -> dict[str, float]:
-  """recall@k and MRR of `similarity [queries, documents]`, query i's answer
-  being document i.
-
-  A query's rank is the number of documents scored strictly above its answer
-  (a tie counts for the answer); recall@k is the fraction of queries ranked
-  below k, MRR the mean of 1 / (rank + 1).
-  """
+def retrieval_ranks(similarity) -> np.ndarray:
+  """Each query's rank in `similarity [queries, documents]`, query i's answer
+  being document i: the number of documents scored strictly above its answer
+  (a tie counts for the answer), so 0 is a hit at 1."""
   similarity = np.asarray(similarity)
   if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
     raise ValueError("similarity must be square [queries, documents]; got "
                      f"similarity.shape={similarity.shape}")
-  rank = np.sum(similarity > np.diag(similarity)[:, None], axis=-1)
+  return np.sum(similarity > np.diag(similarity)[:, None], axis=-1)
+
+
+def retrieval_metrics(similarity, ks=(1, 5, 10)) -> dict[str, float]:
+  """recall@k and MRR of `similarity [queries, documents]` from
+  `retrieval_ranks`: recall@k is the fraction of queries ranked below k, MRR
+  the mean of 1 / (rank + 1).
+  """
+  rank = retrieval_ranks(similarity)
   metrics = {f"recall_at_{k}": float(np.mean(rank < k)) for k in ks}
   metrics["mrr"] = float(np.mean(1.0 / (rank + 1)))
   return metrics
@@ -359,6 +363,11 @@ class RetrievalTask:
       outputs[f"{side}_dense"] = self.dense_model.apply({"params": params},
                                                         tokens, mask)
     return outputs
+
+  def ranks(self, outputs):
+    """Per query, the `retrieval_ranks` behind `metrics`' recall and MRR (for
+    paired comparisons of runs on the same split)."""
+    return retrieval_ranks(outputs["query"] @ outputs["code"].T)
 
   def metrics(self, outputs):
     query_cosine = np.sum(outputs["query"] * outputs["query_dense"], -1)
