@@ -20,7 +20,7 @@ from nmattn._validation import canonicalize
 from pallas_kernels.mosaic_gpu import attention as mosaic_attention
 from pallas_kernels.mosaic_gpu import backward as bw
 from pallas_kernels.mosaic_gpu import forward as fw
-from attention_test_base import CASES, AttentionTestBase
+from attention_test_base import AttentionTestBase
 
 
 def _spec(q_len=256, kv_len=256, head_dim=128, dtype=jnp.bfloat16, **kwargs):
@@ -51,24 +51,28 @@ def test_unsupported_reasons_name_what_is_missing():
   assert "dtype float32" in reason(_spec(dtype=jnp.float32, n=2, m=4))
   assert "head_dim=32" in reason(_spec(head_dim=32, n=2, m=4))
   bias = jnp.zeros((1, 2, 256, 256), jnp.float32)
-  assert "a bias" in reason(_spec(n=2, m=4, bias=bias))
+  assert reason(_spec(n=2, m=4, bias=bias)) is None
   modes = jnp.ones((1, 1, 2, 2), jnp.int8)
   assert "block_pattern" in reason(
       _spec(n=2, m=4, block_pattern=nmattn.BlockPattern(modes, 128, 128)))
   # 128-key steps of three streams, three stages: more than a CTA's memory.
   big = bw.BackwardTuning(block_kv_dq=128, max_concurrent_steps=3)
   assert "the dq kernel needs" in reason(_spec(n=2, m=4), big)
+  # A bias adds float32 dS tiles to the dK/dV kernel's memory.
+  three = bw.BackwardTuning(max_concurrent_steps=3)
+  assert reason(_spec(n=2, m=4), three) is None
+  assert "the dkv kernel needs" in reason(_spec(n=2, m=4, bias=bias), three)
   assert reason(_spec(n=2, m=4), bw.BackwardTuning(block_kv_dq=128, sparse_dq=False)) is None
 
 
 def test_pallas_mosaic_with_this_vjp_refuses_what_it_cannot_differentiate():
-  bias = jnp.zeros((1, 2, 256, 256), jnp.float32)
-  reason = PallasMosaic(vjp=MosaicBackward()).unsupported_reason(
-      _spec(n=2, m=4, bias=bias))
+  modes = jnp.ones((1, 1, 2, 2), jnp.int8)
+  spec = _spec(n=2, m=4, block_pattern=nmattn.BlockPattern(modes, 128, 128))
+  reason = PallasMosaic(vjp=MosaicBackward()).unsupported_reason(spec)
   assert reason is not None
-  if mosaic_attention.unsupported_reason(_spec(n=2, m=4), fw.MosaicTuning()) is None:
+  if mosaic_attention.unsupported_reason(spec, fw.MosaicTuning()) is None:
     assert "its vjp backend 'pallas_mosaic_backward' cannot" in reason
-    assert "a bias" in reason
+    assert "block_pattern" in reason
 
 
 # Every static variant of the two kernels: sparse or dense dQ (2:4, 1:2, 1:4,
@@ -81,6 +85,9 @@ LOWERING_CASES = {
     "1:2 causal": dict(n=1, m=2, is_causal=True),
     "1:4 window": dict(n=1, m=4, local_window_size=(100, 20)),
     "mask causal": dict(mask=True, is_causal=True),
+    "bias mask window": dict(bias=(2, 4), mask=True, local_window_size=(70, 0)),
+    "broadcast bias dense dq": dict(bias=(1, 1), tuning=bw.BackwardTuning(
+        sparse_dq=False)),
     "3:8 causal": dict(n=3, m=8, is_causal=True),
     "2:16": dict(n=2, m=16),
     "d64 fp16 mqa": dict(head_dim=64, dtype=jnp.float16, kv_heads=1),
@@ -97,12 +104,15 @@ def test_backward_lowers_for_cuda(case):
   kv_heads = kw.pop("kv_heads", 2)
   q_len, kv_len = kw.pop("q_len", 256), kw.pop("kv_len", 256)
   mask, lengths = kw.pop("mask", False), kw.pop("lengths", False)
+  bias = kw.pop("bias", None)  # its (batch, heads) extent
   tuning = kw.pop("tuning", None)
   kw = dict(dict(n=2, m=4), **kw)
   shape = jax.ShapeDtypeStruct
   rows = shape((2, q_len, 4, head_dim), dtype)
   keys = shape((2, kv_len, kv_heads, head_dim), dtype)
   args = [rows, keys, keys, rows, rows, shape((2, 4, q_len), jnp.float32)]
+  if bias:
+    args.append(shape((*bias, q_len, kv_len), jnp.float32))
   if mask:
     args.append(shape((2, 1, q_len, kv_len), jnp.bool_))
   if lengths:
@@ -110,16 +120,19 @@ def test_backward_lowers_for_cuda(case):
 
   def gradients(q, k, v, out, d_out, lse, *rest):
     rest = list(rest)
+    bias_ = rest.pop(0) if bias else None
     mask_ = rest.pop(0) if mask else None
     q_lengths, kv_lengths = rest if lengths else (None, None)
-    call, _ = canonicalize(q, k, v, None, mask_, query_seq_lengths=q_lengths,
+    call, _ = canonicalize(q, k, v, bias_, mask_, query_seq_lengths=q_lengths,
                            key_value_seq_lengths=kv_lengths, **kw)
     return bw.nm_flash_attention_bwd(call, out, lse, d_out, tuning)
 
   exported = jax.export.export(jax.jit(gradients), platforms=["cuda"])(*args)
-  dq, dk, dv = exported.out_avals
+  dq, dk, dv, *dbias = exported.out_avals
   assert dq.shape == rows.shape and dq.dtype == dtype
   assert dk.shape == dv.shape == keys.shape and dk.dtype == dv.dtype == dtype
+  if bias:
+    assert dbias[0].shape == (*bias, q_len, kv_len) and dbias[0].dtype == jnp.float32
   assert exported.mlir_module().count("mosaic_gpu") >= 2
 
 
@@ -135,9 +148,6 @@ def hopper():
     pytest.skip(reason)
 
 
-_NO_BIAS = tuple(name for name in CASES if not name.startswith("bias"))
-
-
 @pytest.mark.gpu
 @pytest.mark.usefixtures("hopper")
 class TestMosaicBackward(AttentionTestBase):
@@ -146,7 +156,6 @@ class TestMosaicBackward(AttentionTestBase):
   implementation = PallasMosaic(vjp=MosaicBackward())
   dtypes = (jnp.bfloat16, jnp.float16)
   head_dim = 64
-  case_names = _NO_BIAS
 
   def make_case(self, rng, name, dtype):
     # The base's one-key, fully-masked-row and NaN tests use float32, which

@@ -18,10 +18,11 @@ backward"). With `P = exp(S - lse)` of the kept scores, `dP = dO V^T` and
   `dS` in shared memory as 16-bit tiles and accumulates `dV += P^T dO`,
   `dK += dS^T Q` with dense `wgmma` (their reduction axis, the queries,
   carries no N:M pattern). Its rows come out in the permuted key order and
-  are put back after the kernel.
+  are put back after the kernel. With a bias it also writes `dS` as float32
+  tiles (zeros where it visits no tile), summed to the bias' shape after.
 
-Not yet here: block patterns and a bias (whose gradient needs `dS` written
-out); `unsupported_reason` says so and the Triton backward takes those.
+Not yet here: block patterns; `unsupported_reason` says so and the Triton
+backward takes those.
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ def smem_bytes(spec: AttentionSpec, tuning: BackwardTuning) -> dict[str, int]:
   dq = (2 * CTA_ROWS * d * 2 + 2 * CTA_ROWS * 4
         + steps * streams * tuning.block_kv_dq * d * 2
         + 8 * (4 * COMPUTE_WGS + 2 * streams * steps) + SMEM_OVERHEAD)
+  ds_tiles = 2 + (2 if spec.bias_shape is not None else 0)  # 16-bit P, dS; f32 dS
   dkv = (2 * CTA_ROWS * d * 2 + steps * (2 * BLOCK_Q * d * 2 + 2 * BLOCK_Q * 4)
-         + 2 * COMPUTE_WGS * BLOCK_Q * BLOCK_K * 2
+         + ds_tiles * COMPUTE_WGS * BLOCK_Q * BLOCK_K * 2
          + 8 * (2 * COMPUTE_WGS + 5 * steps) + SMEM_OVERHEAD)
   return {"dq": dq, "dkv": dkv}
 
@@ -104,8 +106,6 @@ def unsupported_reason(spec: AttentionSpec,
     return f"m={spec.m}"
   if spec.has_pattern:
     return "a block_pattern (the Hopper backward has no block skipping yet)"
-  if spec.bias_shape is not None:
-    return "a bias (the Hopper backward does not compute dbias yet)"
   for kernel, size in smem_bytes(spec, tuning).items():
     if size > SMEM_LIMIT:
       return (f"head_dim={spec.head_dim} with {tuning}: the {kernel} kernel "
@@ -129,14 +129,15 @@ def nm_flash_attention_bwd(call: AttentionCall, out, lse, d_out,
 
   `lse [B, H, T]` float32 is the natural log-sum-exp of the kept scores,
   +-inf for rows without one (the forward's, and the Triton kernels',
-  convention). `dbias` is None (a bias is unsupported here).
+  convention). `dbias` is None without a bias, else in the call's (4-D)
+  bias shape and dtype.
   """
   spec = call.spec
   tuning = tuning or BackwardTuning()
   width = scores.key_width(spec)
   q_pad = round_up(spec.q_len, CTA_ROWS)
   kv_pad = round_up(spec.kv_len, CTA_ROWS)
-  extra = scores.combine_extra(None, call.mask, q_pad, kv_pad)
+  extra = scores.combine_extra(call.bias, call.mask, q_pad, kv_pad)
   extra_shape = None if extra is None else tuple(extra.shape)
   tile = lambda bk: scores.ScoreTile(spec=spec, width=width, block_kv=bk,
                                      kv_pad=kv_pad, extra_shape=extra_shape)
@@ -162,10 +163,15 @@ def nm_flash_attention_bwd(call: AttentionCall, out, lse, d_out,
 
   dq_inputs = [q, k_perm, v_perm] + ([keys] if cfg.sparse else [])
   dq = _dq_call(cfg, *dq_inputs, do, lse2, delta, *rest)
-  dk, dv = _dkv_call(cfg, q, k_perm, v_perm, do, lse2, delta, *rest)
+  dk, dv, *ds = _dkv_call(cfg, q, k_perm, v_perm, do, lse2, delta, *rest)
   dk = scores.unpermute_keys(dk, width)[:, :spec.kv_len]
   dv = scores.unpermute_keys(dv, width)[:, :spec.kv_len]
-  return dq[:, :spec.q_len], dk, dv, None
+  dbias = None
+  if call.bias is not None:
+    ds = scores.unpermute_keys(ds[0], width, axis=3)[:, :, :spec.q_len, :spec.kv_len]
+    summed = tuple(axis for axis in range(4) if call.bias.shape[axis] == 1)
+    dbias = jnp.sum(ds, axis=summed, keepdims=True).astype(call.bias.dtype)
+  return dq[:, :spec.q_len], dk, dv, dbias
 
 
 def _kv_valid(cfg: _Config, kvlen_ref, b):
@@ -350,9 +356,11 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse, delta, *rest):
   steps, dtype = tuning.max_concurrent_steps, spec.dtype
   groups = spec.heads // spec.kv_heads
   has_extra = cfg.dkv_tile.extra_shape is not None
+  has_bias = spec.bias_shape is not None
   positional = tile_plan.needs_positional_masks(spec, cfg.kv_pad,
                                                 masks_queries=False)
   units = scores.score_units(cfg.dkv_tile)
+  q_tiles = cfg.q_pad // BLOCK_Q
   selects = {partial: scores.make_select(cfg.dkv_tile, partial, scores.PRUNE)
              for partial in ((False, True) if positional else (False,))}
 
@@ -360,9 +368,9 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse, delta, *rest):
     refs = list(refs)
     extra_ref = refs.pop(0) if has_extra else None
     kvlen_ref = refs.pop(0) if spec.has_kv_lengths else None
-    dk_ref, dv_ref, scratch = refs
+    dk_ref, dv_ref, *dbias_ref, scratch = refs
     (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, p_smem2,
-     ds_smem2), barriers = scratch
+     ds_smem2, ds32_smem2), barriers = scratch
     own_full, rows_full, free = barriers
     b = lax.axis_index("batch")
     kv_head = lax.axis_index("heads")
@@ -393,6 +401,27 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse, delta, *rest):
           tile_plan.query_tiles(spec, k_first, BLOCK_K, BLOCK_Q, q_limit,
                                 kv_valid), cta)
 
+      def ds_tile(group, q_step):
+        return dbias_ref[0].at[b, kv_head * groups + group,
+                               pl.ds(q_step * BLOCK_Q, BLOCK_Q),
+                               pl.ds(k_first, BLOCK_K)]
+
+      if has_bias:  # dS is zero in the query tiles the walk skips
+        ds32_smem = ds32_smem2.at[wg]
+        ds32_smem[...] = plgpu.layout_cast(
+            jnp.full((BLOCK_Q, BLOCK_K), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        plgpu.commit_smem()
+
+        def clear(group, carry):
+          for start, stop in ((0, cta.lo), (cta.hi, q_tiles)):
+            @pl.loop(start, stop)
+            def _clear(q_step):
+              plgpu.copy_smem_to_gmem(ds32_smem, ds_tile(group, q_step))
+          return carry
+
+        lax.fori_loop(0, groups, clear, 0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
       def step(q_step, carry, partial, group):
         dk, dv = carry
         slot = lax.rem(group * per_head + q_step - lo, jnp.int32(steps))
@@ -416,7 +445,12 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse, delta, *rest):
             plgpu.load(delta_smem.at[slot], (), layout=row_layout), units)
         p_smem[...] = p.astype(dtype)
         ds_smem[...] = ds.astype(dtype)
+        if has_bias:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's store
+          ds32_smem[...] = ds
         plgpu.commit_smem()
+        if has_bias:
+          plgpu.copy_smem_to_gmem(ds32_smem, ds_tile(group, q_step))
 
         def accumulate(acc_refs):
           dv_ref_, dk_ref_ = acc_refs
@@ -474,7 +508,9 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse, delta, *rest):
             plgpu.SMEM((steps, BLOCK_Q), jnp.float32),
             plgpu.SMEM((steps, BLOCK_Q), jnp.float32),
             _smem_tile(dtype, COMPUTE_WGS, BLOCK_Q, BLOCK_K),
-            _smem_tile(dtype, COMPUTE_WGS, BLOCK_Q, BLOCK_K))
+            _smem_tile(dtype, COMPUTE_WGS, BLOCK_Q, BLOCK_K),
+            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, BLOCK_K), jnp.float32)
+            if has_bias else None)
     # The four copies of a ring slot (Q, dO, lse, delta) arrive on one
     # barrier, as do a consumer's own K and V.
     barriers = (plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS),
@@ -485,8 +521,12 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse, delta, *rest):
 
   grad = jax.ShapeDtypeStruct((spec.batch, cfg.kv_pad, spec.kv_heads,
                                spec.head_dim), dtype)
+  out_type = (grad, grad)
+  if has_bias:
+    out_type += (jax.ShapeDtypeStruct((spec.batch, spec.heads, cfg.q_pad,
+                                       cfg.kv_pad), jnp.float32),)
   return plgpu.kernel(
-      entry, out_type=(grad, grad),
+      entry, out_type=out_type,
       grid=(spec.kv_heads, cfg.kv_pad // CTA_ROWS, spec.batch),
       grid_names=("heads", "kv_seq", "batch"),
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
