@@ -323,6 +323,17 @@ def _plot(path, panels):
           ax.text(i + 0.28, mean, f"{mean:.4f}", va="center", fontsize=8)
       ax.set_xticks(range(len(data)), list(data))
       ax.set_xlim(-0.5, len(data) - 0.2)
+    elif kind == "intervals":
+      # Each label's (value, low, high) side by side, the last (a mean) red.
+      for i, (label, rows) in enumerate(data.items()):
+        offsets = np.linspace(-0.25, 0.25, len(rows)) if len(rows) > 1 else [0]
+        for j, (offset, (value, low, high)) in enumerate(zip(offsets, rows)):
+          ax.errorbar([i + offset], [value], yerr=[[value - low], [high - value]],
+                      fmt="o", markersize=4, capsize=3,
+                      color="tab:red" if j == len(rows) - 1 else "tab:blue")
+      ax.axhline(0.0, color="gray", linewidth=0.8)
+      ax.set_xticks(range(len(data)), list(data))
+      ax.set_xlim(-0.5, len(data) - 0.5)
     else:
       for label, (xs, ys) in data.items():
         ax.plot(xs, ys, label=label, marker="o" if len(xs) < 8 else None,
@@ -573,10 +584,16 @@ def retrieval_noise_section(results: pathlib.Path, plots: pathlib.Path,
              {label: [100 * t["test"]["recall_at_1"] for t in runs.values()]
               for label, runs in by_kind.items()}, "points")]
   if comparisons:
-    panels.append(("dense - N:M, each seed (same queries)", "points",
-                   {f"dense - {label}": [100 * r["difference"]
-                                         for r in noise["per_seed"]]
-                    for label, (_, noise) in comparisons.items()}, "points"))
+    panels.append((
+        "dense - N:M: each seed, then the mean (red); 95%", "recall@1 points",
+        {f"dense - {label}": [
+            *[(100 * r["difference"], 100 * r["low"], 100 * r["high"])
+              for r in noise["per_seed"]],
+            (100 * noise["mean"],
+             100 * (noise["query_low"] if noise["low"] is None else noise["low"]),
+             100 * (noise["query_high"] if noise["high"] is None
+                    else noise["high"]))]
+         for label, (_, noise) in comparisons.items()}, "intervals"))
   _plot(plots / "finetune_seeds.png", panels)
   lines += ["![finetuning over seeds](results/finetune_seeds.png)", ""]
   if not comparisons:
@@ -613,20 +630,25 @@ def retrieval_noise_section(results: pathlib.Path, plots: pathlib.Path,
     one = 100 * half_width(components, n, 1)
     need = needed_to_resolve(components, target, n, k)
     outside = width < 100 * target
+    floor = 100 * half_width({**components, "seeds": 0.0,
+                              "interaction": 0.0}, n, 1)
     lines += [
-        f"Noise of dense - {label} (standard deviations in points, per "
-        f"query / per seed): queries {sd['queries']:.1f}, query x seed "
-        f"{sd['interaction']:.1f}, seeds {sd['seeds']:.2f}. The 95% "
-        f"half-width of a difference is {one:.2f} points from one seed on "
-        f"{n} queries and {width:.2f} from the mean of {k} seeds, so a "
-        f"{100 * target:.1f}-point difference is "
+        f"Noise of dense - {label}: the per-query difference d[seed, query] "
+        "(-1, 0 or 1) as query + seed + query x seed effects, their standard "
+        f"deviations in points: query {sd['queries']:.1f}, query x seed "
+        f"{sd['interaction']:.1f}, seed {sd['seeds']:.2f} (a variance "
+        "estimated below zero shows as 0). The 95% half-width of a "
+        f"difference is {one:.2f} points from one seed on {n} queries and "
+        f"{width:.2f} from the mean of {k} seeds; the query effect alone, "
+        f"common to all seeds, keeps it at {floor:.2f} or more on {n} "
+        f"queries. So a {100 * target:.1f}-point difference is "
         + ("outside the noise." if outside else
            "inside the noise: resolving it would take "
            + (f"{need['queries']} queries at {k} seeds" if need["queries"]
-              else f"more than {k} seeds whatever the number of queries")
+              else f"more seeds than {k} whatever the number of queries")
            + " or "
            + (f"{need['seeds']} seeds on these {n} queries." if need["seeds"]
-              else f"more than {n} queries whatever the number of seeds."))]
+              else f"more queries than {n} whatever the number of seeds."))]
     if label == "2:4":
       low, high = noise["low"], noise["high"]
       verdict = ("**met**" if high <= target else "**missed**"
