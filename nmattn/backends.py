@@ -178,9 +178,9 @@ class MosaicBackward(Backend):
   """The Hopper backward kernels (`pallas_kernels.mosaic_gpu.backward`), as
   `PallasMosaic(vjp=MosaicBackward())`: they recompute the scores with the
   forward's own selection and run `dS K` on the 2:4 sparse tensor cores. A
-  `vjp` only, not an `implementation=` of its own. No block patterns or
-  bias yet (the backend then says so, and `implementation=None` picks
-  another).
+  `vjp` only, not an `implementation=` of its own. Block patterns need
+  blocks of multiples of 128 (otherwise the backend says so, and
+  `implementation=None` picks another).
 
   `config`: a `pallas_kernels.mosaic_gpu.backward.BackwardTuning` (None: its
   defaults).

@@ -52,9 +52,6 @@ def test_unsupported_reasons_name_what_is_missing():
   assert "head_dim=32" in reason(_spec(head_dim=32, n=2, m=4))
   bias = jnp.zeros((1, 2, 256, 256), jnp.float32)
   assert reason(_spec(n=2, m=4, bias=bias)) is None
-  modes = jnp.ones((1, 1, 2, 2), jnp.int8)
-  assert "block_pattern" in reason(
-      _spec(n=2, m=4, block_pattern=nmattn.BlockPattern(modes, 128, 128)))
   # 128-key steps of three streams, three stages: more than a CTA's memory.
   big = bw.BackwardTuning(block_kv_dq=128, max_concurrent_steps=3)
   assert "the dq kernel needs" in reason(_spec(n=2, m=4), big)
@@ -65,14 +62,18 @@ def test_unsupported_reasons_name_what_is_missing():
   assert reason(_spec(n=2, m=4), bw.BackwardTuning(block_kv_dq=128, sparse_dq=False)) is None
 
 
-def test_pallas_mosaic_with_this_vjp_refuses_what_it_cannot_differentiate():
-  modes = jnp.ones((1, 1, 2, 2), jnp.int8)
-  spec = _spec(n=2, m=4, block_pattern=nmattn.BlockPattern(modes, 128, 128))
-  reason = PallasMosaic(vjp=MosaicBackward()).unsupported_reason(spec)
-  assert reason is not None
-  if mosaic_attention.unsupported_reason(spec, fw.MosaicTuning()) is None:
-    assert "its vjp backend 'pallas_mosaic_backward' cannot" in reason
-    assert "block_pattern" in reason
+def test_patterns_need_blocks_of_whole_ctas():
+  pattern = lambda bq, bk: nmattn.BlockPattern(
+      jnp.ones((1, 1, 256 // bq, 256 // bk), jnp.int8), bq, bk)
+  reason = lambda bq, bk: bw.unsupported_reason(
+      _spec(n=2, m=4, block_pattern=pattern(bq, bk)), bw.BackwardTuning())
+  assert reason(128, 128) is None and reason(256, 128) is None
+  assert "block_pattern.block_q=64, block_k=128 (it needs multiples of 128" in reason(64, 128)
+  assert "block_k=64" in reason(128, 64)
+  spec = _spec(n=2, m=4, block_pattern=pattern(128, 64))
+  full = PallasMosaic(vjp=MosaicBackward(), config=fw.MosaicTuning(block_kv=64))
+  if mosaic_attention.unsupported_reason(spec, fw.MosaicTuning(block_kv=64)) is None:
+    assert "its vjp backend 'pallas_mosaic_backward' cannot" in full.unsupported_reason(spec)
 
 
 # Every static variant of the two kernels: sparse or dense dQ (2:4, 1:2, 1:4,
@@ -94,6 +95,13 @@ LOWERING_CASES = {
     "ragged lengths": dict(q_len=300, kv_len=333, lengths=True),
     "bk128 dense dq 3 stages": dict(tuning=bw.BackwardTuning(
         block_kv_dq=128, sparse_dq=False, max_concurrent_steps=3), head_dim=64),
+    # Block patterns: per-segment bodies (N:M or dense, partial or full),
+    # per-head lists in the dK/dV kernel, dbias cleared over skipped tiles.
+    "pattern 2:4 sparse causal": dict(pattern=(128, 128), is_causal=True),
+    "pattern dense dq lengths bias": dict(
+        pattern=(256, 128), lengths=True, bias=(1, 4), q_len=384, kv_len=300,
+        tuning=bw.BackwardTuning(sparse_dq=False)),
+    "pattern 4:4 gqa": dict(pattern=(128, 256), n=4, m=4, kv_heads=1),
 }
 
 
@@ -105,6 +113,7 @@ def test_backward_lowers_for_cuda(case):
   q_len, kv_len = kw.pop("q_len", 256), kw.pop("kv_len", 256)
   mask, lengths = kw.pop("mask", False), kw.pop("lengths", False)
   bias = kw.pop("bias", None)  # its (batch, heads) extent
+  pattern = kw.pop("pattern", None)
   tuning = kw.pop("tuning", None)
   kw = dict(dict(n=2, m=4), **kw)
   shape = jax.ShapeDtypeStruct
@@ -117,14 +126,20 @@ def test_backward_lowers_for_cuda(case):
     args.append(shape((2, 1, q_len, kv_len), jnp.bool_))
   if lengths:
     args += [shape((2,), jnp.int32)] * 2
+  if pattern:
+    args.append(shape((2, 4, -(-q_len // pattern[0]), -(-kv_len // pattern[1])),
+                      jnp.int8))
 
   def gradients(q, k, v, out, d_out, lse, *rest):
     rest = list(rest)
     bias_ = rest.pop(0) if bias else None
     mask_ = rest.pop(0) if mask else None
-    q_lengths, kv_lengths = rest if lengths else (None, None)
+    q_lengths, kv_lengths = (rest.pop(0), rest.pop(0)) if lengths else (None, None)
+    extra = {}
+    if pattern:
+      extra["block_pattern"] = nmattn.BlockPattern(rest.pop(0), *pattern)
     call, _ = canonicalize(q, k, v, bias_, mask_, query_seq_lengths=q_lengths,
-                           key_value_seq_lengths=kv_lengths, **kw)
+                           key_value_seq_lengths=kv_lengths, **kw, **extra)
     return bw.nm_flash_attention_bwd(call, out, lse, d_out, tuning)
 
   exported = jax.export.export(jax.jit(gradients), platforms=["cuda"])(*args)

@@ -21,8 +21,10 @@ backward"). With `P = exp(S - lse)` of the kept scores, `dP = dO V^T` and
   are put back after the kernel. With a bias it also writes `dS` as float32
   tiles (zeros where it visits no tile), summed to the bias' shape after.
 
-Not yet here: block patterns; `unsupported_reason` says so and the Triton
-backward takes those.
+With a block pattern both walk the tile plan's lists
+(`tile_plan.pattern_tiles`, per 128-row query tile for dQ and, transposed,
+per 128-key tile for dK/dV) segment by segment, as the forward does: no
+selection in `DENSE` tiles, positional masks only in partial ones.
 """
 
 from __future__ import annotations
@@ -104,8 +106,9 @@ def unsupported_reason(spec: AttentionSpec,
     return f"head_dim={spec.head_dim} (supported: {HEAD_DIMS})"
   if spec.m not in SUPPORTED_M:
     return f"m={spec.m}"
-  if spec.has_pattern:
-    return "a block_pattern (the Hopper backward has no block skipping yet)"
+  if spec.has_pattern and (spec.block_q % CTA_ROWS or spec.block_k % CTA_ROWS):
+    return (f"block_pattern.block_q={spec.block_q}, block_k={spec.block_k} "
+            f"(it needs multiples of {CTA_ROWS}: a CTA's query rows and keys)")
   for kernel, size in smem_bytes(spec, tuning).items():
     if size > SMEM_LIMIT:
       return (f"head_dim={spec.head_dim} with {tuning}: the {kernel} kernel "
@@ -121,6 +124,8 @@ class _Config(NamedTuple):
   sparse: bool
   dq_tile: scores.ScoreTile   # score tiles of the dQ kernel (block_kv_dq keys)
   dkv_tile: scores.ScoreTile  # score tiles of the dK/dV kernel (64 keys)
+  dq_lists: tuple[int, ...] | None   # shape of the pattern's tile lists
+  dkv_lists: tuple[int, ...] | None  # and of the transposed ones
 
 
 def nm_flash_attention_bwd(call: AttentionCall, out, lse, d_out,
@@ -141,9 +146,20 @@ def nm_flash_attention_bwd(call: AttentionCall, out, lse, d_out,
   extra_shape = None if extra is None else tuple(extra.shape)
   tile = lambda bk: scores.ScoreTile(spec=spec, width=width, block_kv=bk,
                                      kv_pad=kv_pad, extra_shape=extra_shape)
+  dq_lists = dkv_lists = ()
+  if spec.has_pattern:
+    bk = tuning.block_kv_dq
+    plan = functools.partial(tile_plan.pattern_tiles, spec, call.block_modes,
+                             q_lengths=call.q_lengths, kv_lengths=call.kv_lengths)
+    dq_lists = plan(CTA_ROWS, bk, q_pad // CTA_ROWS, kv_pad // bk,
+                    masks_queries=False)
+    dkv_lists = plan(CTA_ROWS, BLOCK_Q, kv_pad // CTA_ROWS, q_pad // BLOCK_Q,
+                     transposed=True)
+  shape_of = lambda lists: tuple(lists.tiles.shape) if lists else None
   cfg = _Config(spec=spec, tuning=tuning, q_pad=q_pad, kv_pad=kv_pad,
                 sparse=_sparse(spec, tuning), dq_tile=tile(tuning.block_kv_dq),
-                dkv_tile=tile(BLOCK_K))
+                dkv_tile=tile(BLOCK_K), dq_lists=shape_of(dq_lists),
+                dkv_lists=shape_of(dkv_lists))
 
   # Rows without a kept score (lse -inf from other forwards) and padded rows
   # get lse = +inf: exp(s - lse) = 0 there, so they send no gradient.
@@ -162,8 +178,9 @@ def nm_flash_attention_bwd(call: AttentionCall, out, lse, d_out,
     rest.append(call.kv_lengths)
 
   dq_inputs = [q, k_perm, v_perm] + ([keys] if cfg.sparse else [])
-  dq = _dq_call(cfg, *dq_inputs, do, lse2, delta, *rest)
-  dk, dv, *ds = _dkv_call(cfg, q, k_perm, v_perm, do, lse2, delta, *rest)
+  dq = _dq_call(cfg, *dq_inputs, do, lse2, delta, *rest, *dq_lists)
+  dk, dv, *ds = _dkv_call(cfg, q, k_perm, v_perm, do, lse2, delta, *rest,
+                          *dkv_lists)
   dk = scores.unpermute_keys(dk, width)[:, :spec.kv_len]
   dv = scores.unpermute_keys(dv, width)[:, :spec.kv_len]
   dbias = None
@@ -193,12 +210,30 @@ def _smem_tile(dtype, *shape):
   return plgpu.SMEM(shape, dtype, transforms=transforms)
 
 
-def _segments(positional: bool, tiles: tile_plan.TileRange):
-  """`(start, stop, partial)` of a walk over `tiles`."""
+def _segments(spec: AttentionSpec, positional: bool, tiles=None, bound=None):
+  """`(start, stop, partial, dense)` of a walk over a `TileRange` or, given
+  `bound`, over a pattern's list (segments the call cannot have are left
+  out: without positional masks no tile is partial, and with n == m every
+  visited tile is dense)."""
+  if bound is not None:
+    return tuple((bound(segment), bound(segment + 1), partial, dense)
+                 for segment, partial, dense in scores.SEGMENTS
+                 if (positional or not partial) and (dense or not spec.is_dense))
   if not positional:
-    return ((tiles.lo, tiles.hi, False),)
-  return ((tiles.lo, tiles.full_lo, True), (tiles.full_lo, tiles.full_hi, False),
-          (tiles.full_hi, tiles.hi, True))
+    return ((tiles.lo, tiles.hi, False, False),)
+  return ((tiles.lo, tiles.full_lo, True, False),
+          (tiles.full_lo, tiles.full_hi, False, False),
+          (tiles.full_hi, tiles.hi, True, False))
+
+
+def _selections(cfg: _Config, tile: scores.ScoreTile, positional: bool,
+                compressed: str):
+  """`make_select` for every (partial, dense) body a kernel compiles."""
+  has_pattern = cfg.dq_lists is not None
+  return {(partial, dense): scores.make_select(
+              tile, partial, scores.KEEP_ALL if dense else compressed)
+          for partial in ((False, True) if positional else (False,))
+          for dense in ((False, True) if has_pattern else (False,))}
 
 
 def _dq_call(cfg: _Config, q, k, v, *rest):
@@ -209,9 +244,9 @@ def _dq_call(cfg: _Config, q, k, v, *rest):
   positional = tile_plan.needs_positional_masks(spec, cfg.kv_pad,
                                                 masks_queries=False)
   units = scores.score_units(cfg.dq_tile)
-  selection = scores.COMPRESS_WITH if cfg.sparse else scores.PRUNE
-  selects = {partial: scores.make_select(cfg.dq_tile, partial, selection)
-             for partial in ((False, True) if positional else (False,))}
+  selects = _selections(cfg, cfg.dq_tile, positional,
+                        scores.COMPRESS_WITH if cfg.sparse else scores.PRUNE)
+  has_pattern = cfg.dq_lists is not None
   sparse_dq = scores.make_sparse_matmul(spec.head_dim) if cfg.sparse else None
 
   def kernel(q_ref, k_ref, v_ref, *refs):
@@ -220,6 +255,7 @@ def _dq_call(cfg: _Config, q, k, v, *rest):
     do_ref, lse_ref, delta_ref = refs.pop(0), refs.pop(0), refs.pop(0)
     extra_ref = refs.pop(0) if has_extra else None
     kvlen_ref = refs.pop(0) if spec.has_kv_lengths else None
+    tiles_ref, bounds_ref = (refs.pop(0), refs.pop(0)) if has_pattern else (None,) * 2
     dq_ref, scratch = refs
     (q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
      kn_smem), barriers = scratch
@@ -232,9 +268,15 @@ def _dq_call(cfg: _Config, q, k, v, *rest):
     wg = lax.axis_index("wg")
     kv_valid = _kv_valid(cfg, kvlen_ref, b)
     q_limit = jnp.int32(spec.q_len)
-    cta = tile_plan.key_tiles(spec, q_tile * CTA_ROWS, CTA_ROWS, bk, q_limit,
-                              kv_valid, masks_queries=False)
-    lo, hi = cta.lo, cta.hi
+    if has_pattern:  # step i: key tile tile_of(i) of the CTA's list
+      tile_of = scores.list_reader(cfg.dq_lists, tiles_ref, b, h, q_tile)
+      bound = scores.list_reader(cfg.dq_lists, bounds_ref, b, h, q_tile)
+      lo, hi = jnp.int32(0), bound(tile_plan.SKIPPED)
+    else:
+      cta = tile_plan.key_tiles(spec, q_tile * CTA_ROWS, CTA_ROWS, bk, q_limit,
+                                kv_valid, masks_queries=False)
+      lo, hi = cta.lo, cta.hi
+      tile_of = lambda i: i
 
     @pl.when(wg < COMPUTE_WGS)
     def _consumer():
@@ -255,7 +297,7 @@ def _dq_call(cfg: _Config, q, k, v, *rest):
       dq = plgpu.layout_cast(jnp.full((BLOCK_Q, spec.head_dim), 0.0, jnp.float32),
                              plgpu.Layout.WGMMA)
 
-      def step(kv_step, dq, partial):
+      def step(kv_step, dq, partial, dense):
         slot = lax.rem(kv_step - lo, jnp.int32(steps))
         plgpu.barrier_wait(k_full.at[slot])
 
@@ -269,31 +311,38 @@ def _dq_call(cfg: _Config, q, k, v, *rest):
         plgpu.barrier_wait(v_full.at[slot])
         dp = scores_of(do_smem, v_smem.at[slot])
         plgpu.barrier_arrive(v_free.at[slot])
-        args = [kv_step * bk, q_first, kv_valid, b, h]
+        args = [tile_of(kv_step) * bk, q_first, kv_valid, b, h]
         if has_extra:
           args.append(extra_ref)
-        if cfg.sparse:
-          kept, dp, meta = selects[partial](s, dp, *args)
+        select = selects[(partial, dense)]
+        if cfg.sparse and not dense:
+          kept, dp, meta = select(s, dp, *args)
           _, ds = _grad_scores(kept, dp, lse, delta, units)
           plgpu.barrier_arrive(k_free.at[slot])
           plgpu.barrier_wait(kn_full.at[slot])
           dq = sparse_dq(dq, ds.astype(dtype), meta, kn_smem.at[slot])
           plgpu.barrier_arrive(kn_free.at[slot])
           return dq
-        _, ds = _grad_scores(selects[partial](s, *args), dp, lse, delta, units)
+        _, ds = _grad_scores(select(s, *args), dp, lse, delta, units)
 
         def accumulate(acc_ref):
           plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
         dq = pl.run_state(accumulate)(plgpu.ACC.init(dq))
         plgpu.barrier_arrive(k_free.at[slot])
+        if cfg.sparse:  # a DENSE tile of a sparse call: K's second copy unused
+          plgpu.barrier_wait(kn_full.at[slot])
+          plgpu.barrier_arrive(kn_free.at[slot])
         return dq
 
-      own = tile_plan.within(
-          tile_plan.key_tiles(spec, q_first, BLOCK_Q, bk, q_limit, kv_valid,
-                              masks_queries=False), cta)
-      for start, stop, partial in _segments(positional, own):
-        dq = lax.fori_loop(start, stop,
-                           functools.partial(step, partial=partial), dq)
+      if has_pattern:
+        segments = _segments(spec, positional, bound=bound)
+      else:
+        segments = _segments(spec, positional, tile_plan.within(
+            tile_plan.key_tiles(spec, q_first, BLOCK_Q, bk, q_limit, kv_valid,
+                                masks_queries=False), cta))
+      for start, stop, partial, dense in segments:
+        dq = lax.fori_loop(start, stop, functools.partial(
+            step, partial=partial, dense=dense), dq)
       dq = dq * spec.scale
       q_smem[...] = dq.astype(dtype)
       plgpu.commit_smem()
@@ -309,7 +358,7 @@ def _dq_call(cfg: _Config, q, k, v, *rest):
         streams.append((kn_ref, kn_smem, kn_full, kn_free))
 
       def load(i, slot, wait):
-        rows = (b, pl.ds((lo + i) * bk, bk), kv_head)
+        rows = (b, pl.ds(tile_of(lo + i) * bk, bk), kv_head)
         for ref, smem, full, free in streams:
           if wait:
             plgpu.barrier_wait(free.at[slot])
@@ -357,17 +406,18 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse, delta, *rest):
   groups = spec.heads // spec.kv_heads
   has_extra = cfg.dkv_tile.extra_shape is not None
   has_bias = spec.bias_shape is not None
+  has_pattern = cfg.dkv_lists is not None
   positional = tile_plan.needs_positional_masks(spec, cfg.kv_pad,
                                                 masks_queries=False)
   units = scores.score_units(cfg.dkv_tile)
   q_tiles = cfg.q_pad // BLOCK_Q
-  selects = {partial: scores.make_select(cfg.dkv_tile, partial, scores.PRUNE)
-             for partial in ((False, True) if positional else (False,))}
+  selects = _selections(cfg, cfg.dkv_tile, positional, scores.PRUNE)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
     refs = list(refs)
     extra_ref = refs.pop(0) if has_extra else None
     kvlen_ref = refs.pop(0) if spec.has_kv_lengths else None
+    tiles_ref, bounds_ref = (refs.pop(0), refs.pop(0)) if has_pattern else (None,) * 2
     dk_ref, dv_ref, *dbias_ref, scratch = refs
     (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, p_smem2,
      ds_smem2, ds32_smem2), barriers = scratch
@@ -380,9 +430,29 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse, delta, *rest):
     q_limit = jnp.int32(spec.q_len)
     cta = tile_plan.query_tiles(spec, kv_tile * CTA_ROWS, CTA_ROWS, BLOCK_Q,
                                 q_limit, kv_valid)
-    lo = cta.lo
-    per_head = cta.hi - cta.lo
-    num_steps = groups * per_head
+
+    # The walk of query head `group` of the key head: list positions
+    # [0, visited(group)), position i holding query tile tile_of(group, i).
+    # The ring's steps count on across the heads.
+    if has_pattern:
+      def reader(ref, group):
+        return scores.list_reader(cfg.dkv_lists, ref, b, kv_head * groups + group,
+                                  kv_tile)
+      tile_of = lambda group, i: reader(tiles_ref, group)(i)
+      visited = lambda group: reader(bounds_ref, group)(tile_plan.SKIPPED)
+    else:
+      tile_of = lambda group, i: cta.lo + i
+      visited = lambda group: cta.hi - cta.lo
+
+    def walk(body, carry):
+      """`body(group, i, count, carry)` over every head's list positions."""
+      def head(group, carry):
+        count, carry = carry
+        n = visited(group)
+        carry = lax.fori_loop(0, n, lambda i, c: body(group, i, count + i, c),
+                              carry)
+        return count + n, carry
+      return lax.fori_loop(0, groups, head, (jnp.int32(0), carry))[1]
 
     @pl.when(wg < COMPUTE_WGS)
     def _consumer():
@@ -397,9 +467,6 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse, delta, *rest):
       zeros = lambda: plgpu.layout_cast(
           jnp.full((BLOCK_K, spec.head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
       row_layout = plgpu.Layout.WGMMA.reduce(1)
-      own = tile_plan.within(
-          tile_plan.query_tiles(spec, k_first, BLOCK_K, BLOCK_Q, q_limit,
-                                kv_valid), cta)
 
       def ds_tile(group, q_step):
         return dbias_ref[0].at[b, kv_head * groups + group,
@@ -411,20 +478,24 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse, delta, *rest):
         ds32_smem[...] = plgpu.layout_cast(
             jnp.full((BLOCK_Q, BLOCK_K), 0.0, jnp.float32), plgpu.Layout.WGMMA)
         plgpu.commit_smem()
+        clear = lambda group, q_step: plgpu.copy_smem_to_gmem(
+            ds32_smem, ds_tile(group, q_step))
 
-        def clear(group, carry):
-          for start, stop in ((0, cta.lo), (cta.hi, q_tiles)):
-            @pl.loop(start, stop)
-            def _clear(q_step):
-              plgpu.copy_smem_to_gmem(ds32_smem, ds_tile(group, q_step))
-          return carry
+        @pl.loop(0, groups)
+        def _clear(group):
+          if has_pattern:  # the list's SKIPPED segment
+            pl.loop(visited(group), q_tiles)(
+                lambda i: clear(group, tile_of(group, i)))
+          else:
+            pl.loop(0, cta.lo)(lambda q_step: clear(group, q_step))
+            pl.loop(cta.hi, q_tiles)(lambda q_step: clear(group, q_step))
 
-        lax.fori_loop(0, groups, clear, 0)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-      def step(q_step, carry, partial, group):
+      def step(group, i, count, carry, partial, dense):
         dk, dv = carry
-        slot = lax.rem(group * per_head + q_step - lo, jnp.int32(steps))
+        slot = lax.rem(count, jnp.int32(steps))
+        q_step = tile_of(group, i)
         h = kv_head * groups + group
         plgpu.barrier_wait(rows_full.at[slot])
 
@@ -439,7 +510,7 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse, delta, *rest):
         args = [k_first, q_step * BLOCK_Q, kv_valid, b, h]
         if has_extra:
           args.append(extra_ref)
-        kept = selects[partial](s, *args)
+        kept = selects[(partial, dense)](s, *args)
         p, ds = _grad_scores(
             kept, dp, plgpu.load(lse_smem.at[slot], (), layout=row_layout),
             plgpu.load(delta_smem.at[slot], (), layout=row_layout), units)
@@ -460,13 +531,32 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse, delta, *rest):
         plgpu.barrier_arrive(free.at[slot])
         return dk, dv
 
-      def head(group, carry):
-        for start, stop, partial in _segments(positional, own):
-          carry = lax.fori_loop(start, stop, functools.partial(
-              step, partial=partial, group=group), carry)
-        return carry
+      if has_pattern:
+        # Segment bounds are list positions; a pattern's head has its own list.
+        def head(group, carry):
+          count, carry = carry
+          bound = reader(bounds_ref, group)
+          for start, stop, partial, dense in _segments(spec, positional, bound=bound):
+            carry = lax.fori_loop(start, stop, lambda i, c, partial=partial, dense=dense:
+                                  step(group, i, count + i, c, partial, dense), carry)
+          return count + visited(group), carry
+      else:
+        own = tile_plan.within(
+            tile_plan.query_tiles(spec, k_first, BLOCK_K, BLOCK_Q, q_limit,
+                                  kv_valid), cta)
 
-      dk, dv = lax.fori_loop(0, groups, head, (zeros(), zeros()))
+        def head(group, carry):
+          count, carry = carry
+          for start, stop, partial, dense in _segments(spec, positional, own):
+            # Positions are query tiles less cta.lo here.
+            carry = lax.fori_loop(
+                start - cta.lo, stop - cta.lo,
+                lambda i, c, partial=partial, dense=dense:
+                step(group, i, count + i, c, partial, dense), carry)
+          return count + visited(group), carry
+
+      _, (dk, dv) = lax.fori_loop(0, groups, head,
+                                  (jnp.int32(0), (zeros(), zeros())))
       k_smem[...] = (dk * spec.scale).astype(dtype)
       v_smem[...] = dv.astype(dtype)
       plgpu.commit_smem()
@@ -479,9 +569,10 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse, delta, *rest):
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
 
-      def load(i, slot):
-        group = lax.div(i, jnp.maximum(per_head, 1))
-        q_step = lo + lax.rem(i, jnp.maximum(per_head, 1))
+      def load(group, i, count, carry):
+        slot = lax.rem(count, jnp.int32(steps))
+        pl.when(count >= steps)(lambda: plgpu.barrier_wait(free.at[slot]))
+        q_step = tile_of(group, i)
         h = kv_head * groups + group
         rows = (b, pl.ds(q_step * BLOCK_Q, BLOCK_Q), h)
         vector = (b, h, pl.ds(q_step * BLOCK_Q, BLOCK_Q))
@@ -490,15 +581,9 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse, delta, *rest):
         plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], full)
         plgpu.copy_gmem_to_smem(lse_ref.at[vector], lse_smem.at[slot], full)
         plgpu.copy_gmem_to_smem(delta_ref.at[vector], delta_smem.at[slot], full)
+        return carry
 
-      for i in range(steps):
-        pl.when(i < num_steps)(functools.partial(load, i, i))
-
-      @pl.loop(steps, jnp.maximum(num_steps, steps))
-      def _refill(i):
-        slot = lax.rem(i, jnp.int32(steps))
-        plgpu.barrier_wait(free.at[slot])
-        load(i, slot)
+      walk(load, 0)
 
   def entry(*refs):
     d = spec.head_dim

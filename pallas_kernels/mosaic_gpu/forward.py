@@ -215,20 +215,6 @@ def _warpgroup_tiles(cfg: _Config, q_first, cta: tile_plan.TileRange, kv_valid):
   return tile_plan.within(own, cta)
 
 
-def _list_reader(cfg: _Config, ref, b, h, q_tile):
-  """`entry(i)`: entry `i` of this CTA's row of a pattern's tile lists."""
-  batch, heads = cfg.pattern_shape[:2]
-  pb = b if batch > 1 else 0
-  ph = h if heads > 1 else 0
-  return lambda i: ref[pb, ph, q_tile, i]
-
-
-# A pattern's segments as the consumers walk them: (segment, partial, dense).
-_SEGMENTS = ((tile_plan.NM_PARTIAL, True, False), (tile_plan.NM_FULL, False, False),
-             (tile_plan.DENSE_PARTIAL, True, True),
-             (tile_plan.DENSE_FULL, False, True))
-
-
 def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
   bk = cfg.tuning.block_kv
   steps = cfg.tuning.max_concurrent_steps
@@ -281,8 +267,8 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
     if has_pattern:
       # Steps walk the list: step i loads key tile `tile_of(i)`, and the
       # steps from bounds[DENSE_PARTIAL] on are DENSE tiles.
-      tile_of = _list_reader(cfg, tiles_ref, b, h, q_tile)
-      bound = _list_reader(cfg, bounds_ref, b, h, q_tile)
+      tile_of = scores.list_reader(cfg.pattern_shape, tiles_ref, b, h, q_tile)
+      bound = scores.list_reader(cfg.pattern_shape, bounds_ref, b, h, q_tile)
       lo, hi = jnp.int32(0), bound(tile_plan.SKIPPED)
       dense_from = bound(tile_plan.DENSE_PARTIAL)
     else:
@@ -374,7 +360,7 @@ def _call(cfg: _Config, q, k, v, *rest, profile_dir: str | None = None):
 
       carry = (acc, m_i, l_i)
       if has_pattern:
-        for segment, partial, dense in _SEGMENTS:
+        for segment, partial, dense in scores.SEGMENTS:
           # Segments the call cannot have are not compiled (n == m: every
           # visited tile is dense).
           if (partial and not positional) or (cfg.spec.is_dense and not dense):

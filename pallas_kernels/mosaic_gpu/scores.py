@@ -17,6 +17,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, memref, vector
 
+from pallas_kernels import tile_plan
 from pallas_kernels.call import LOG2E, AttentionSpec, pad_broadcast
 from pallas_kernels.mosaic_gpu import mlir_ops
 from pallas_kernels.mosaic_gpu import sparse_fragments as sf
@@ -172,6 +173,22 @@ def make_select(tile: ScoreTile, positional: bool, selection: str):
     return mlir_ops.rows_to_array(ts.add_poison(ops, selected, poison))
 
   return select
+
+
+def list_reader(pattern_shape, ref, b, h, row):
+  """`entry(i)`: entry `i` of row `row` of a pattern's tile lists (`ref`
+  the tiles or the bounds of `tile_plan.pattern_tiles`, `[B', H', rows, ...]`
+  with `pattern_shape` their first dims) for batch `b` and query head `h`."""
+  batch, heads = pattern_shape[:2]
+  pb = b if batch > 1 else 0
+  ph = h if heads > 1 else 0
+  return lambda i: ref[pb, ph, row, i]
+
+
+# A pattern's segments as the kernels walk them: (segment, partial, dense).
+SEGMENTS = ((tile_plan.NM_PARTIAL, True, False), (tile_plan.NM_FULL, False, False),
+            (tile_plan.DENSE_PARTIAL, True, True),
+            (tile_plan.DENSE_FULL, False, True))
 
 
 def make_sparse_matmul(head_dim: int, swizzle: int = 128):
