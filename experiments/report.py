@@ -645,10 +645,10 @@ def retrieval_noise_section(results: pathlib.Path, plots: pathlib.Path,
         + ("outside the noise." if outside else
            "inside the noise: resolving it would take "
            + (f"{need['queries']} queries at {k} seeds" if need["queries"]
-              else f"more seeds than {k} whatever the number of queries")
-           + " or "
-           + (f"{need['seeds']} seeds on these {n} queries." if need["seeds"]
-              else f"more queries than {n} whatever the number of seeds."))]
+              else f"more seeds than {k}, however many queries")
+           + (f", or {need['seeds']} seeds on these {n} queries."
+              if need["seeds"] else
+              f"; on these {n} queries no number of seeds would."))]
     if label == "2:4":
       low, high = noise["low"], noise["high"]
       verdict = ("**met**" if high <= target else "**missed**"
