@@ -94,7 +94,8 @@ def _architecture_citations():
       if "ARCHITECTURE.md" not in text:
         continue
       # A citation may break across a line: match any whitespace.
-      sections = re.findall(r'ARCHITECTURE\.md,\s+"([^"]+)"', text)
+      sections = [" ".join(cited.split()) for cited in
+                  re.findall(r'ARCHITECTURE\.md,\s+"([^"]+)"', text)]
       rules = [int(n) for cited in re.findall(
           r"ARCHITECTURE\.md\s+rules?\s+(\d+(?:(?:,\s*|\s+and\s+)\d+)*)",
           text) for n in re.findall(r"\d+", cited)]
