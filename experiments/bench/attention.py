@@ -40,10 +40,11 @@ from nmattn._validation import canonicalize
 # can run. `None` at 4:4 is the dense path a user gets (cuDNN on a GPU);
 # "pallas_mosaic+bwd" differentiates the Hopper forward with the Hopper
 # backward kernels instead of the Triton backward.
-_MOSAIC_BOTH = backends.PallasMosaic(vjp=backends.MosaicBackward())
+BENCH_BACKENDS = {
+    "pallas_mosaic+bwd": backends.PallasMosaic(vjp=backends.MosaicBackward())}
 SPARSE_ROWS = (("pallas_mosaic", "pallas_mosaic", 2, 4),
-               ("pallas_mosaic+bwd", _MOSAIC_BOTH, 2, 4),
-               ("pallas_mosaic+bwd", _MOSAIC_BOTH, 4, 4),
+               ("pallas_mosaic+bwd", BENCH_BACKENDS["pallas_mosaic+bwd"], 2, 4),
+               ("pallas_mosaic+bwd", BENCH_BACKENDS["pallas_mosaic+bwd"], 4, 4),
                ("pallas_triton", "pallas_triton", 2, 4),
                ("pallas_triton", "pallas_triton", 1, 2), ("xla", "xla", 2, 4),
                ("auto", None, 4, 4))

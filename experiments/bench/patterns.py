@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import nmattn
-from experiments.bench.attention import inputs
+from experiments.bench.attention import BENCH_BACKENDS, inputs
 from experiments.bench.timing import attention_flops, median_seconds
 from nmattn import backends, patterns
 from nmattn._validation import canonicalize
@@ -143,7 +143,8 @@ def make_rows(args, is_causal: bool) -> list[_Row]:
       pattern = nmattn.BlockPattern(modes, block, block)
       return nmattn.nm_attention(q, k, v, is_causal=is_causal, n=n, m=m,
                                  block_pattern=pattern,
-                                 implementation=implementation)
+                                 implementation=BENCH_BACKENDS.get(
+                                     implementation, implementation))
     return attention
 
   rows = [_Row(f"{dense_impl} dense", dense, None)]
@@ -162,7 +163,9 @@ def _unsupported(args, row, q, k, v, is_causal, modes) -> str | None:
   spec = canonicalize(q, k, v, is_causal=is_causal, n=n, m=m,
                       block_pattern=nmattn.BlockPattern(modes, args.block,
                                                         args.block))[0].spec
-  return backends.BACKENDS[row.implementation].unsupported_reason(spec)
+  backend = (BENCH_BACKENDS.get(row.implementation)
+             or backends.BACKENDS[row.implementation])
+  return backend.unsupported_reason(spec)
 
 
 def _timed(compiled, operands, args) -> float:
@@ -412,7 +415,8 @@ def parse_args(argv=None):
   parser.add_argument("--heads", type=int, default=16)
   parser.add_argument("--tokens", type=int, default=16384, help="batch * seq")
   parser.add_argument("--implementation", nargs="+", default=["pallas_triton"],
-                      help="nmattn backends of the patterned rows (auto: None)")
+                      help="nmattn backends of the patterned rows (auto: None; "
+                      "pallas_mosaic+bwd: with the Hopper backward)")
   parser.add_argument("--dense-implementation", default="cudnn",
                       choices=("cudnn", "xla"), help="jax.nn backend of the baselines")
   parser.add_argument("--mask-limit-gib", type=float, default=40.0,
