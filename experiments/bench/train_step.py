@@ -33,9 +33,9 @@ XLA fuses each variant on its own, so these are differences of real timings,
 not a partition of one. `--trace=DIR` also writes a `jax.profiler` trace of a
 few training steps per row for TensorBoard or Perfetto.
 
-The models are the experiments' own: their attention gets the materialised
-causal or padding mask `[batch, 1, S, S]` that `experiments.models.transformer`
-builds, not `is_causal`.
+The models are the experiments' own: the decoder's attention masks later keys
+through `is_causal` (no mask array); the encoder's gets the materialised
+padding mask `[batch, 1, S, S]` that `experiments.models.transformer` builds.
 """
 
 from __future__ import annotations
