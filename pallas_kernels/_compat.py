@@ -9,9 +9,11 @@ CUDA through Mosaic GPU rather than Triton.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 from jax import lax
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pallas_triton
 
 # `pl.dot` is deprecated from jax 0.10.x on; the Triton module keeps it.
@@ -24,6 +26,19 @@ def triton_compiler_params(num_warps: int, num_stages: int):
   """Compiler parameters that select the Triton lowering of `pl.pallas_call`."""
   return pallas_triton.CompilerParams(num_warps=num_warps,
                                       num_stages=num_stages)
+
+
+# jax 0.10.x requires `plgpu.load`'s index, its second parameter; 0.11.x makes
+# it optional and deprecates passing one (index the ref instead).
+_LOAD_NEEDS_INDEX = (list(inspect.signature(plgpu.load).parameters.values())[1]
+                     .default is inspect.Parameter.empty)
+
+
+def mosaic_load(ref, *, layout):
+  """`plgpu.load` of the whole (already indexed) ref into registers of `layout`."""
+  if _LOAD_NEEDS_INDEX:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
 
 
 def cuda_compute_capability() -> tuple[int, int] | None:

@@ -39,7 +39,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from pallas_kernels import tile_plan
+from pallas_kernels import _compat, tile_plan
 from pallas_kernels.call import (LOG2E, SUPPORTED_M, AttentionCall,
                                  AttentionSpec, pad_axis, round_up)
 from pallas_kernels.mosaic_gpu import scores
@@ -292,8 +292,8 @@ def _dq_call(cfg: _Config, q, k, v, *rest):
       plgpu.copy_gmem_to_smem(delta_ref.at[vector], delta_smem2.at[wg], full)
       plgpu.barrier_wait(full)
       row_layout = plgpu.Layout.WGMMA.reduce(1)
-      lse = plgpu.load(lse_smem2.at[wg], (), layout=row_layout)
-      delta = plgpu.load(delta_smem2.at[wg], (), layout=row_layout)
+      lse = _compat.mosaic_load(lse_smem2.at[wg], layout=row_layout)
+      delta = _compat.mosaic_load(delta_smem2.at[wg], layout=row_layout)
       dq = plgpu.layout_cast(jnp.full((BLOCK_Q, spec.head_dim), 0.0, jnp.float32),
                              plgpu.Layout.WGMMA)
 
@@ -511,9 +511,9 @@ def _dkv_call(cfg: _Config, q, k, v, do, lse, delta, *rest):
         if has_extra:
           args.append(extra_ref)
         kept = selects[(partial, dense)](s, *args)
-        p, ds = _grad_scores(
-            kept, dp, plgpu.load(lse_smem.at[slot], (), layout=row_layout),
-            plgpu.load(delta_smem.at[slot], (), layout=row_layout), units)
+        lse = _compat.mosaic_load(lse_smem.at[slot], layout=row_layout)
+        delta = _compat.mosaic_load(delta_smem.at[slot], layout=row_layout)
+        p, ds = _grad_scores(kept, dp, lse, delta, units)
         p_smem[...] = p.astype(dtype)
         ds_smem[...] = ds.astype(dtype)
         if has_bias:
