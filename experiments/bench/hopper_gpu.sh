@@ -3,7 +3,8 @@
 # 9 minutes at most, each step under its own time limit):
 #   1. its GPU tests that run both backward kernels: the backward keeps the
 #      forward's keys (per n:m, the fraction of groups that differ) and the
-#      block-pattern gradients against the reference;
+#      block-pattern gradients against the reference (test_pallas_mosaic's
+#      pattern cases with the Hopper backward);
 #   2. experiments.bench.attention at S 16k, 4k, 8k (bf16, head_dim 128,
 #      causal and not, forward and forward + backward): cuDNN, nmattn
 #      pallas_mosaic 2:4 with the Triton backward and with the Hopper one
@@ -24,8 +25,9 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 "$py" -c "import jax; print('jax', jax.__version__, jax.devices()[0].device_kind)"
 timeout 180 "$py" -m pytest -q -p no:cacheprovider -rs \
-  tests/test_pallas_mosaic_backward.py -k "selects or pattern" 2>&1 \
-  | tee "$out/tests.log" | tail -15
+  tests/test_pallas_mosaic_backward.py::test_backward_selects_the_forward_keys \
+  tests/test_pallas_mosaic.py -k "selects or (block_pattern_matches and not triton)" \
+  2>&1 | tee "$out/tests.log" | tail -15
 timeout 230 "$py" -m experiments.bench.attention --seq 16384 4096 8192 \
   --head-dims 128 --seconds 0.05 --json "$out/bench_attention.json" \
   --rows cudnn "pallas_mosaic 2:4" "pallas_mosaic+bwd" tokamax "pallas_triton 2:4" \
