@@ -32,9 +32,9 @@ and whose layers may compute in bfloat16:
 A run picks it with `config.task = "bytelm_pattern"` and
 `config.task_module = "experiments.long_context"` (as
 experiments/configs/bytelm_long.py does). `attention.kind` stays "dense" or
-"nm" (what `experiments.train` validates and names in its summary: a pattern
-run's summary says "2:4", its overrides name the pattern). Every kind has the
-same parameter tree.
+"nm" (what `experiments.train` validates); the run's summary names the
+model's attention ("pattern+2:4"), its overrides the pattern. Every kind has
+the same parameter tree.
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from experiments import tasks
+from experiments.models.attention import AttentionSpec
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +372,15 @@ def _raise_if_not_finite(step_metrics, name: str) -> None:
           "config.optimizer.learning_rate, or check the data)")
 
 
+def _attention_label(task, config) -> str:
+  """The label of the attention the task's model runs: its own spec where it
+  has one (a task may add a block pattern: "pattern+2:4"), else the config's."""
+  spec = getattr(getattr(task, "model", None), "attention", None)
+  if not isinstance(spec, AttentionSpec):
+    spec = tasks.attention_spec(config)
+  return spec.label
+
+
 def train_and_evaluate(config, workdir, force_resume: bool = False) -> dict:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint).
 
@@ -455,7 +465,7 @@ def train_and_evaluate(config, workdir, force_resume: bool = False) -> dict:
   summary = {
       "name": name,
       "task": config.task,
-      "attention": tasks.attention_spec(config).label,
+      "attention": _attention_label(task, config),
       "num_steps": config.num_steps,
       "resumed_from_step": start_step,
       "config_changes_on_resume": {field: list(values)

@@ -123,7 +123,8 @@ def test_sweep_trials_validate_and_the_pattern_trial_trains(tmp_path):
   for split in ("valid", "test"):
     bits = summary["metrics"][split]["bits_per_byte"]
     assert np.isfinite(bits) and 0 < bits < 9
-  assert (tmp_path / "final_metrics.json").exists()
+  final = json.loads((tmp_path / "final_metrics.json").read_text())
+  assert summary["attention"] == final["attention"] == "pattern+2:4"
 
 
 def test_compute_dtype_reaches_the_model_and_is_refused_where_unread():
