@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 
 import jax
@@ -50,19 +49,16 @@ from experiments import hierarchical
 from experiments.bench.attention import inputs
 from experiments.models.attention import AttentionSpec
 from experiments.models.transformer import SentenceEncoder
+from nmattn import nm_mask
+from pallas_kernels.call import LOG2E
 
 TILE = 128  # keys a kernel step selects (the Mosaic forward's BLOCK_K)
-LOG2E = math.log2(math.e)
 ROUNDINGS = ("f16 - max", "bf16 - max", "f16")
 
 
 def keep(scores: np.ndarray, n: int, m: int) -> np.ndarray:
-  """bool, same shape: the `n` highest of every `m` consecutive keys, ties to the lower index."""
-  g = scores.reshape(*scores.shape[:-1], -1, m)
-  a, b = g[..., :, None], g[..., None, :]  # candidate i against every other j
-  lower = np.arange(m)[None, :] < np.arange(m)[:, None]  # j < i
-  outranked = np.sum((b > a) | ((b == a) & lower), axis=-1)
-  return (outranked < n).reshape(scores.shape)
+  """bool, same shape: the library's N:M rule (`nmattn.nm_mask`), as numpy."""
+  return np.asarray(nm_mask(jnp.asarray(scores), n, m))
 
 
 def running_max(scores: np.ndarray) -> np.ndarray:
