@@ -66,8 +66,9 @@ import numpy as np
 import nmattn
 from experiments.bench.attention import BENCH_BACKENDS, inputs
 from experiments.bench.timing import attention_flops, median_seconds
-from nmattn import backends, patterns
+from nmattn import patterns
 from nmattn._validation import canonicalize
+from nmattn.attention import resolve_implementation
 
 DENSITIES = (1.0, 0.5, 0.25, 0.125)
 PATTERN_KINDS = ("random", "topk")
@@ -123,7 +124,7 @@ class _Row:
   def __init__(self, name, fn, takes, nm=None, implementation=None):
     self.name, self.fn, self.takes = name, fn, takes  # takes: None, "modes", "mask"
     self.nm = nm  # (n, m) of an nmattn row
-    self.implementation = implementation  # its backend (None: auto)
+    self.implementation = implementation  # its Backend (None: auto)
 
 
 def make_rows(args, is_causal: bool) -> list[_Row]:
@@ -138,19 +139,18 @@ def make_rows(args, is_causal: bool) -> list[_Row]:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
                                         implementation=dense_impl)
 
-  def patterned(n, m, implementation):
+  def patterned(n, m, backend):
     def attention(q, k, v, modes):
       pattern = nmattn.BlockPattern(modes, block, block)
       return nmattn.nm_attention(q, k, v, is_causal=is_causal, n=n, m=m,
-                                 block_pattern=pattern,
-                                 implementation=BENCH_BACKENDS.get(
-                                     implementation, implementation))
+                                 block_pattern=pattern, implementation=backend)
     return attention
 
   rows = [_Row(f"{dense_impl} dense", dense, None)]
-  rows += [_Row(f"nmattn {implementation or 'auto'} {n}:{m}",
-                patterned(n, m, implementation), "modes", (n, m), implementation)
-           for implementation in args.implementation for n, m in args.nm]
+  for name in args.implementation:
+    backend = resolve_implementation(BENCH_BACKENDS.get(name, name))
+    rows += [_Row(f"nmattn {name or 'auto'} {n}:{m}", patterned(n, m, backend),
+                  "modes", (n, m), backend) for n, m in args.nm]
   rows.append(_Row(f"{dense_impl} masked", masked, "mask"))
   return [r for r in rows if not args.rows or any(s in r.name for s in args.rows)]
 
@@ -163,9 +163,7 @@ def _unsupported(args, row, q, k, v, is_causal, modes) -> str | None:
   spec = canonicalize(q, k, v, is_causal=is_causal, n=n, m=m,
                       block_pattern=nmattn.BlockPattern(modes, args.block,
                                                         args.block))[0].spec
-  backend = (BENCH_BACKENDS.get(row.implementation)
-             or backends.BACKENDS[row.implementation])
-  return backend.unsupported_reason(spec)
+  return row.implementation.unsupported_reason(spec)
 
 
 def _timed(compiled, operands, args) -> float:
