@@ -509,6 +509,16 @@ def _scores(query, key, precision=HIGHEST):
   return s.reshape(batch, heads, q_len, kv_len)
 
 
+def _top(values, count: int):
+  """bool: the `count` largest entries along the last axis; ties to the lower index.
+
+  One `lax.top_k` and a scatter, where ranking every entry takes two sorts.
+  """
+  _, index = jax.lax.top_k(values, count)
+  return jnp.put_along_axis(jnp.zeros(values.shape, bool), index, True,
+                            axis=-1, inplace=False)
+
+
 def _ranks(values):
   """Rank of each entry along the last axis, 0 for the largest; ties to the lower index."""
   order = jnp.argsort(-values, axis=-1, stable=True)
@@ -553,7 +563,7 @@ def topk_blocks(query, key, *, block_q: int, block_k: int, k: int | None = None,
   `is_causal`, blocks wholly above the diagonal are never kept, so a query
   block keeps at most its reachable blocks. Runs under `jit` and `vmap`;
   carries no gradient. Cost: one pass over q and k plus `[B, H, nq, nk]`
-  pooled scores and two sorts of them.
+  pooled scores and a top-k of them.
 
   With `mask` (padding, documents), a block in which the mask keeps no pair
   is never kept, the band and sinks included, and takes none of the `k`
@@ -641,7 +651,7 @@ def topk_blocks(query, key, *, block_q: int, block_k: int, k: int | None = None,
   # The band, sinks and own blocks rank first, unreachable blocks last.
   ranked = jnp.where(forced | own, jnp.inf,
                      jnp.where(reachable, pooled, -jnp.inf))
-  selected = ((_ranks(ranked) < count) | own) & reachable
+  selected = (_top(ranked, count) | own) & reachable
   modes = jnp.where(forced, jnp.int8(DENSE),
                     jnp.where(selected, jnp.int8(mode), jnp.int8(SKIP)))
   return BlockPattern(modes[0] if added_batch else modes, block_q, block_k)

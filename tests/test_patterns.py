@@ -273,6 +273,21 @@ def test_topk_blocks_chooses_the_dominant_block(rng):
                                                    [2, 1, 2, 0]]] * 4)
 
 
+def test_topk_blocks_ties_go_to_the_lower_block(rng):
+  q, k = _random_qk(rng, batch=1, q_len=8, kv_len=32)  # nk = 4
+  # Key blocks 1 and 3 hold the same keys: equal pooled scores, next to each
+  # other in the order, so some count in 1..3 cuts between them.
+  k = k.at[:, 24:].set(k[:, 8:16])
+  scores = np.einsum("hd,khd->hk", np.asarray(q).mean(1)[0],
+                     np.asarray(k).reshape(4, 8, 2, 8).mean(1).repeat(2, 1))
+  for count in (1, 2, 3):
+    got = np.asarray(patterns.topk_blocks(q, k, block_q=8, block_k=8, k=count,
+                                          local_blocks=0, sink_blocks=0).modes)[0, :, 0]
+    for h in range(4):
+      order = sorted(range(4), key=lambda j: (-scores[h, j], j))
+      np.testing.assert_array_equal(got[h] == NM, np.isin(np.arange(4), order[:count]))
+
+
 def test_topk_blocks_density_counts_blocks(rng):
   q, k = _random_qk(rng, q_len=20, kv_len=44)  # nq = 3, nk = 6 (both ragged)
   pattern = patterns.topk_blocks(q, k, block_q=8, block_k=8, density=0.5,

@@ -1,0 +1,101 @@
+"""Where `nmattn.patterns.topk_blocks`'s time goes, phase by phase (issue 20).
+
+Each phase is jitted and timed alone on the same inputs, in one process:
+  * `means`: q and k to float32 and their block means (one pass over each);
+  * `pooled`: `means` plus the pooled `[B, H, nq, nk]` scores;
+  * `rank_argsort`: the count highest pooled scores per row by two stable
+    argsorts (rank of every entry), on a ready `[B, H, nq, nk]` array;
+  * `rank_top_k`: the same choice by `lax.top_k` and a scatter, as
+    `topk_blocks` makes it;
+  * `topk_blocks`: the whole library call.
+The two ranking phases must choose the same blocks; the tool checks it.
+
+  python -m tools.topk_cost --seq 16384 --density 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.bench.attention import inputs
+from experiments.bench.timing import median_seconds
+from nmattn import patterns
+
+
+def rank_argsort(values, count: int):
+  """bool: the `count` largest entries of the last axis, by the rank of every entry.
+
+  What `topk_blocks` did before it used `lax.top_k` (`patterns._top`).
+  """
+  order = jnp.argsort(-values, axis=-1, stable=True)
+  return jnp.argsort(order, axis=-1, stable=True) < count
+
+
+def phases(*, block: int, count: int):
+  """The jitted phases, each a function of (q, k)."""
+
+  def means(q, k):
+    return (patterns._block_means(q.astype(jnp.float32), block),  # pylint: disable=protected-access
+            patterns._block_means(k.astype(jnp.float32), block))  # pylint: disable=protected-access
+
+  def pooled(q, k):
+    return patterns._scores(*means(q, k))  # pylint: disable=protected-access
+
+  def whole(q, k):
+    return patterns.topk_blocks(q, k, block_q=block, block_k=block, k=count).modes
+
+  return {"means": jax.jit(means), "pooled": jax.jit(pooled),
+          "topk_blocks": jax.jit(whole)}
+
+
+def run(args) -> list[dict]:
+  q, k, _, _ = inputs(args.seq, args.head_dim, args.seq, args.heads, seed=0)
+  nk = -(-args.seq // args.block)
+  count = int(np.ceil(args.density * nk))
+  records = []
+  for name, fn in phases(block=args.block, count=count).items():
+    records.append({"phase": name, "ms": 1e3 * median_seconds(fn, q, k, iters=args.iters)})
+  pooled = phases(block=args.block, count=count)["pooled"](q, k)
+  by_sort = jax.jit(rank_argsort, static_argnums=1)
+  by_top_k = jax.jit(patterns._top, static_argnums=1)  # pylint: disable=protected-access
+  same = bool(jnp.array_equal(by_sort(pooled, count), by_top_k(pooled, count)))
+  if not same:
+    raise SystemExit("rank_argsort and rank_top_k chose different blocks")
+  for name, fn in (("rank_argsort", by_sort), ("rank_top_k", by_top_k)):
+    records.append({"phase": name,
+                    "ms": 1e3 * median_seconds(fn, pooled, count, iters=args.iters)})
+  for r in records:
+    r.update(seq=args.seq, heads=args.heads, block=args.block, count=count,
+             device=jax.devices()[0].device_kind, jax=jax.__version__)
+  return records
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--seq", type=int, default=16384)
+  p.add_argument("--heads", type=int, default=16)
+  p.add_argument("--head-dim", type=int, default=128)
+  p.add_argument("--block", type=int, default=128)
+  p.add_argument("--density", type=float, default=0.25)
+  p.add_argument("--iters", type=int, default=50)
+  p.add_argument("--json", default=None)
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  records = run(args)
+  for r in records:
+    print(f"{r['phase']:>14} {r['ms']:8.4f} ms  (S {r['seq']}, keep {r['count']} blocks)")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(records, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
