@@ -14,6 +14,8 @@
 #      backward with random and topk_blocks patterns at 100/50/25% density.
 # Logs and JSON go to "$OUT" (default /tmp/hopper_gpu). PYTHON picks the
 # interpreter (default python3); PYTHONPATH may point at unpacked wheels.
+# SEQS picks step 2's lengths (default "16384 4096 8192"; "16384" alone
+# takes about a third of its time, for a call on little device time).
 #
 #   experiments/bench/hopper_gpu.sh
 set -uo pipefail
@@ -28,7 +30,8 @@ timeout 180 "$py" -m pytest -q -p no:cacheprovider -rs \
   tests/test_pallas_mosaic_backward.py::test_backward_selects_the_forward_keys \
   tests/test_pallas_mosaic.py -k "selects or (block_pattern_matches and not triton)" \
   2>&1 | tee "$out/tests.log" | tail -15
-timeout 230 "$py" -m experiments.bench.attention --seq 16384 4096 8192 \
+# shellcheck disable=SC2086  # SEQS is a list of lengths
+timeout 230 "$py" -m experiments.bench.attention --seq ${SEQS:-16384 4096 8192} \
   --head-dims 128 --seconds 0.05 --json "$out/bench_attention.json" \
   --rows cudnn "pallas_mosaic 2:4" "pallas_mosaic+bwd" tokamax "pallas_triton 2:4" \
   2>&1 | grep -v Warning | tail -70
