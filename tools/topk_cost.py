@@ -57,14 +57,13 @@ def run(args) -> list[dict]:
   q, k, _, _ = inputs(args.seq, args.head_dim, args.seq, args.heads, seed=0)
   nk = -(-args.seq // args.block)
   count = int(np.ceil(args.density * nk))
-  records = []
-  for name, fn in phases(block=args.block, count=count).items():
-    records.append({"phase": name, "ms": 1e3 * median_seconds(fn, q, k, iters=args.iters)})
-  pooled = phases(block=args.block, count=count)["pooled"](q, k)
+  timed = phases(block=args.block, count=count)
+  records = [{"phase": name, "ms": 1e3 * median_seconds(fn, q, k, iters=args.iters)}
+             for name, fn in timed.items()]
+  pooled = timed["pooled"](q, k)
   by_sort = jax.jit(rank_argsort, static_argnums=1)
   by_top_k = jax.jit(patterns._top, static_argnums=1)  # pylint: disable=protected-access
-  same = bool(jnp.array_equal(by_sort(pooled, count), by_top_k(pooled, count)))
-  if not same:
+  if not jnp.array_equal(by_sort(pooled, count), by_top_k(pooled, count)):
     raise SystemExit("rank_argsort and rank_top_k chose different blocks")
   for name, fn in (("rank_argsort", by_sort), ("rank_top_k", by_top_k)):
     records.append({"phase": name,
