@@ -20,9 +20,9 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments.bench.attention import inputs
+from experiments.bench.patterns import block_count
 from experiments.bench.timing import median_seconds
 from nmattn import patterns
 
@@ -55,8 +55,7 @@ def phases(*, block: int, count: int):
 
 def run(args) -> list[dict]:
   q, k, _, _ = inputs(args.seq, args.head_dim, args.seq, args.heads, seed=0)
-  nk = -(-args.seq // args.block)
-  count = int(np.ceil(args.density * nk))
+  count = block_count(args.seq, args.block, args.density)
   timed = phases(block=args.block, count=count)
   records = [{"phase": name, "ms": 1e3 * median_seconds(fn, q, k, iters=args.iters)}
              for name, fn in timed.items()]
