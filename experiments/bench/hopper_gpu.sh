@@ -4,7 +4,9 @@
 #   1. its GPU tests that run both backward kernels: the backward keeps the
 #      forward's keys (per n:m, the fraction of groups that differ) and the
 #      block-pattern gradients against the reference (test_pallas_mosaic's
-#      pattern cases with the Hopper backward);
+#      pattern cases with the Hopper backward), and the long-context byte
+#      LM's decoder with its topk pattern through the GPU kernels (head_dim
+#      64): no logit may move when later bytes change;
 #   2. experiments.bench.attention at S 16k, 4k, 8k (bf16, head_dim 128,
 #      causal and not, forward and forward + backward): cuDNN, nmattn
 #      pallas_mosaic 2:4 with the Triton backward and with the Hopper one
@@ -28,7 +30,8 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 "$py" -c "import jax; print('jax', jax.__version__, jax.devices()[0].device_kind)"
 timeout 180 "$py" -m pytest -q -p no:cacheprovider -rs \
   tests/test_pallas_mosaic_backward.py::test_backward_selects_the_forward_keys \
-  tests/test_pallas_mosaic.py -k "selects or (block_pattern_matches and not triton)" \
+  tests/test_pallas_mosaic.py "tests/test_experiments_long_context.py::test_pattern_model_is_causal" \
+  -k "selects or (block_pattern_matches and not triton) or trial" \
   2>&1 | tee "$out/tests.log" | tail -15
 # shellcheck disable=SC2086  # SEQS is a list of lengths
 timeout 230 "$py" -m experiments.bench.attention --seq ${SEQS:-16384 4096 8192} \
