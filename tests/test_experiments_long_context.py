@@ -23,10 +23,15 @@ TINY = {"data.seq_len": 256, "data.eval_windows": 4, "model.hidden_size": 32,
         "attention.pattern.k": 3}
 
 
-def tiny_config(overrides):
+def long_config(overrides):
+  """bytelm_long's config with `overrides` (flattened field names)."""
   config = bytelm_long.get_config()
-  config.update_from_flattened_dict({**TINY, **overrides})
+  config.update_from_flattened_dict(overrides)
   return config
+
+
+def tiny_config(overrides):
+  return long_config({**TINY, **overrides})
 
 
 def _pattern_config(**fields):
@@ -87,17 +92,11 @@ CAUSALITY_CASES = {
                                           "attention.pattern.local_blocks": 1}),
                      (40, 100, 170), 0.0),
     "gpu trial model": pytest.param(
-        lambda: _trial_config({"attention.kind": "nm",
+        lambda: long_config({"attention.kind": "nm",
                                "attention.pattern.name": "topk",
                                "data.seq_len": 1024}),
         (300, 640, 900), 1e-2, marks=pytest.mark.gpu),
 }
-
-
-def _trial_config(overrides):
-  config = bytelm_long.get_config()
-  config.update_from_flattened_dict(overrides)
-  return config
 
 
 @pytest.mark.parametrize("make_config,starts,atol", list(CAUSALITY_CASES.values()),
