@@ -1,13 +1,19 @@
 """Where `nmattn.patterns.topk_blocks`'s time goes, phase by phase (issue 20).
 
 Each phase is jitted and timed alone on the same inputs, in one process:
-  * `means`: q and k to float32 and their block means (one pass over each);
+  * `means`: the block means of q and k as `topk_blocks` takes them (one
+    pass over each);
+  * `means_sum_f32`, `means_dot`: the same means by a float32-accumulating
+    sum and by a contraction with a vector of ones, the two other ways to
+    write that pass (candidates, checked against `means`);
   * `pooled`: `means` plus the pooled `[B, H, nq, nk]` scores;
   * `rank_argsort`: the count highest pooled scores per row by two stable
     argsorts (rank of every entry), on a ready `[B, H, nq, nk]` array;
   * `rank_top_k`: the same choice by `lax.top_k` and a scatter, as
     `topk_blocks` makes it;
-  * `topk_blocks`: the whole library call.
+  * `topk_blocks`: the whole library call, and `topk_blocks_aot` the same
+    call compiled ahead of time and timed over at least 0.05 s, as
+    `experiments.bench.patterns` times its `pattern_ms`.
 The two ranking phases must choose the same blocks; the tool checks it.
 
   python -m tools.topk_cost --seq 16384 --density 0.25
@@ -40,8 +46,17 @@ def phases(*, block: int, count: int):
   """The jitted phases, each a function of (q, k)."""
 
   def means(q, k):
-    return (patterns._block_means(q.astype(jnp.float32), block),  # pylint: disable=protected-access
-            patterns._block_means(k.astype(jnp.float32), block))  # pylint: disable=protected-access
+    return (patterns._block_means(q, block),  # pylint: disable=protected-access
+            patterns._block_means(k, block))  # pylint: disable=protected-access
+
+  def means_sum_f32(q, k):
+    return tuple(_blocks(x, block).sum(axis=2, dtype=jnp.float32) / block
+                 for x in (q, k))
+
+  def means_dot(q, k):
+    ones = jnp.full((block,), 1 / block, q.dtype)
+    return tuple(jnp.einsum("bnlhd,l->bnhd", _blocks(x, block), ones,
+                            preferred_element_type=jnp.float32) for x in (q, k))
 
   def pooled(q, k):
     return patterns._scores(*means(q, k))  # pylint: disable=protected-access
@@ -49,8 +64,17 @@ def phases(*, block: int, count: int):
   def whole(q, k):
     return patterns.topk_blocks(q, k, block_q=block, block_k=block, k=count).modes
 
-  return {"means": jax.jit(means), "pooled": jax.jit(pooled),
+  return {"means": jax.jit(means), "means_sum_f32": jax.jit(means_sum_f32),
+          "means_dot": jax.jit(means_dot), "pooled": jax.jit(pooled),
           "topk_blocks": jax.jit(whole)}
+
+
+def _blocks(x, block: int):
+  """`[batch, length, heads, dim]` -> `[batch, length // block, block, heads, dim]`."""
+  batch, length, heads, dim = x.shape
+  if length % block:
+    raise ValueError(f"--seq must be a multiple of --block; got {length} and {block}")
+  return x.reshape(batch, length // block, block, heads, dim)
 
 
 def run(args) -> list[dict]:
@@ -59,6 +83,15 @@ def run(args) -> list[dict]:
   timed = phases(block=args.block, count=count)
   records = [{"phase": name, "ms": 1e3 * median_seconds(fn, q, k, iters=args.iters)}
              for name, fn in timed.items()]
+  want = timed["means"](q, k)
+  for name in ("means_sum_f32", "means_dot"):
+    for got, ref in zip(timed[name](q, k), want):
+      err = float(jnp.max(jnp.abs(got - ref.astype(jnp.float32))))
+      if err > 1e-2:
+        raise SystemExit(f"{name} differs from the library's block means by {err}")
+  aot = timed["topk_blocks"].lower(q, k).compile()
+  records.insert(len(timed), {"phase": "topk_blocks_aot", "ms": 1e3 * median_seconds(
+      aot, q, k, warmup=1, iters=args.iters, min_seconds=0.05)})
   pooled = timed["pooled"](q, k)
   by_sort = jax.jit(rank_argsort, static_argnums=1)
   by_top_k = jax.jit(patterns._top, static_argnums=1)  # pylint: disable=protected-access

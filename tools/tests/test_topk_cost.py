@@ -29,6 +29,7 @@ def test_main_times_every_phase(tmp_path):
   topk_cost.main(["--seq", "512", "--heads", "2", "--head-dim", "16", "--block", "64",
                   "--density", "0.5", "--iters", "2", "--json", str(path)])
   records = json.loads(path.read_text())
-  assert [r["phase"] for r in records] == ["means", "pooled", "topk_blocks",
-                                           "rank_argsort", "rank_top_k"]
+  assert [r["phase"] for r in records] == [
+      "means", "means_sum_f32", "means_dot", "pooled", "topk_blocks",
+      "topk_blocks_aot", "rank_argsort", "rank_top_k"]
   assert all(r["ms"] > 0 and r["count"] == 4 for r in records)
