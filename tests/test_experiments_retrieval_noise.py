@@ -247,3 +247,25 @@ def test_section_2b_from_hand_made_trials(tmp_path):
   text = "\n".join(report.retrieval_noise_section(tmp_path, tmp_path / "plots"))
   assert "**not resolvable** at this noise" in text
   assert "inside the noise: resolving it would take" in text
+
+
+def test_a_second_noise_section_names_its_sweep_heading_split_and_plot(tmp_path):
+  rng = np.random.default_rng(6)
+  sweep, heading, plot = report.NOISE_SECTIONS[1]
+  dense = rng.random((2, 300)) < 0.6
+  for seed in range(2):
+    _hand_made_trial(tmp_path / sweep, 2 * seed, seed, "dense", dense[seed])
+    _hand_made_trial(tmp_path / sweep, 2 * seed + 1, seed, "2:4",
+                     dense[seed] & (rng.random(300) > 0.05))
+  for trial in (tmp_path / sweep).iterdir():
+    config = json.loads((trial / "config.json").read_text())
+    config["data"] = {"test_percent": 60}
+    (trial / "config.json").write_text(json.dumps(config))
+  text = "\n".join(report.retrieval_noise_section(
+      tmp_path, tmp_path / "plots", sweep=sweep, heading=heading, plot=plot))
+  assert text.startswith(f"## {heading}")
+  assert "test split (60% of the stdlib files), 300 pairs" in text
+  assert f"![finetuning over seeds](results/{plot})" in text
+  assert (tmp_path / "plots" / plot).exists()
+  assert f"--sweep=experiments/sweeps/{sweep}.py" in text
+  assert report.retrieval_noise_section(tmp_path, tmp_path / "plots") == []
