@@ -42,7 +42,8 @@ FURTHER = (
      "band and sinks, block-sparse) against density on the pretrained "
      "MiniLM, zero-shot (`experiments/hierarchical.py`)"),
     ("long_context.md", "the byte LM from scratch at 4096 bytes on an H200 "
-     "and an H100: dense, 2:4 and 2:4 in topk blocks (`experiments/long_context_gpu.sh`)"),
+     "and an H100: dense, 2:4 and 2:4 in topk blocks "
+     "(`experiments/long_context_gpu.sh`)"),
     ("spatten.md", "SpAtten: MiniLM cascade token pruning (fidelity, "
      "recall, CPU and GPU latency) and byte-LM KV eviction "
      "(`experiments/spatten.py`)"),
