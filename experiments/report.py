@@ -474,13 +474,19 @@ def gpu_byte_lm_section(results: pathlib.Path, plots: pathlib.Path) -> list[str]
     seed = rconfig["seed"]
     scratch = {t["attention"]: t["test_bits_per_byte"] for t in seeds["trials"]
                if t["seed"] == seed and t["status"] == "done"}
+    # The recipe may run in another session than the seeds sweep.
+    written = (f" The seeds table above was written {seeds['written']}, the "
+               f"recipe {recipe['written']} ({recipe['device']}): a recipe "
+               "run in another session continues that trial trained again "
+               "there, not the run in the table.")
     lines += [
         "### Dense first, then N:M (the DFSS recipe)", "",
-        f"The dense run `{pathlib.PurePosixPath(rconfig['init_from']).name}` "
-        f"above continued for {rconfig['num_steps']} more steps with each "
-        "attention (its parameters, a fresh AdamW with "
+        "The seeds sweep's dense run "
+        f"`{pathlib.PurePosixPath(rconfig['init_from']).name}` continued for "
+        f"{rconfig['num_steps']} more steps with each attention (its "
+        "parameters, a fresh AdamW with "
         f"{rconfig['optimizer']['warmup_steps']} warm-up steps). The dense "
-        "continuation is the control.", "",
+        f"continuation is the control.{written}", "",
         f"Command: `{_gpu_command(recipe)}` (after the seeds sweep)", "",
         "| attention | test bits/byte | valid bits/byte | vs the dense "
         f"continuation | from scratch, seed {seed}: test bits/byte |",

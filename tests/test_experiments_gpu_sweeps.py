@@ -233,9 +233,11 @@ def test_report_renders_the_gpu_section_from_a_hand_made_summary(tmp_path):
       json.dumps(_summary(RECIPE, rows, recipe_config)))
   lines = report.gpu_byte_lm_section(results, plots)
   text = "\n".join(lines)
-  assert ("The dense run `000_seed=0_kind=dense` above continued for 500 "
-          "more steps with each attention (its parameters, a fresh AdamW "
+  assert ("The seeds sweep's dense run `000_seed=0_kind=dense` continued for "
+          "500 more steps with each attention (its parameters, a fresh AdamW "
           "with 50 warm-up steps).") in text
+  assert ("The seeds table above was written 2026-12-05T10:00:00, the recipe "
+          "2026-12-05T10:00:00 (NVIDIA H200)") in text
   for row in ("| dense | 2.8800 | 2.9300 | +0.00% | 2.9000 |",
               "| 2:4 | 2.8900 | 2.9400 | +0.35% | 2.9300 |",
               "| 1:2 | 2.9800 | 3.0300 | +3.47% | 3.0000 |"):
