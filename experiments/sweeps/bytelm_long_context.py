@@ -7,7 +7,7 @@ causal blocks); experiments/configs/bytelm_long.py.
 or, with overrides added to every trial and a table of bits per byte and
 seconds per step at the end:
 
-  experiments/long_context_gpu.sh [--steps=1500] ...    # on a GPU machine
+  experiments/long_context_gpu.sh [--steps=4500] ...    # on a GPU machine
   python -m experiments.sweep_summary \
       --sweep=experiments/sweeps/bytelm_long_context.py \
       [--set num_steps=100 --set log_every=25 ...]
