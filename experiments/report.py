@@ -804,7 +804,8 @@ def render() -> str:
                    - tuned_by["2:4"]["final"]["metrics"]["test"]["recall_at_1"])
       # One seed cannot resolve the target; 2b's seeds give the verdict.
       verdict = ("one seed, which cannot resolve 0.5 points: see the verdict "
-                 f"of section {' and '.join(noise_names)}" if noise_names
+                 f"of section{'s' * (len(noise_names) > 1)} "
+                 f"{' and '.join(noise_names)}" if noise_names
                  else _verdict(gap <= 0.5))
       lines += [f"Target: finetuned 2:4 within 0.5 recall points of dense: "
                 f"dense - 2:4 = {gap:+.1f} points, {verdict}.", ""]
