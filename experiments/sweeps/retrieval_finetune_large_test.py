@@ -10,8 +10,13 @@ Seed by seed, dense then 2:4, so a sweep stopped early still pairs them.
 
   nice -n 10 python -m experiments.launch \
       --sweep=experiments/sweeps/retrieval_finetune_large_test.py \
-      --workdir=/work/runs/retrieval_large_test
-  python -m experiments.report --retrieval_ranks=/work/runs/retrieval_large_test
+      --workdir=RUNS/retrieval_finetune_large_test
+  python -m experiments.report \
+      --retrieval_ranks=RUNS/retrieval_finetune_large_test --runs=RUNS
+
+(`RUNS` any scratch directory; the report looks for the sweep's work dir
+under it by the sweep's name.) Ten trials of about 4 minutes each on two
+CPU cores, then about 16 minutes to recompute the test ranks.
 """
 
 from experiments.launch import ATTENTION_KINDS, Sweep, axis, product
