@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -36,7 +37,7 @@ def test_quick_run_reports_every_kind(tmp_path, capsys):
   assert nm["rest_ms"] == pytest.approx(
       nm["step_ms"] - nm["attention_ms"] - nm["optimizer_ms"])
   printed = capsys.readouterr().out
-  assert "train tok/s" in printed and "decoder  nm" in printed
+  assert "train tok/s" in printed and "decoder  nm " in printed
 
 
 @pytest.mark.parametrize("model_name", train_step.MODELS)
@@ -56,3 +57,26 @@ def test_bad_arguments_raise():
     train_step.run((32,), 100, ("nm",), ("decoder",), TINY)
   with pytest.raises(SystemExit):
     train_step.main(["--kinds=sparse"])
+
+
+@pytest.mark.parametrize("model_name", train_step.MODELS)
+def test_topk_blocks_kind_trains_through_a_block_pattern(model_name, monkeypatch):
+  calls = []
+  topk = train_step.patterns.topk_blocks
+
+  def recorded(query, key, **kwargs):
+    calls.append(kwargs)
+    return topk(query, key, **kwargs)
+
+  monkeypatch.setattr(train_step.patterns, "topk_blocks", recorded)
+  sizes = dataclasses.replace(TINY, pattern_block=8)
+  row = train_step.measure(model_name, "topk_blocks", 32, 2, sizes)
+  causal = model_name == "decoder"
+  chance = np.log(256 if causal else train_step.NUM_CLASSES)
+  assert 0 < chance - 1 < row["loss"] < chance + 1
+  assert calls, "the kind built no block pattern"
+  assert all(c["block_q"] == c["block_k"] == 8 and c["density"] ==
+             train_step.PATTERN_DENSITY and c["is_causal"] == causal
+             and c["autoregressive"] == causal for c in calls)
+  # The pattern changes the model: its loss differs from plain 2:4's.
+  assert row["loss"] != train_step.measure(model_name, "nm", 32, 2, sizes)["loss"]

@@ -1,7 +1,7 @@
 """End-to-end speed of the experiments' models: training step and prefill per attention kind.
 
   python -m experiments.bench.train_step [--sizes=2048,4096,8192,16384] \
-      [--tokens=32768] [--kinds=cudnn,nm,dense,none] [--models=decoder,encoder] \
+      [--tokens=32768] [--kinds=cudnn,nm,dense,topk_blocks,none] [--models=decoder,encoder] \
       [--json=PATH] [--trace=DIR]
   python -m experiments.bench.train_step --quick    # tiny sizes, runs on a CPU
 
@@ -17,7 +17,12 @@ optimizer state (the parameters are cast inside the step).
 
 Kinds: "cudnn" (`jax.nn.dot_product_attention`, cuDNN; GPU only, skipped
 elsewhere with the reason in the output), "nm" 2:4 (`implementation=None`:
-the fastest nmattn kernel for the device), "dense" (nmattn with n == m), and
+the fastest nmattn kernel for the device), "dense" (nmattn with n == m),
+"topk_blocks", hierarchical: 2:4 inside a `nmattn.patterns.topk_blocks`
+pattern of each layer's own q and k (blocks of `Sizes.pattern_block`,
+`PATTERN_DENSITY` of the key blocks per query block, a dense band and sink;
+for the decoder causal and chosen from earlier positions only, as the
+long-context byte LM trains it), and
 "none", the attention-free ablation: every attention layer replaced by the
 identity (a Flax method interceptor returns the layer's input, so its
 projections go too).
@@ -60,8 +65,10 @@ from experiments.configs import common
 from experiments.models.attention import AttentionSpec
 from experiments.models.transformer import (Decoder, SequenceClassifier,
                                             TransformerConfig)
+from nmattn import patterns
 
-KINDS = ("cudnn", "nm", "dense", "none")
+KINDS = ("cudnn", "nm", "dense", "topk_blocks", "none")
+PATTERN_DENSITY = 0.25  # key blocks kept per query block by "topk_blocks"
 MODELS = ("decoder", "encoder")
 NUM_CLASSES = 10  # the encoder's classification head
 
@@ -74,13 +81,14 @@ class Sizes:
   mlp_size: int = 8192
   num_layers: int = 4
   vocab_size: int = 256
+  pattern_block: int = 128  # "topk_blocks": the Triton and Hopper tile
   dtype: str = "bfloat16"
   warmup: int = 3
   iters: int = 20
 
 
 QUICK = Sizes(hidden_size=64, num_heads=2, mlp_size=128, num_layers=1,
-              warmup=1, iters=3)
+              pattern_block=16, warmup=1, iters=3)
 
 
 def _identity_attention(next_fun, args, kwargs, context):
@@ -89,6 +97,16 @@ def _identity_attention(next_fun, args, kwargs, context):
       and context.method_name == "__call__"):
     return args[0] if args else kwargs["inputs_q"]
   return next_fun(*args, **kwargs)
+
+
+def _attention_spec(kind: str, model_name: str, block: int) -> AttentionSpec:
+  if kind == "topk_blocks":
+    causal = model_name == "decoder"
+    pattern = functools.partial(
+        patterns.topk_blocks, block_q=block, block_k=block,
+        density=PATTERN_DENSITY, is_causal=causal, autoregressive=causal)
+    return AttentionSpec("pattern", 2, 4, block_pattern=pattern)
+  return AttentionSpec("dense" if kind == "none" else kind, 2, 4)
 
 
 class Bench:
@@ -100,7 +118,7 @@ class Bench:
         vocab_size=sizes.vocab_size, max_len=seq_len,
         hidden_size=sizes.hidden_size, num_heads=sizes.num_heads,
         mlp_size=sizes.mlp_size, num_layers=sizes.num_layers)
-    spec = AttentionSpec("dense" if kind == "none" else kind, 2, 4)
+    spec = _attention_spec(kind, model_name, sizes.pattern_block)
     self.model_name, self.kind = model_name, kind
     build = (functools.partial(Decoder, config) if model_name == "decoder" else
              functools.partial(SequenceClassifier, config,
@@ -228,7 +246,8 @@ def add_breakdown(rows: list[dict]) -> None:
 
 def table(rows: list[dict]) -> str:
   """The rows as a fixed-width text table."""
-  header = (f"{'model':8} {'kind':6} {'S':>6} {'B':>3} {'step ms':>9} "
+  width = max(len(kind) for kind in KINDS)
+  header = (f"{'model':8} {'kind':{width}} {'S':>6} {'B':>3} {'step ms':>9} "
             f"{'train tok/s':>12} {'prefill ms':>10} {'prefill tok/s':>13} "
             f"{'attn ms':>8} {'optim ms':>8} {'rest ms':>8} {'x cudnn':>7}")
   lines = [header]
@@ -236,11 +255,11 @@ def table(rows: list[dict]) -> str:
                                 else format("-", f">{spec.split('.')[0]}"))
   for row in rows:
     if "skipped" in row:
-      lines.append(f"{row['model']:8} {row['kind']:6} {row['seq_len']:>6} "
+      lines.append(f"{row['model']:8} {row['kind']:{width}} {row['seq_len']:>6} "
                    f"{row['batch']:>3} skipped: {row['skipped']}")
       continue
     lines.append(
-        f"{row['model']:8} {row['kind']:6} {row['seq_len']:>6} "
+        f"{row['model']:8} {row['kind']:{width}} {row['seq_len']:>6} "
         f"{row['batch']:>3} {row['step_ms']:9.2f} "
         f"{row['train_tokens_per_s']:12.4g} {row['forward_ms']:10.2f} "
         f"{row['prefill_tokens_per_s']:13.4g} {fmt(row, 'attention_ms', '8.2f')} "
