@@ -1,8 +1,8 @@
 """End-to-end speed of the experiments' models: training step and prefill per attention kind.
 
   python -m experiments.bench.train_step [--sizes=2048,4096,8192,16384] \
-      [--tokens=32768] [--kinds=cudnn,nm,dense,topk_blocks,none] [--models=decoder,encoder] \
-      [--json=PATH] [--trace=DIR]
+      [--tokens=32768] [--kinds=cudnn,nm,dense,topk_blocks,none] \
+      [--models=decoder,encoder] [--json=PATH] [--trace=DIR]
   python -m experiments.bench.train_step --quick    # tiny sizes, runs on a CPU
 
 For each model (the experiments' causal `Decoder`, and the `SequenceClassifier`
