@@ -80,3 +80,15 @@ def test_topk_blocks_kind_trains_through_a_block_pattern(model_name, monkeypatch
              and c["autoregressive"] == causal for c in calls)
   # The pattern changes the model: its loss differs from plain 2:4's.
   assert row["loss"] != train_step.measure(model_name, "nm", 32, 2, sizes)["loss"]
+
+
+def test_profile_breaks_the_step_down_by_part(capsys):
+  row = train_step.measure("decoder", "nm", 32, 2, TINY, profile=True)
+  parts = row["profile"]["parts_ms"]
+  for part in ("attention core", "attention projections", "mlp", "optimizer"):
+    assert sum(parts[part].values()) > 0, part
+  assert parts["attention core"]["forward"] > 0
+  assert parts["attention core"]["backward"] > 0
+  assert row["profile"]["step_ms"] > 0
+  printed = train_step.profile_table([row])
+  assert "attn core" in printed and "decoder  nm" in printed

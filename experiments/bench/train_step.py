@@ -2,7 +2,7 @@
 
   python -m experiments.bench.train_step [--sizes=2048,4096,8192,16384] \
       [--tokens=32768] [--kinds=cudnn,nm,dense,topk_blocks,none] \
-      [--models=decoder,encoder] [--json=PATH] [--trace=DIR]
+      [--models=decoder,encoder] [--json=PATH] [--profile] [--trace=DIR]
   python -m experiments.bench.train_step --quick    # tiny sizes, runs on a CPU
 
 For each model (the experiments' causal `Decoder`, and the `SequenceClassifier`
@@ -27,16 +27,20 @@ long-context byte LM trains it), and
 identity (a Flax method interceptor returns the layer's input, so its
 projections go too).
 
-Where the step's time goes is measured by ablation rather than read from a
-profile (a trace's kernel names change with the XLA, cuDNN and Triton
-versions, so a per-op-class summary of them is not reliable):
-  attention   = step - step of kind "none" at the same model and S;
-  optimizer   = step - gradient alone (forward + backward, no update);
-  rest        = step - attention - optimizer (matmuls of the MLP and
-                projections, norms, embeddings, loss).
-XLA fuses each variant on its own, so these are differences of real timings,
-not a partition of one. `--trace=DIR` also writes a `jax.profiler` trace of a
-few training steps per row for TensorBoard or Perfetto.
+Where the step's time goes, two ways:
+- by ablation, every row:
+    attention   = step - step of kind "none" at the same model and S;
+    optimizer   = step - gradient alone (forward + backward, no update);
+    rest        = step - attention - optimizer (matmuls of the MLP and
+                  projections, norms, embeddings, loss).
+  XLA fuses each variant on its own, so these are differences of real
+  timings, not a partition of one;
+- from a profile, with `--profile`: a `jax.profiler` trace of a few steps of
+  the same step compiled without CUDA graphs, each op's time filed by the
+  model part and pass its name stack names (`experiments.bench.profile`).
+  This one is a partition of one step: the parts sum to the summed op time,
+  printed beside the traced copy's own step time. `--trace=DIR` keeps the
+  traces for TensorBoard or Perfetto.
 
 The models are the experiments' own: the decoder's attention masks later keys
 through `is_causal` (no mask array); the encoder's gets the materialised
@@ -60,6 +64,7 @@ import optax
 from flax import linen as nn
 
 from experiments import train
+from experiments.bench import profile as bench_profile
 from experiments.bench import timing
 from experiments.configs import common
 from experiments.models.attention import AttentionSpec
@@ -172,12 +177,19 @@ class Bench:
     return optax.softmax_cross_entropy_with_integer_labels(logits,
                                                            labels).mean()
 
-  def functions(self):
-    """Jitted (train_step, gradient, forward), traced with this kind's attention."""
-    def train_step(params, opt_state, batch):
-      loss, grads = jax.value_and_grad(self.loss)(params, batch)
+  def train_step(self, params, opt_state, batch):
+    loss, grads = jax.value_and_grad(self.loss)(params, batch)
+    with jax.named_scope("optimizer"):  # a part of its own in a profile
       updates, opt_state = self.tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, loss
+
+  def compile_train_step(self, compiler_options=None):
+    with self._attention_context():
+      return jax.jit(self.train_step).lower(
+          self.params, self.opt_state, self.batch).compile(compiler_options)
+
+  def functions(self):
+    """Compiled (train_step, gradient, forward), traced with this kind's attention."""
 
     def gradient(params, batch):
       return jax.value_and_grad(self.loss)(params, batch)
@@ -187,14 +199,16 @@ class Bench:
 
     with self._attention_context():
       # Lowered here so the interceptor is active while tracing.
-      return tuple(jax.jit(f).lower(*args).compile() for f, args in (
-          (train_step, (self.params, self.opt_state, self.batch)),
-          (gradient, (self.params, self.batch)),
-          (forward, (self.params, self.batch))))
+      others = tuple(jax.jit(f).lower(self.params, self.batch).compile()
+                     for f in (gradient, forward))
+    return (self.compile_train_step(),) + others
 
 
-def measure(model_name, kind, seq_len, batch, sizes, trace_dir=None) -> dict:
-  """One row: step, gradient and forward times of (model, kind, S)."""
+def measure(model_name, kind, seq_len, batch, sizes, profile=False,
+            trace_dir=None) -> dict:
+  """One row: step, gradient and forward times of (model, kind, S); with
+  `profile`, also the step's time by part and pass from a trace
+  (`experiments.bench.profile`), whose files stay in `trace_dir` if given."""
   bench = Bench(model_name, kind, seq_len, batch, sizes)
   train_step, gradient, forward = bench.functions()
   args = {"step": (bench.params, bench.opt_state, bench.batch),
@@ -210,13 +224,19 @@ def measure(model_name, kind, seq_len, batch, sizes, trace_dir=None) -> dict:
                    ("forward", forward)):
     seconds[name] = timing.median_seconds(fn, *args[name], warmup=sizes.warmup,
                                           iters=sizes.iters)
-  if trace_dir is not None:
-    with jax.profiler.trace(str(pathlib.Path(trace_dir)
-                                / f"{model_name}_{kind}_{seq_len}")):
-      for _ in range(3):
-        jax.block_until_ready(train_step(*args["step"]))
+  profiled = {}
+  if profile:
+    # A copy without CUDA graphs, so the trace names every instruction; its
+    # own step time says what that costs.
+    traced = bench.compile_train_step(bench_profile.NO_COMMAND_BUFFERS)
+    profiled["profile"] = bench_profile.profile_compiled(
+        traced, args["step"], trace_dir=(
+            None if trace_dir is None else
+            pathlib.Path(trace_dir) / f"{model_name}_{kind}_{seq_len}"))
+    profiled["profile"]["step_ms"] = 1e3 * timing.median_seconds(
+        traced, *args["step"], warmup=sizes.warmup, iters=sizes.iters)
   tokens = batch * seq_len
-  return {"model": model_name, "kind": kind, "seq_len": seq_len,
+  return profiled | {"model": model_name, "kind": kind, "seq_len": seq_len,
           "batch": batch, "loss": loss,
           "step_ms": 1e3 * seconds["step"],
           "gradient_ms": 1e3 * seconds["gradient"],
@@ -268,6 +288,27 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def profile_table(rows: list[dict]) -> str:
+  """Per profiled row: ms per step of each part, forward + backward + update,
+  then the traced copy's summed op time against its step time."""
+  width = max(len(kind) for kind in KINDS)
+  names = [part.replace("attention ", "attn ") for part in
+           bench_profile.PARTS]
+  lines = [f"{'model':8} {'kind':{width}} {'S':>6} "
+           + " ".join(f"{name:>12}" for name in names)
+           + f" {'ops ms':>8} {'step ms':>8}"]
+  for row in rows:
+    if "profile" not in row:
+      continue
+    prof = row["profile"]
+    lines.append(
+        f"{row['model']:8} {row['kind']:{width}} {row['seq_len']:>6} "
+        + " ".join(f"{sum(prof['parts_ms'][part].values()):12.2f}"
+                   for part in bench_profile.PARTS)
+        + f" {prof['ops_ms']:8.2f} {prof['step_ms']:8.2f}")
+  return "\n".join(lines)
+
+
 def _int_list(text: str) -> tuple[int, ...]:
   return tuple(int(x) for x in text.split(",") if x)
 
@@ -282,7 +323,8 @@ def _name_list(allowed):
   return parse
 
 
-def run(sizes_s, tokens, kinds, models, sizes: Sizes, trace_dir=None):
+def run(sizes_s, tokens, kinds, models, sizes: Sizes, profile=False,
+        trace_dir=None):
   """Every (model, S, kind) row, with the breakdown."""
   rows = []
   for seq_len in sizes_s:
@@ -298,7 +340,7 @@ def run(sizes_s, tokens, kinds, models, sizes: Sizes, trace_dir=None):
                        f"CUDA GPU; backend is {jax.default_backend()!r}"})
           continue
         rows.append(measure(model_name, kind, seq_len, batch, sizes,
-                            trace_dir))
+                            profile, trace_dir))
   add_breakdown(rows)
   return rows
 
@@ -322,8 +364,10 @@ def main(argv=None) -> dict:
                       default=None)
   parser.add_argument("--iters", type=int, default=None)
   parser.add_argument("--json", type=pathlib.Path, default=None)
+  parser.add_argument("--profile", action="store_true",
+                      help="also break each step down by part from a trace")
   parser.add_argument("--trace", type=pathlib.Path, default=None,
-                      help="write jax.profiler traces of a few steps here")
+                      help="keep the --profile traces here (implies it)")
   args = parser.parse_args(argv)
   sizes = QUICK if args.quick else Sizes()
   overrides = {name: getattr(args, name) for name in (
@@ -333,7 +377,8 @@ def main(argv=None) -> dict:
   seq_lens = args.sizes or ((64, 128) if args.quick else (2048, 4096, 8192,
                                                          16384))
   tokens = args.tokens or (256 if args.quick else 32768)
-  rows = run(seq_lens, tokens, args.kinds, args.models, sizes, args.trace)
+  rows = run(seq_lens, tokens, args.kinds, args.models, sizes,
+             args.profile or args.trace is not None, args.trace)
   report = {"device": str(jax.devices()[0].device_kind),
             "backend": jax.default_backend(), "jax": jax.__version__,
             "tokens": tokens, "sizes": dataclasses.asdict(sizes),
@@ -346,6 +391,8 @@ def main(argv=None) -> dict:
   print(f"{report['device']} ({report['backend']}), jax {report['jax']}, "
         f"{tokens} tokens a step, {sizes}")
   print(table(rows))
+  if any("profile" in row for row in rows):
+    print(profile_table(rows))
   return report
 
 
