@@ -149,8 +149,7 @@ def summarize(times_ns: dict[str, float], scopes: dict[str, str],
     parts[part][pass_] += ms
     if part == "unattributed":
       unattributed[op] += ms
-  return {"steps": steps, "ops_ms": sum(map(sum, (p.values()
-                                                  for p in parts.values()))),
+  return {"steps": steps, "ops_ms": sum(times_ns.values()) / 1e6 / steps,
           "parts_ms": parts,
           "top_unattributed_ms": dict(unattributed.most_common(5))}
 
