@@ -146,41 +146,54 @@ class PallasMosaic(Backend):
 
   `config`: a `pallas_kernels.mosaic_gpu.MosaicTuning` (None: its defaults).
   `vjp`: the backend whose `backward(call, out, lse, d_out)` differentiates
-  the forward (default: the Triton backward).
+  the forward. None (the default): the Hopper backward (`MosaicBackward()`)
+  where it takes the call, else the Triton backward (`PallasTriton()`, for
+  blocks of 64 keys, or a bias whose tiles do not fit its shared memory).
+  A `vjp` given explicitly is used as given, or the call is unsupported.
   """
   name: ClassVar[str] = "pallas_mosaic"
   config: Any = None
-  vjp: Backend = PallasTriton()
+  vjp: Backend | None = None
 
   def __post_init__(self):
     if self.config is not None:
       _check_config("PallasMosaic", self.config, _mosaic().MosaicTuning)
-    if not callable(getattr(self.vjp, "backward", None)):
-      raise ValueError("PallasMosaic(vjp=...) must be a backend with a "
-                       "backward(call, out, lse, d_out) method, such as "
-                       f"PallasTriton(); got vjp={self.vjp!r}")
+    if self.vjp is not None and not callable(getattr(self.vjp, "backward",
+                                                     None)):
+      raise ValueError("PallasMosaic(vjp=...) must be None or a backend with "
+                       "a backward(call, out, lse, d_out) method, such as "
+                       f"MosaicBackward(); got vjp={self.vjp!r}")
 
   def _tuning(self):
     return self.config if self.config is not None else _mosaic().MosaicTuning()
 
+  def backward_backend(self, spec) -> Backend:
+    """The backend that differentiates `spec`'s forward."""
+    if self.vjp is not None:
+      return self.vjp
+    hopper = MosaicBackward()
+    return hopper if hopper.unsupported_reason(spec) is None else PallasTriton()
+
   def unsupported_reason(self, spec):
     reason = _mosaic().unsupported_reason(spec, self._tuning())
-    if reason is None and (vjp_reason := self.vjp.unsupported_reason(spec)):
-      reason = f"its vjp backend {self.vjp.name!r} cannot: {vjp_reason}"
+    vjp = self.backward_backend(spec)
+    if reason is None and (vjp_reason := vjp.unsupported_reason(spec)):
+      reason = f"its vjp backend {vjp.name!r} cannot: {vjp_reason}"
     return reason
 
   def run(self, call):
-    return _mosaic().nm_flash_attention(call, self._tuning(), self.vjp.backward)
+    return _mosaic().nm_flash_attention(
+        call, self._tuning(), self.backward_backend(call.spec).backward)
 
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBackward(Backend):
-  """The Hopper backward kernels (`pallas_kernels.mosaic_gpu.backward`), as
-  `PallasMosaic(vjp=MosaicBackward())`: they recompute the scores with the
-  forward's own selection and run `dS K` on the 2:4 sparse tensor cores. A
-  `vjp` only, not an `implementation=` of its own. Block patterns need
-  blocks of multiples of 128 (otherwise the backend says so, and
-  `implementation=None` picks another).
+  """The Hopper backward kernels (`pallas_kernels.mosaic_gpu.backward`),
+  `PallasMosaic`'s gradient wherever they take the call: they recompute the
+  scores with the forward's own selection and run `dS K` on the 2:4 sparse
+  tensor cores. A `vjp` only, not an `implementation=` of its own. Block
+  patterns need blocks of multiples of 128 (otherwise the backend says so,
+  and `PallasMosaic()` takes the Triton backward for the call).
 
   `config`: a `pallas_kernels.mosaic_gpu.backward.BackwardTuning` (None: its
   defaults).

@@ -70,8 +70,8 @@ def test_tuning_errors():
   with pytest.raises(ValueError, match=r"PallasMosaic\(config=...\) must be a "
                      r"MosaicTuning or None; got config=4"):
     nmattn.backends.PallasMosaic(config=4)
-  with pytest.raises(ValueError, match=r"PallasMosaic\(vjp=...\) must be a "
-                     r"backend with a backward"):
+  with pytest.raises(ValueError, match=r"PallasMosaic\(vjp=...\) must be None "
+                     r"or a backend with a backward"):
     nmattn.backends.PallasMosaic(vjp=nmattn.backends.Xla())
 
 

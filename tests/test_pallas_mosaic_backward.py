@@ -76,6 +76,29 @@ def test_patterns_need_blocks_of_whole_ctas():
     assert "its vjp backend 'pallas_mosaic_backward' cannot" in full.unsupported_reason(spec)
 
 
+def test_default_vjp_is_the_hopper_backward_where_it_takes_the_call():
+  """`PallasMosaic()` differentiates with `MosaicBackward()` on a Hopper GPU
+  and with the Triton backward where the Hopper one cannot (blocks of 64
+  keys here, or no Hopper GPU); an explicit `vjp` is kept as given."""
+  pattern = nmattn.BlockPattern(jnp.ones((1, 1, 2, 4), jnp.int8), 128, 64)
+  plain, blocks_of_64 = _spec(n=2, m=4), _spec(n=2, m=4, block_pattern=pattern)
+  default = PallasMosaic()
+  on_hopper = mosaic_attention.backward_unsupported_reason(
+      plain, bw.BackwardTuning()) is None
+  assert type(default.backward_backend(plain)) is (
+      MosaicBackward if on_hopper else nmattn.backends.PallasTriton)
+  assert type(default.backward_backend(blocks_of_64)) is nmattn.backends.PallasTriton
+  explicit = PallasMosaic(vjp=MosaicBackward())
+  assert type(explicit.backward_backend(blocks_of_64)) is MosaicBackward
+
+
+@pytest.mark.gpu
+def test_default_vjp_on_the_gpu_is_the_hopper_backward():
+  plain = _spec(n=2, m=4)
+  assert mosaic_attention.backward_unsupported_reason(plain, bw.BackwardTuning()) is None
+  assert type(PallasMosaic().backward_backend(plain)) is MosaicBackward
+
+
 # Every static variant of the two kernels: sparse or dense dQ (2:4, 1:2, 1:4,
 # general n:m, dense), the masks (causal, window, key lengths and padding, a
 # mask), GQA/MQA, float16 at head_dim 64, 128-key dQ steps and three stages.

@@ -38,13 +38,17 @@ from nmattn._validation import canonicalize
 
 # (label, implementation, n, m) of the nmattn rows; a row is kept where it
 # can run. `None` at 4:4 is the dense path a user gets (cuDNN on a GPU);
-# "pallas_mosaic+bwd" differentiates the Hopper forward with the Hopper
-# backward kernels instead of the Triton backward.
+# "pallas_mosaic" differentiates the Hopper forward as it ships (the Hopper
+# backward where it takes the call), "pallas_mosaic+bwd" with the Hopper
+# backward always, "pallas_mosaic+triton_bwd" with the Triton backward.
 BENCH_BACKENDS = {
-    "pallas_mosaic+bwd": backends.PallasMosaic(vjp=backends.MosaicBackward())}
+    "pallas_mosaic+bwd": backends.PallasMosaic(vjp=backends.MosaicBackward()),
+    "pallas_mosaic+triton_bwd": backends.PallasMosaic(vjp=backends.PallasTriton())}
 SPARSE_ROWS = (("pallas_mosaic", "pallas_mosaic", 2, 4),
                ("pallas_mosaic+bwd", BENCH_BACKENDS["pallas_mosaic+bwd"], 2, 4),
                ("pallas_mosaic+bwd", BENCH_BACKENDS["pallas_mosaic+bwd"], 4, 4),
+               ("pallas_mosaic+triton_bwd",
+                BENCH_BACKENDS["pallas_mosaic+triton_bwd"], 2, 4),
                ("pallas_triton", "pallas_triton", 2, 4),
                ("pallas_triton", "pallas_triton", 1, 2), ("xla", "xla", 2, 4),
                ("auto", None, 4, 4))

@@ -4,8 +4,8 @@
 differentiates through `backward(call, out, lse, d_out) -> (dq, dk, dv,
 dbias)`, any backward that takes this forward's log-sum-exp convention (that
 of `pallas_kernels.triton.attention`); `nmattn.backends.PallasMosaic` passes
-the Triton backward by default, or this package's own (`backward.py`,
-`nmattn.backends.MosaicBackward`).
+this package's own (`backward.py`, `nmattn.backends.MosaicBackward`) where
+it takes the call, else the Triton backward.
 """
 
 from __future__ import annotations
