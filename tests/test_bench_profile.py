@@ -49,6 +49,17 @@ def test_classify(op_name, expected):
   assert profile.classify(op_name) == expected
 
 
+@pytest.mark.parametrize("stats, expected", [
+    ((("hlo_op", "fusion.3"), ("hlo_module", "jit_step")), "fusion.3"),
+    # a trace without the stat names the instruction in an annotation string
+    ((("tf_op", "dot.7:jit_step#hlo_op=dot.7,hlo_module=jit_step#"),), "dot.7"),
+    ((("long_name", "copy_kernel"), ("bytes", 4096)), None),
+])
+def test_hlo_op_from_an_event_s_stats(stats, expected):
+  event = type("Event", (), {"stats": stats})()
+  assert profile._hlo_op(event) == expected
+
+
 def test_summarize_partitions_the_time():
   scopes = profile.instruction_scopes(HLO)
   summary = profile.summarize({"custom-call.2": 6e6, "loop_fusion": 3e6,
