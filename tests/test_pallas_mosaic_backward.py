@@ -189,11 +189,13 @@ def hopper():
 @pytest.mark.gpu
 @pytest.mark.usefixtures("hopper")
 class TestMosaicBackward(AttentionTestBase):
-  """The shared base, forward and gradients, with both Hopper directions:
-  sparse `dS K` at head_dim 64 in bfloat16 and float16."""
+  """The shared base, forward and gradients, with the Hopper backward asked
+  for explicitly: sparse `dS K` at head_dim 128 in bfloat16 and float16
+  (test_pallas_mosaic's TestMosaicAttention runs it at head_dim 64 as the
+  default vjp)."""
   implementation = PallasMosaic(vjp=MosaicBackward())
   dtypes = (jnp.bfloat16, jnp.float16)
-  head_dim = 64
+  head_dim = 128
 
   def make_case(self, rng, name, dtype):
     # The base's one-key, fully-masked-row and NaN tests use float32, which
@@ -206,10 +208,9 @@ class TestMosaicBackward(AttentionTestBase):
 @pytest.mark.gpu
 @pytest.mark.usefixtures("hopper")
 class TestMosaicBackwardDenseDq(TestMosaicBackward):
-  """The same with `dS K` dense, 128-key dQ steps, head_dim 128."""
+  """The same with `dS K` dense and 128-key dQ steps."""
   implementation = PallasMosaic(vjp=MosaicBackward(
       config=bw.BackwardTuning(sparse_dq=False, block_kv_dq=128)))
-  head_dim = 128
 
 
 def _selection_probe(n, m, rng, batch=4, heads=8, dtype=jnp.bfloat16):
