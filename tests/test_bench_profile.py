@@ -62,12 +62,19 @@ def test_hlo_op_from_an_event_s_stats(stats, expected):
 
 def test_summarize_partitions_the_time():
   scopes = profile.instruction_scopes(HLO)
-  summary = profile.summarize({"custom-call.2": 6e6, "loop_fusion": 3e6,
-                               "copy.1": 1.5e6}, scopes, steps=3)
+  times = {"custom-call.2": 6e6, "loop_fusion": 3e6, "copy.1": 1.5e6,
+           "copy.2": 0.6e6, "copy.3": 0.3e6, "copy.4": 0.9e6}
+  summary = profile.summarize(times, scopes, steps=3, top=2)
   assert summary["parts_ms"]["attention core"]["backward"] == pytest.approx(2)
   assert summary["parts_ms"]["mlp"]["forward"] == pytest.approx(1)
-  assert summary["top_unattributed_ms"] == {"copy.1": pytest.approx(0.5)}
-  assert summary["ops_ms"] == pytest.approx(3.5)
+  assert summary["parts_ms"]["unattributed"]["unknown"] == pytest.approx(1.1)
+  # each part's largest instructions, largest first, only parts that ran
+  assert summary["top_ops_ms"] == {
+      "attention core": {"custom-call.2": pytest.approx(2)},
+      "mlp": {"loop_fusion": pytest.approx(1)},
+      "unattributed": {"copy.1": pytest.approx(0.5), "copy.4": pytest.approx(0.3)}}
+  assert list(summary["top_ops_ms"]["unattributed"]) == ["copy.1", "copy.4"]
+  assert summary["ops_ms"] == pytest.approx(4.1)
   with pytest.raises(ValueError, match="steps must be >= 1; got 0"):
     profile.summarize({}, scopes, steps=0)
 

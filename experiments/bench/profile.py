@@ -136,22 +136,23 @@ def op_times_ns(xspace_path: str | pathlib.Path) -> dict[str, float]:
 
 
 def summarize(times_ns: dict[str, float], scopes: dict[str, str],
-              steps: int) -> dict:
-  """Milliseconds per step by part and pass, and the largest instructions
-  that carry no name stack."""
+              steps: int, top: int = 3) -> dict:
+  """Milliseconds per step by part and pass, and each part's `top` largest
+  instructions (their HLO names say what XLA made of the part: a fusion's
+  kind, a custom call)."""
   if steps < 1:
     raise ValueError(f"steps must be >= 1; got {steps}")
   parts = {part: dict.fromkeys(PASSES, 0.0) for part in PARTS}
-  unattributed = collections.Counter()
+  by_part = {part: collections.Counter() for part in PARTS}
   for op, ns in times_ns.items():
     part, pass_ = classify(scopes.get(op))
     ms = ns / 1e6 / steps
     parts[part][pass_] += ms
-    if part == "unattributed":
-      unattributed[op] += ms
+    by_part[part][op] += ms
   return {"steps": steps, "ops_ms": sum(times_ns.values()) / 1e6 / steps,
           "parts_ms": parts,
-          "top_unattributed_ms": dict(unattributed.most_common(5))}
+          "top_ops_ms": {part: dict(ops.most_common(top))
+                         for part, ops in by_part.items() if ops}}
 
 
 def profile_compiled(compiled, args, steps: int = 3,
