@@ -149,7 +149,7 @@ class AttentionTestBase:
     err = rel_err(out, ref)
     assert err < FORWARD_TOL[dtype], f"{case} {jnp.dtype(dtype).name}: {err:.2e}"
 
-  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16],
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
                            ids=lambda d: jnp.dtype(d).name)
   def test_gradients_match_reference(self, rng, case, dtype):
     if dtype not in self.dtypes:
