@@ -92,3 +92,8 @@ def test_profile_breaks_the_step_down_by_part(capsys):
   assert row["profile"]["step_ms"] > 0
   printed = train_step.profile_table([row])
   assert "attn core" in printed and "decoder  nm" in printed
+  # the largest instruction of the biggest part is named under the table
+  top = row["profile"]["top_ops_ms"]
+  biggest = max(top, key=lambda part: sum(parts[part].values()))
+  assert f"decoder nm 32 {biggest} (" in printed
+  assert next(iter(top[biggest])) in printed

@@ -290,7 +290,8 @@ def table(rows: list[dict]) -> str:
 
 def profile_table(rows: list[dict]) -> str:
   """Per profiled row: ms per step of each part, forward + backward + update,
-  then the traced copy's summed op time against its step time."""
+  then the traced copy's summed op time against its step time; below, the
+  largest instruction of each part that takes over a tenth of the op time."""
   width = max(len(kind) for kind in KINDS)
   names = [part.replace("attention ", "attn ") for part in
            bench_profile.PARTS]
@@ -306,6 +307,17 @@ def profile_table(rows: list[dict]) -> str:
         + " ".join(f"{sum(prof['parts_ms'][part].values()):12.2f}"
                    for part in bench_profile.PARTS)
         + f" {prof['ops_ms']:8.2f} {prof['step_ms']:8.2f}")
+  lines.append("largest instruction of each part over a tenth of the ops time:")
+  for row in rows:
+    prof = row.get("profile")
+    if prof is None:
+      continue
+    for part, ops in prof["top_ops_ms"].items():
+      part_ms = sum(prof["parts_ms"][part].values())
+      if ops and part_ms > 0.1 * prof["ops_ms"]:
+        op, ms = next(iter(ops.items()))
+        lines.append(f"  {row['model']} {row['kind']} {row['seq_len']} "
+                     f"{part} ({part_ms:.2f} ms): {op} {ms:.2f} ms")
   return "\n".join(lines)
 
 
