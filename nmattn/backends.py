@@ -147,9 +147,10 @@ class PallasMosaic(Backend):
   `config`: a `pallas_kernels.mosaic_gpu.MosaicTuning` (None: its defaults).
   `vjp`: the backend whose `backward(call, out, lse, d_out)` differentiates
   the forward. None (the default): the Hopper backward (`MosaicBackward()`)
-  where it takes the call, else the Triton backward (`PallasTriton()`, for
-  blocks of 64 keys, or a bias whose tiles do not fit its shared memory).
-  A `vjp` given explicitly is used as given, or the call is unsupported.
+  where it takes the call, else the Triton backward (`PallasTriton()`: block
+  patterns of 64-key blocks, which this forward takes with
+  `MosaicTuning(block_kv=64)`). A `vjp` given explicitly is used as given,
+  or the call is unsupported.
   """
   name: ClassVar[str] = "pallas_mosaic"
   config: Any = None
