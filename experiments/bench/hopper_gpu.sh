@@ -9,8 +9,9 @@
 #      64): no logit may move when later bytes change;
 #   2. experiments.bench.attention at S 16k, 4k, 8k (bf16, head_dim 128,
 #      causal and not, forward and forward + backward): cuDNN, nmattn
-#      pallas_mosaic 2:4 with the Triton backward and with the Hopper one
-#      ("pallas_mosaic+bwd", also 4:4), tokamax's Mosaic GPU attention when
+#      pallas_mosaic 2:4 as it ships (the Hopper backward) and with the
+#      Triton backward ("pallas_mosaic+triton_bwd"), the Hopper backward at
+#      4:4 ("pallas_mosaic+bwd 4:4"), tokamax's Mosaic GPU attention when
 #      importable, nmattn pallas_triton 2:4;
 #   3. experiments.bench.patterns at S 16k, non-causal: the Hopper forward and
 #      backward with random and topk_blocks patterns at 100/50/25% density.
@@ -36,7 +37,8 @@ timeout 180 "$py" -m pytest -q -p no:cacheprovider -rs \
 # shellcheck disable=SC2086  # SEQS is a list of lengths
 timeout 230 "$py" -m experiments.bench.attention --seq ${SEQS:-16384 4096 8192} \
   --head-dims 128 --seconds 0.05 --json "$out/bench_attention.json" \
-  --rows cudnn "pallas_mosaic 2:4" "pallas_mosaic+bwd" tokamax "pallas_triton 2:4" \
+  --rows cudnn "pallas_mosaic 2:4" "pallas_mosaic+triton_bwd" "pallas_mosaic+bwd 4:4" \
+  tokamax "pallas_triton 2:4" \
   2>&1 | grep -v Warning | tail -70
 timeout 140 "$py" -m experiments.bench.patterns --seq 16384 --causal False \
   --implementation pallas_mosaic+bwd --nm 2:4 --densities 1 0.5 0.25 \
