@@ -40,6 +40,29 @@ def test_quick_run_reports_every_kind(tmp_path, capsys):
   assert "train tok/s" in printed and "decoder  nm " in printed
 
 
+def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch,
+                                                    capsys):
+  """The JSON is written after every row: a run that dies (a time limit,
+  here the second row's measurement failing) still leaves the first."""
+  out = tmp_path / "train_step.json"
+  real, calls = train_step.measure, []
+
+  def measure_once(*args, **kwargs):
+    calls.append(args)
+    if len(calls) > 1:
+      raise RuntimeError("killed")
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(train_step, "measure", measure_once)
+  with pytest.raises(RuntimeError, match="killed"):
+    train_step.main(["--quick", "--sizes=32", "--tokens=64", "--models=decoder",
+                     "--kinds=none,nm", "--hidden_size=32", "--dtype=float32",
+                     "--iters=2", f"--json={out}"])
+  (row,) = json.loads(out.read_text())["rows"]
+  assert row["kind"] == "none" and row["step_ms"] > 0
+  assert "decoder  none" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("model_name", train_step.MODELS)
 def test_kind_none_removes_every_attention_layer(model_name):
   params = {kind: train_step.Bench(model_name, kind, 16, 2, TINY).params

@@ -336,8 +336,10 @@ def _name_list(allowed):
 
 
 def run(sizes_s, tokens, kinds, models, sizes: Sizes, profile=False,
-        trace_dir=None):
-  """Every (model, S, kind) row, with the breakdown."""
+        trace_dir=None, on_row=None):
+  """Every (model, S, kind) row, with the breakdown; `on_row(rows)` after
+  each row (the breakdown of the rows so far), so a run cut short keeps
+  what it measured."""
   rows = []
   for seq_len in sizes_s:
     if seq_len < 1 or tokens % seq_len:
@@ -353,6 +355,9 @@ def run(sizes_s, tokens, kinds, models, sizes: Sizes, profile=False,
           continue
         rows.append(measure(model_name, kind, seq_len, batch, sizes,
                             profile, trace_dir))
+        add_breakdown(rows)
+        if on_row is not None:
+          on_row(rows)
   add_breakdown(rows)
   return rows
 
@@ -375,7 +380,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                       default=None)
   parser.add_argument("--iters", type=int, default=None)
-  parser.add_argument("--json", type=pathlib.Path, default=None)
+  parser.add_argument("--json", type=pathlib.Path, default=None,
+                      help="report file, rewritten after every row "
+                      "(default $OUT/train_step.json when $OUT is set)")
   parser.add_argument("--profile", action="store_true",
                       help="also break each step down by part from a trace")
   parser.add_argument("--trace", type=pathlib.Path, default=None,
@@ -389,19 +396,25 @@ def main(argv=None) -> dict:
   seq_lens = args.sizes or ((64, 128) if args.quick else (2048, 4096, 8192,
                                                          16384))
   tokens = args.tokens or (256 if args.quick else 32768)
-  rows = run(seq_lens, tokens, args.kinds, args.models, sizes,
-             args.profile or args.trace is not None, args.trace)
   report = {"device": str(jax.devices()[0].device_kind),
             "backend": jax.default_backend(), "jax": jax.__version__,
-            "tokens": tokens, "sizes": dataclasses.asdict(sizes),
-            "rows": rows}
+            "tokens": tokens, "sizes": dataclasses.asdict(sizes), "rows": []}
   out = args.json or (pathlib.Path(os.environ["OUT"]) / "train_step.json"
                       if os.environ.get("OUT") else None)
-  if out is not None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
   print(f"{report['device']} ({report['backend']}), jax {report['jax']}, "
         f"{tokens} tokens a step, {sizes}")
+
+  def save(rows):
+    # Each row is printed and the JSON rewritten as soon as it is measured.
+    print(table(rows[-1:]).splitlines()[-1], flush=True)
+    report["rows"] = rows
+    if out is not None:
+      out.parent.mkdir(parents=True, exist_ok=True)
+      out.write_text(json.dumps(report, indent=2))
+
+  save(run(seq_lens, tokens, args.kinds, args.models, sizes,
+           args.profile or args.trace is not None, args.trace, on_row=save))
+  rows = report["rows"]
   print(table(rows))
   if any("profile" in row for row in rows):
     print(profile_table(rows))
