@@ -177,10 +177,12 @@ class PallasMosaic(Backend):
 
   def unsupported_reason(self, spec):
     reason = _mosaic().unsupported_reason(spec, self._tuning())
+    if reason is not None:
+      return reason
     vjp = self.backward_backend(spec)
-    if reason is None and (vjp_reason := vjp.unsupported_reason(spec)):
-      reason = f"its vjp backend {vjp.name!r} cannot: {vjp_reason}"
-    return reason
+    if vjp_reason := vjp.unsupported_reason(spec):
+      return f"its vjp backend {vjp.name!r} cannot: {vjp_reason}"
+    return None
 
   def run(self, call):
     return _mosaic().nm_flash_attention(

@@ -298,27 +298,23 @@ def profile_table(rows: list[dict]) -> str:
   lines = [f"{'model':8} {'kind':{width}} {'S':>6} "
            + " ".join(f"{name:>12}" for name in names)
            + f" {'ops ms':>8} {'step ms':>8}"]
+  largest = ["largest instruction of each part over a tenth of the ops time:"]
   for row in rows:
     if "profile" not in row:
       continue
     prof = row["profile"]
+    part_ms = {part: sum(prof["parts_ms"][part].values())
+               for part in bench_profile.PARTS}
     lines.append(
         f"{row['model']:8} {row['kind']:{width}} {row['seq_len']:>6} "
-        + " ".join(f"{sum(prof['parts_ms'][part].values()):12.2f}"
-                   for part in bench_profile.PARTS)
+        + " ".join(f"{part_ms[part]:12.2f}" for part in bench_profile.PARTS)
         + f" {prof['ops_ms']:8.2f} {prof['step_ms']:8.2f}")
-  lines.append("largest instruction of each part over a tenth of the ops time:")
-  for row in rows:
-    prof = row.get("profile")
-    if prof is None:
-      continue
     for part, ops in prof["top_ops_ms"].items():
-      part_ms = sum(prof["parts_ms"][part].values())
-      if ops and part_ms > 0.1 * prof["ops_ms"]:
+      if part_ms[part] > 0.1 * prof["ops_ms"]:
         op, ms = next(iter(ops.items()))
-        lines.append(f"  {row['model']} {row['kind']} {row['seq_len']} "
-                     f"{part} ({part_ms:.2f} ms): {op} {ms:.2f} ms")
-  return "\n".join(lines)
+        largest.append(f"  {row['model']} {row['kind']} {row['seq_len']} "
+                       f"{part} ({part_ms[part]:.2f} ms): {op} {ms:.2f} ms")
+  return "\n".join(lines + largest)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -352,13 +348,12 @@ def run(sizes_s, tokens, kinds, models, sizes: Sizes, profile=False,
           rows.append({"model": model_name, "kind": kind, "seq_len": seq_len,
                        "batch": batch, "skipped": "cuDNN attention needs a "
                        f"CUDA GPU; backend is {jax.default_backend()!r}"})
-          continue
-        rows.append(measure(model_name, kind, seq_len, batch, sizes,
-                            profile, trace_dir))
-        add_breakdown(rows)
+        else:
+          rows.append(measure(model_name, kind, seq_len, batch, sizes,
+                              profile, trace_dir))
+          add_breakdown(rows)
         if on_row is not None:
           on_row(rows)
-  add_breakdown(rows)
   return rows
 
 
@@ -404,17 +399,20 @@ def main(argv=None) -> dict:
   print(f"{report['device']} ({report['backend']}), jax {report['jax']}, "
         f"{tokens} tokens a step, {sizes}")
 
-  def save(rows):
-    # Each row is printed and the JSON rewritten as soon as it is measured.
-    print(table(rows[-1:]).splitlines()[-1], flush=True)
+  def write(rows):
     report["rows"] = rows
     if out is not None:
       out.parent.mkdir(parents=True, exist_ok=True)
       out.write_text(json.dumps(report, indent=2))
 
-  save(run(seq_lens, tokens, args.kinds, args.models, sizes,
-           args.profile or args.trace is not None, args.trace, on_row=save))
-  rows = report["rows"]
+  def save(rows):
+    # Each row is printed and the JSON rewritten as soon as it is measured.
+    print(table(rows[-1:]).splitlines()[-1], flush=True)
+    write(rows)
+
+  write([])
+  rows = run(seq_lens, tokens, args.kinds, args.models, sizes,
+             args.profile or args.trace is not None, args.trace, on_row=save)
   print(table(rows))
   if any("profile" in row for row in rows):
     print(profile_table(rows))
