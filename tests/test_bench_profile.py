@@ -91,6 +91,10 @@ def test_profile_of_a_real_trace_names_the_scopes(tmp_path):
   summary = profile.profile_compiled(compiled, (x, x), steps=2,
                                      trace_dir=tmp_path)
   assert list(tmp_path.glob("**/*.xplane.pb"))
+  hlo_text = (tmp_path / "step.hlo.txt").read_text()
+  assert hlo_text == compiled.as_text()
+  for ops in summary["top_ops_ms"].values():
+    assert all(f"%{op} = " in hlo_text or f" {op} = " in hlo_text for op in ops)
   parts = summary["parts_ms"]
   # XLA may fuse the two scopes' ops into one, filed under either name.
   named = parts["attention core"]["update"] + parts["optimizer"]["update"]

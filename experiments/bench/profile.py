@@ -157,7 +157,13 @@ def summarize(times_ns: dict[str, float], scopes: dict[str, str],
 
 def profile_compiled(compiled, args, steps: int = 3,
                      trace_dir: str | pathlib.Path | None = None) -> dict:
-  """Trace `steps` calls of a compiled function and summarize them."""
+  """Trace `steps` calls of a compiled function and summarize them; with a
+  `trace_dir`, the trace and the compiled HLO (`step.hlo.txt`, which names the
+  instructions the summary lists) stay there."""
+  hlo_text = compiled.as_text()
+  if trace_dir is not None:
+    pathlib.Path(trace_dir).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(trace_dir) / "step.hlo.txt").write_text(hlo_text)
   jax.block_until_ready(compiled(*args))
   with tempfile.TemporaryDirectory() as scratch:
     root = pathlib.Path(trace_dir or scratch)
@@ -169,4 +175,4 @@ def profile_compiled(compiled, args, steps: int = 3,
     times = op_times_ns(path)
   if not times:
     raise RuntimeError(f"the trace {path} holds no HLO op events")
-  return summarize(times, instruction_scopes(compiled.as_text()), steps)
+  return summarize(times, instruction_scopes(hlo_text), steps)

@@ -40,7 +40,9 @@ Where the step's time goes, two ways:
   model part and pass its name stack names (`experiments.bench.profile`).
   This one is a partition of one step: the parts sum to the summed op time,
   printed beside the traced copy's own step time. `--trace=DIR` keeps the
-  traces for TensorBoard or Perfetto.
+  traces for TensorBoard or Perfetto, and each traced step's HLO, which
+  `tools.hlo_fusion` reads to show what an instruction the profile names
+  holds.
 
 The models are the experiments' own: the decoder's attention masks later keys
 through `is_causal` (no mask array); the encoder's gets the materialised
@@ -381,7 +383,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--profile", action="store_true",
                       help="also break each step down by part from a trace")
   parser.add_argument("--trace", type=pathlib.Path, default=None,
-                      help="keep the --profile traces here (implies it)")
+                      help="keep the --profile traces here, with each traced "
+                      "step's compiled HLO (step.hlo.txt; implies --profile)")
   args = parser.parse_args(argv)
   sizes = QUICK if args.quick else Sizes()
   overrides = {name: getattr(args, name) for name in (
