@@ -371,6 +371,53 @@ def test_encoder_without_pruning_is_the_plain_layer_stack(rng):
   np.testing.assert_array_equal(kept, mask)
 
 
+def test_token_type_gradient_is_a_sum_not_a_per_token_scatter(rng):
+  """The token-type row is looked up once and broadcast: its gradient is the
+  per-token lookup's (the sum over tokens) without a scatter-add of every
+  token into row 0."""
+  tokens, mask = _tokens_and_mask(rng)
+  config = dataclasses.replace(PRUNED, token_keep=())
+  encoder = Encoder(config, AttentionSpec("dense"))
+  params = encoder.init(jax.random.key(0), tokens, mask)["params"]
+  weights = jnp.asarray(rng.standard_normal((*tokens.shape,
+                                             config.hidden_size)), jnp.float32)
+  loss = lambda p: (encoder.apply({"params": p}, tokens, mask) * weights).sum()
+
+  def per_token_loss(p):
+    # The same encoder with the type embedding added token by token.
+    def per_token_embed(next_fun, args, kwargs, context):
+      if (context.module.name == "token_type_embeddings"
+          and context.method_name == "__call__"):
+        return next_fun(jnp.zeros_like(tokens))
+      return next_fun(*args, **kwargs)
+    with nn.intercept_methods(per_token_embed):
+      return loss(p)
+
+  grads = jax.grad(loss)(params)
+  expected = jax.grad(per_token_loss)(params)
+  assert per_token_loss(params) == pytest.approx(float(loss(params)), rel=1e-6)
+  np.testing.assert_allclose(
+      grads["token_type_embeddings"]["embedding"],
+      expected["token_type_embeddings"]["embedding"], rtol=2e-5, atol=1e-5)
+  assert np.abs(grads["token_type_embeddings"]["embedding"][0]).max() > 0
+
+  def scatter_rows(fn):
+    """Rows of updates of each scatter-add into the [2, hidden] table,
+    nested jaxprs (`jnp.take`'s own jit) included."""
+    def walk(jaxpr):
+      for e in jaxpr.eqns:
+        if (e.primitive.name == "scatter-add"
+            and e.invars[0].aval.shape == (2, config.hidden_size)):
+          yield int(np.prod(e.invars[2].aval.shape[:-1]))
+        for value in e.params.values():
+          inner = getattr(value, "jaxpr", value)
+          if hasattr(inner, "eqns"):
+            yield from walk(inner)
+    return list(walk(jax.make_jaxpr(jax.grad(fn))(params).jaxpr))
+  assert scatter_rows(loss) == [1]
+  assert scatter_rows(per_token_loss) == [tokens.size]
+
+
 def test_keeping_every_token_matches_the_unpruned_encoder(rng):
   tokens, mask = _tokens_and_mask(rng)
   spec = AttentionSpec("dense")

@@ -184,8 +184,11 @@ class Encoder(nn.Module):
     x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings")(tokens)
     x = x + nn.Embed(cfg.max_len, cfg.hidden_size,
                      name="position_embeddings")(positions)
+    # Every token is of type 0: look that row up once and broadcast it, so
+    # its gradient is a sum over the tokens, not a scatter-add of every
+    # token into one row (on XLA:GPU an atomic-contention worst case).
     x = x + nn.Embed(cfg.type_vocab_size, cfg.hidden_size,
-                     name="token_type_embeddings")(jnp.zeros_like(tokens))
+                     name="token_type_embeddings")(jnp.zeros((1, 1), jnp.int32))
     x = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, name="embeddings_ln")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     if cfg.token_keep:
