@@ -16,8 +16,8 @@ import argparse
 import pathlib
 import re
 
-_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*->.*\{\s*$")
-_DEFINES = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s")
+from experiments.bench.profile import HLO_COMPUTATION, HLO_INSTRUCTION
+
 _CALLEES = re.compile(r"\b(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
 
 
@@ -25,7 +25,7 @@ def computations(hlo_text: str) -> dict[str, list[str]]:
   """Computation name -> its lines, header and closing brace included."""
   bodies, current = {}, None
   for line in hlo_text.splitlines():
-    header = _HEADER.match(line)
+    header = HLO_COMPUTATION.match(line)
     if header:
       current = bodies.setdefault(header.group(1), [])
     if current is not None:
@@ -43,7 +43,7 @@ def describe(hlo_text: str, name: str) -> str:
   """The instruction `name`'s line, then each computation it reaches."""
   bodies = computations(hlo_text)
   own = [line for body in bodies.values() for line in body
-         if (m := _DEFINES.match(line)) and m.group(1) == name]
+         if (m := HLO_INSTRUCTION.match(line)) and m.group(2) == name]
   if not own:
     raise ValueError(f"name: no instruction {name!r} in the HLO text")
   out, seen, pending = [own[0].strip()], set(), _callees(own[0])

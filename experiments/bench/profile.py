@@ -39,8 +39,10 @@ PASSES = ("forward", "backward", "update", "unknown")
 # trace then names the graph, not the instructions inside it.
 NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
 
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*->.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s")
+# HLO text lines: a computation's header (group 1: its name) and an
+# instruction's definition (group 1: "ROOT " or None, group 2: its name).
+HLO_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*->.*\{\s*$")
+HLO_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s")
 _OP_NAME = re.compile(r"\bmetadata=\{[^}]*\bop_name=\"([^\"]*)\"")
 _CALLS = re.compile(r"\bcalls=%?([\w.\-]+)")
 _ANNOTATED_OP = re.compile(r"hlo_op=([^,#\s]+)")
@@ -55,11 +57,11 @@ def instruction_scopes(hlo_text: str) -> dict[str, str]:
   own, calls, computation_scope = {}, {}, {}
   computation = None
   for line in hlo_text.splitlines():
-    header = _COMPUTATION.match(line)
+    header = HLO_COMPUTATION.match(line)
     if header:
       computation = header.group(1)
       continue
-    instruction = _INSTRUCTION.match(line)
+    instruction = HLO_INSTRUCTION.match(line)
     if not instruction:
       continue
     name, op_name = instruction.group(2), _OP_NAME.search(line)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from experiments.bench.profile import HLO_COMPUTATION, HLO_INSTRUCTION
 from tools import hlo_fusion
 
 # A scatter-add fused with the producer of its updates, as XLA:GPU emits an
@@ -73,7 +74,7 @@ def test_describe_reaches_every_callee_of_a_real_compiled_step():
              if hlo_fusion._callees(line)]
   assert calling  # the lookup's gradient calls a combiner or a fused body
   for line in calling:
-    name = hlo_fusion._DEFINES.match(line).group(1)
+    name = HLO_INSTRUCTION.match(line).group(2)
     described = hlo_fusion.describe(text, name)
     assert described.splitlines()[0] == line.strip()
     for callee in hlo_fusion._callees(line):
